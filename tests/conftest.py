@@ -1,0 +1,126 @@
+"""Tiny Stable-Diffusion components built from configs (no downloads) and shared fixtures."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline  # noqa: E402
+
+WORDS = (
+    "a cat dog tiger red blue green circle square triangle on white black background big small striped and sitting"
+    " wall photo of the"
+).split()
+SPLIT_WORDS = {"hippopotamus": ("hippo", "potamus"), "rhinoceros": ("rhino", "ceros")}  # two tokens each
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A CLIP BPE tokenizer where each word of WORDS is one token and each of SPLIT_WORDS two tokens."""
+    # GPT-2/CLIP byte-level alphabet: printable bytes stand for themselves, the rest are shifted past 255.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(chars)})
+    merges = []
+
+    def add_piece(piece: str, final: bool):
+        symbols = list(piece[:-1]) + [piece[-1] + "</w>"] if final else list(piece)
+        while len(symbols) > 1:
+            merged = symbols[0] + symbols[1]
+            if f"{symbols[0]} {symbols[1]}" not in merges:
+                merges.append(f"{symbols[0]} {symbols[1]}")
+            vocab.setdefault(merged, len(vocab))
+            symbols = [merged] + symbols[2:]
+
+    for word in WORDS:
+        add_piece(word, final=True)
+    for first, second in SPLIT_WORDS.values():
+        add_piece(first, final=False)
+        add_piece(second, final=True)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                    "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"})
+    )
+    return folder
+
+
+def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed: int = 0):
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    with torch.no_grad():  # small ε keeps DDIM round trips stable on random weights
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.mul_(0.05)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def components(tokenizer_dir):
+    return tiny_components(tokenizer_dir)
+
+
+@pytest.fixture()
+def pipe(components):
+    pipeline = NegativePromptInversionPipeline(**components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def scene_image(seed: int = 0, size: int = 32) -> np.ndarray:
+    """A smooth random RGB image (uint8 HWC): structure a VAE can encode, detail inversion must keep."""
+    generator = np.random.default_rng(seed)
+    coarse = generator.random((4, 4, 3))
+    image = np.kron(coarse, np.ones((size // 4, size // 4, 1)))
+    image = 0.8 * image + 0.2 * generator.random((size, size, 3))
+    return (image * 255).astype(np.uint8)
