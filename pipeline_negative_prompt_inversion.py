@@ -180,8 +180,13 @@ def guide_towards(latents: torch.Tensor, anchor: torch.Tensor, region: torch.Ten
 # Inversion result
 
 
-def _tensor_digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().cpu().numpy().tobytes()).hexdigest()
+def _file_digest(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the metadata and every tensor, so any edit of a saved inversion is detected on load."""
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for name in sorted(tensors):
+        digest.update(name.encode() + str(tensors[name].dtype).encode() + str(tuple(tensors[name].shape)).encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -259,8 +264,8 @@ class InversionResult:
             "guidance_scale": self.guidance_scale,
             "image_size": list(self.image_size),
             "model_signature": self.model_signature,
-            "sha256": {name: _tensor_digest(tensor) for name, tensor in tensors.items()},
         }
+        metadata["sha256"] = _file_digest(metadata, tensors)
         save_file(tensors, os.fspath(path), metadata={"inversion": json.dumps(metadata)})
 
     @classmethod
@@ -278,9 +283,8 @@ class InversionResult:
             raise ValueError(f"{path} is not an inversion file written by InversionResult.save: {error}") from error
         if metadata.get("format") != INVERSION_FORMAT:
             raise ValueError(f"{path}: unknown inversion format {metadata.get('format')!r}.")
-        digests = metadata.get("sha256", {})
-        if sorted(digests) != sorted(tensors) or any(_tensor_digest(t) != digests[n] for n, t in tensors.items()):
-            raise ValueError(f"{path}: tensor checksums do not match the metadata; the file was modified.")
+        if metadata.pop("sha256", None) != _file_digest(metadata, tensors):
+            raise ValueError(f"{path}: checksum mismatch; the file was modified after it was saved.")
         result = cls(
             latents=tensors["latents"],
             prompt_embeds=tensors["prompt_embeds"],
@@ -416,7 +420,7 @@ class NegativePromptInversionPipeline(
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["safety_checker", "feature_extractor"]
     _exclude_from_cpu_offload = ["safety_checker"]
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "edit_mask"]
 
     def __init__(
         self,
@@ -851,17 +855,18 @@ class NegativePromptInversionPipeline(
             raise ValueError(f"blend_threshold must lie in [0, 1], got {blend_threshold!r}.")
         if not 0 <= blend_start <= 1:
             raise ValueError(f"blend_start must lie in [0, 1], got {blend_start!r}.")
-        steps = inversion.num_inference_steps
-        if not (isinstance(masactrl_start_step, int) and 0 <= masactrl_start_step <= steps):
-            raise ValueError(f"masactrl_start_step must be an integer in [0, {steps}], got {masactrl_start_step!r}.")
-        blocks = sum(1 for name in self.unet.attn_processors if name.endswith("attn1.processor"))
-        if masactrl_start_layer is not None and not (
-            isinstance(masactrl_start_layer, int) and 0 <= masactrl_start_layer < blocks
-        ):
-            raise ValueError(
-                f"masactrl_start_layer must be an integer in [0, {blocks - 1}] (this UNet has {blocks} transformer"
-                f" blocks), got {masactrl_start_layer!r}."
-            )
+        if attention_control == "masactrl":
+            steps = inversion.num_inference_steps
+            if not (isinstance(masactrl_start_step, int) and 0 <= masactrl_start_step <= steps):
+                raise ValueError(f"masactrl_start_step must be an integer in [0, {steps}], got {masactrl_start_step!r}.")
+            blocks = sum(1 for name in self.unet.attn_processors if name.endswith("attn1.processor"))
+            if masactrl_start_layer is not None and not (
+                isinstance(masactrl_start_layer, int) and 0 <= masactrl_start_layer < blocks
+            ):
+                raise ValueError(
+                    f"masactrl_start_layer must be an integer in [0, {blocks - 1}] (this UNet has {blocks} transformer"
+                    f" blocks), got {masactrl_start_layer!r}."
+                )
         _check_choice("output_type", output_type, ("pil", "np", "pt", "latent"))
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
         if unknown:
@@ -946,8 +951,9 @@ class NegativePromptInversionPipeline(
             generator: Accepted for API compatibility; DDIM with η = 0 draws no noise.
             output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict (`bool`, defaults to True): Return a `NegativePromptInversionPipelineOutput`, else a tuple.
-            callback_on_step_end, callback_on_step_end_tensor_inputs: As in diffusers' pipelines; ``latents``
-                holds every branch (sources first per image, then its targets).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: As in diffusers' pipelines. ``latents``
+                holds every branch (per image: its source branch when attention control is on, then its targets);
+                ``edit_mask`` is proximal guidance's mask M of the edited branches (`None` without it).
 
         Examples:
 
@@ -1021,29 +1027,31 @@ class NegativePromptInversionPipeline(
                 step.fill_(i)
                 noise = self.predict_noise(latents[row_branch], t, row_embeds[i], alphas[i])
                 noise_uncond, direction = noise[uncond_rows], noise[cond_rows] - noise[uncond_rows]
-                keep_region = None
+                edit_mask = None
                 if proximal_guidance is not None:
                     prox_direction, threshold = proximal_direction(
                         direction[edited], proximal_guidance, proximal_quantile, proximal_threshold
                     )
-                    keep_region = 1 - edit_region(prox_direction, threshold, mask_dilation)
+                    edit_mask = edit_region(prox_direction, threshold, mask_dilation)
                     direction = direction.index_copy(0, edited, prox_direction)
-                    edit_fraction += (1 - keep_region).mean(dim=1, keepdim=True)
+                    edit_fraction += edit_mask.mean(dim=1, keepdim=True)
                 noise = classifier_free_guidance(noise_uncond, direction, guidance_scale)
 
                 x0 = predict_x0(latents, noise, alphas[i])
-                if keep_region is not None and reconstruction_guidance and guided_steps[i]:
-                    pulled = guide_towards(x0[edited], trajectory[edited, 0], keep_region, guidance_step_size)
+                if edit_mask is not None and reconstruction_guidance and guided_steps[i]:
+                    pulled = guide_towards(x0[edited], trajectory[edited, 0], 1 - edit_mask, guidance_step_size)
                     x0 = x0.index_copy(0, edited, pulled)
                 latents = renoise(x0, noise, alphas_next[i])
-                if keep_region is not None and inversion_guidance and guided_steps[i]:
+                if edit_mask is not None and inversion_guidance and guided_steps[i]:
                     anchor = trajectory[edited, steps - i - 1]
-                    latents = latents.index_copy(0, edited, guide_towards(latents[edited], anchor, keep_region, guidance_step_size))
+                    pulled = guide_towards(latents[edited], anchor, 1 - edit_mask, guidance_step_size)
+                    latents = latents.index_copy(0, edited, pulled)
                 if control.blend is not None and i >= control.blend["start"]:
                     latents = self.local_blend(latents, control)
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    step_tensors = {"latents": latents, "edit_mask": edit_mask}
+                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()

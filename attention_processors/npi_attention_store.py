@@ -65,7 +65,7 @@ def heat_map_grid(maps: torch.Tensor, labels: list[str], image=None, cell: int =
     maps = maps.float().cpu()
     background = None
     if image is not None:
-        background = torch.from_numpy(np.asarray(image.convert("RGB").resize((cell, cell)))).float()
+        background = torch.from_numpy(np.array(image.convert("RGB").resize((cell, cell)))).float()
     for index, label in enumerate(labels):
         heat = maps[..., index]
         heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)

@@ -1,8 +1,15 @@
 """Tiny Stable-Diffusion components built from configs (no downloads) and shared fixtures."""
 
+import copy
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
+
+# Hermetic: no network, and diffusers' dynamic-module cache in a throw-away folder.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="npi-hf-home-"))
 
 import numpy as np
 import pytest
@@ -112,7 +119,8 @@ def components(tokenizer_dir):
 
 @pytest.fixture()
 def pipe(components):
-    pipeline = NegativePromptInversionPipeline(**components)
+    """A fresh pipeline per test over copies of the shared components, so dtype changes never leak."""
+    pipeline = NegativePromptInversionPipeline(**copy.deepcopy(components))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -124,3 +132,21 @@ def scene_image(seed: int = 0, size: int = 32) -> np.ndarray:
     image = np.kron(coarse, np.ones((size // 4, size // 4, 1)))
     image = 0.8 * image + 0.2 * generator.random((size, size, 3))
     return (image * 255).astype(np.uint8)
+
+
+class UNetCalls:
+    """Counts UNet forwards and their batch sizes."""
+
+    def __init__(self, unet):
+        self.batches = []
+        self.handle = unet.register_forward_pre_hook(lambda module, args: self.batches.append(args[0].shape[0]))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def latents_of(output):
+    return output.images if isinstance(output.images, torch.Tensor) else torch.as_tensor(output.images)

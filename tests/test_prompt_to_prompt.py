@@ -1,0 +1,230 @@
+"""Prompt-to-prompt: token maps, fused-vs-explicit parity, batching, fp16/bf16, restoration and input errors."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import WORDS, UNetCalls, scene_image, tiny_components
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import CLIPTokenizer
+
+from attention_processors import npi_prompt_to_prompt as p2p
+from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+
+STEPS = 6
+SOURCE = "a red cat on a white background"
+EDIT = dict(cross_replace_steps=0.6, self_replace_steps=0.5)
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture()
+def inversion(pipe):
+    return pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+
+
+def latents(pipe, **kwargs):
+    return pipe(output_type="latent", **kwargs).images
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Word and token maps
+
+
+def test_multi_token_words_map_to_all_their_tokens(tok):
+    assert p2p.word_token_indices("a hippopotamus on a wall", tok) == [[1], [2, 3], [4], [5], [6]]
+    assert p2p.find_word("a hippopotamus and a hippopotamus", "hippopotamus", tok) == [2, 3, 6, 7]
+    assert p2p.find_word("a cat", "dog", tok) == []
+
+
+def test_word_swap_table(tok):
+    edit = p2p.word_swap("a cat on a wall", "a hippopotamus on a wall", tok)
+    m = edit.matrix
+    assert m[0, 0] == 1 and m[1, 1] == 1  # BOS, "a"
+    assert m[2, 2] == 0.5 and m[2, 3] == 0.5  # cat → hippo, potamus
+    assert m[3, 4] == 1 and m[6, 7] == 1  # "on" and EOS stay aligned after the longer word (the reference's quirk)
+    assert m[76].sum() == 0  # the last padding token has no partner: the target is one token longer
+
+
+def test_refinement_table(tok):
+    edit = p2p.refinement("a cat on a wall", "a big cat on a wall", tok)
+    assert edit.keep[2] == 1 and edit.matrix[:, 2].sum() == 0  # the new word keeps its own map
+    assert edit.matrix[2, 3] == 1 and edit.matrix[1, 1] == 1 and edit.matrix[6, 7] == 1
+
+
+phrases = st.lists(st.sampled_from(WORDS + ["hippopotamus", "rhinoceros"]), min_size=1, max_size=8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(source=phrases, swaps=st.lists(st.tuples(st.integers(0, 7), st.sampled_from(WORDS + ["rhinoceros"]))))
+def test_word_swap_rows_sum_to_one(tokenizer_dir, source, swaps):
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    target = list(source)
+    for position, word in swaps:
+        target[position % len(target)] = word
+    source, target = " ".join(source), " ".join(target)
+    matrix = p2p.word_swap(source, target, tok).matrix
+    length = len(tok(source).input_ids)  # BOS … EOS
+    torch.testing.assert_close(matrix[:length].sum(dim=1), torch.ones(length))
+
+
+@settings(max_examples=40, deadline=None)
+@given(prompt=phrases)
+def test_refinement_of_identical_prompts_is_identity(tokenizer_dir, prompt):
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    prompt = " ".join(prompt)
+    edit = p2p.refinement(prompt, prompt, tok)
+    assert torch.equal(edit.matrix, torch.eye(77)) and edit.keep.sum() == 0
+
+
+def test_windows(tok):
+    alpha = p2p.cross_attention_window(10, ["a big dog", "a dog"], {"default_": 0.5, "big": (0.0, 0.2)}, tok)
+    assert alpha.shape == (11, 2, 77)
+    assert alpha[:5, 1].eq(1).all() and alpha[5:, 1].eq(0).all()  # int(0.5·11) = 5
+    assert alpha[:2, 0, 2].eq(1).all() and alpha[2:, 0, 2].eq(0).all()  # "big" has its own window
+    window = p2p.self_attention_window(10, (0.2, 0.6))
+    assert window.tolist() == [False, False, True, True, True, True, False, False, False, False]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Explicit-probability reference path (kept here, never in the product): every attention materialised.
+
+
+def _explicit_probs(query, key, mask, scale):
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    return (scores if mask is None else scores + mask).softmax(-1)
+
+
+def explicit_cross(self, query, key, value, attn_mask, scale):
+    probs = _explicit_probs(query, key, attn_mask, scale)
+    rows = self.rows
+    for j in range(len(self.targets)):
+        src, tgt = rows[self.sources[j]], rows[self.targets[j]]
+        base, own = probs[src], probs[tgt]
+        edit = p2p.TokenEdit(self.edits.matrix[j, 0], self.edits.keep[j, 0, 0], self.edits.scale[j, 0, 0])
+        alpha = self.alpha[int(self.step)][j]
+        probs[tgt] = alpha * edit(base, own) + (1 - alpha) * own
+    if self.store is not None:
+        self.store.record(probs[rows])
+    return probs.to(value.dtype) @ value
+
+
+def explicit_self_replace(self, query, key, value, attn_mask, scale):
+    probs = _explicit_probs(query, key, attn_mask, scale)
+    if self.window[int(self.step)]:
+        probs[self.target_rows] = probs[self.source_rows]
+    return probs.to(value.dtype) @ value
+
+
+@pytest.mark.parametrize(
+    "target, kwargs",
+    [
+        ("a blue cat on a white background", {}),  # replace
+        ("a red hippopotamus on a white background", {}),  # replace, token counts differ
+        ("a big red cat on a white background", {}),  # refine
+        ("a red cat on a white background", {"reweight": {"red": 3.0}}),  # reweight
+        ("a red dog on a white background", {"blend_words": ("cat", "dog")}),  # local blend
+    ],
+)
+def test_fused_paths_match_explicit_reference(pipe, inversion, monkeypatch, target, kwargs):
+    fused = latents(pipe, prompt=[target, "a red dog on a white background"], inversion=inversion, **EDIT, **kwargs)
+    monkeypatch.setattr(p2p.CrossAttentionControl, "__call__", explicit_cross)
+    monkeypatch.setattr(p2p.SelfAttentionReplace, "__call__", explicit_self_replace)
+    explicit = latents(pipe, prompt=[target, "a red dog on a white background"], inversion=inversion, **EDIT, **kwargs)
+    torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pipeline properties
+
+
+@pytest.mark.parametrize("method", ["npi", "nti", "ddim"])
+def test_same_prompt_edit_reproduces_reconstruction(pipe, method):
+    inv = pipe.invert(
+        scene_image(1), SOURCE, num_inference_steps=STEPS, inversion_method=method, null_text_inner_steps=2
+    )
+    reconstruction = latents(pipe, inversion=inv)
+    edit = latents(pipe, prompt=SOURCE, inversion=inv, blend_words=("cat", "cat"), **EDIT)
+    torch.testing.assert_close(edit, reconstruction, rtol=1e-4, atol=1e-4)
+
+
+def test_npi_batch_is_one_plus_two_k_rows_and_targets_are_independent(pipe, inversion):
+    targets = ["a blue cat on a white background", "a big red cat on a white background", "a red dog on a black background"]
+    with UNetCalls(pipe.unet) as calls:
+        together = latents(pipe, prompt=targets, inversion=inversion, **EDIT)
+    assert calls.batches == [1 + 2 * len(targets)] * STEPS
+    for k, target in enumerate(targets):
+        alone = latents(pipe, prompt=target, inversion=inversion, **EDIT)
+        torch.testing.assert_close(together[k : k + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_works_with_nti_and_ddim_rows(pipe):
+    nti = pipe.invert(scene_image(2), SOURCE, num_inference_steps=3, inversion_method="nti", null_text_inner_steps=1)
+    with UNetCalls(pipe.unet) as calls:
+        out = latents(pipe, prompt="a blue cat on a white background", inversion=nti, **EDIT)
+    assert calls.batches == [4] * 3 and torch.isfinite(out).all()
+
+
+def test_non_square_latents_with_local_blend(pipe):
+    inv = pipe.invert(scene_image(0, size=48), SOURCE, num_inference_steps=3, height=24, width=40)
+    out = pipe(prompt="a red dog on a white background", inversion=inv, blend_words=("cat", "dog"), output_type="np",
+               return_attention_maps=True)
+    assert out.images.shape == (1, 24, 40, 3)
+    assert out.attention_maps[0].shape[:2] == (12, 20)  # ½ would leave 6 < 8 tokens on the short side
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_pipelines_run(tokenizer_dir, dtype):
+    pipe = NegativePromptInversionPipeline(**tiny_components(tokenizer_dir)).to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    inv = pipe.invert(scene_image(0), SOURCE, num_inference_steps=2)
+    out = pipe(prompt="a red dog on a white background", inversion=inv, blend_words=("cat", "dog"),
+               reweight={"dog": 2.0}, output_type="np", **EDIT).images
+    assert np.isfinite(out).all()
+
+
+def test_processors_restored_after_an_exception_inside_a_step(pipe, inversion):
+    before = dict(pipe.unet.attn_processors)
+
+    def fail(pipe_, i, t, tensors):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        pipe(prompt="a blue cat on a white background", inversion=inversion, callback_on_step_end=fail, **EDIT)
+    assert dict(pipe.unet.attn_processors) == before
+    latents(pipe, prompt="a blue cat on a white background", inversion=inversion, **EDIT)  # still usable
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt="a blue cat", edit_type="replace"), "edit_type='replace' needs equal word counts"),
+        (dict(prompt="a blue cat on a white background", blend_words=("dog", "cat")), "blend word 'dog' is not in the source"),
+        (dict(prompt="a blue cat on a white background", reweight={"dog": 2.0}), "reweight word 'dog' is not in the target"),
+        (dict(prompt="a blue cat on a white background", cross_replace_steps=1.5), r"cross_replace_steps must lie in \[0, 1\]"),
+        (dict(prompt="a blue cat on a white background", self_replace_steps=(0.5, 0.2)), r"self_replace_steps must lie in \[0, 1\]"),
+        (dict(prompt="a blue cat on a white background", cross_replace_steps={"dog": 0.3}), "'dog' is in none of the target"),
+        (dict(prompt=[], cross_replace_steps=0.4), "prompt must be a string or a non-empty list"),
+        (dict(prompt="a blue cat", edit_type="swap"), "edit_type must be one of"),
+        (dict(prompt="a blue cat", cross_replace_steps=0.3, attention_control="masactrl"), "need attention_control='p2p'"),
+    ],
+)
+def test_bad_input_is_rejected_and_pipeline_stays_usable(pipe, inversion, kwargs, message):
+    before = dict(pipe.unet.attn_processors)
+    with UNetCalls(pipe.unet) as calls, pytest.raises(ValueError, match=message):
+        pipe(inversion=inversion, **kwargs)
+    assert calls.batches == [] and dict(pipe.unet.attn_processors) == before
+
+
+def test_attention_heat_map_grid(pipe, inversion):
+    out = pipe(prompt="a red dog on a white background", inversion=inversion, return_attention_maps=True, **EDIT)
+    grid = pipe.attention_heat_maps(out.attention_maps[0], "a red dog on a white background", image=out.images[0])
+    assert grid.size == (8 * 96, 2 * (96 + 14))  # 9 tokens: BOS, 7 words, EOS
+    maps = out.attention_maps[0]
+    torch.testing.assert_close(maps.sum(-1), torch.ones(maps.shape[:2]))  # averaged probabilities

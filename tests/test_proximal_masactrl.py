@@ -1,0 +1,155 @@
+"""Proximal guidance (ProxEdit) and mutual self-attention control (MasaCtrl)."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import UNetCalls, scene_image
+
+from pipeline_negative_prompt_inversion import edit_region, hard_threshold, proximal_direction, soft_threshold
+
+STEPS = 6
+SOURCE = "a red cat on a white background"
+TARGET = "a blue cat on a white background"
+NO_GUIDANCE = dict(inversion_guidance=False, reconstruction_guidance=False)
+
+
+@pytest.fixture()
+def inversion(pipe):
+    return pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+
+
+def latents(pipe, **kwargs):
+    return pipe(output_type="latent", **kwargs).images
+
+
+def test_thresholds_follow_their_formulas_on_a_hand_made_tensor():
+    d = torch.tensor([[-3.0, -1.5, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0]]).view(1, 1, 2, 4)
+    lam = torch.tensor(1.0).view(1, 1, 1, 1)
+    soft = soft_threshold(d, lam).flatten().tolist()
+    hard = hard_threshold(d, lam).flatten().tolist()
+    assert soft == [-2.0, -0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 3.0]
+    assert hard == [-3.0, -1.5, 0.0, 0.0, 0.0, 0.0, 2.0, 4.0]  # |d| = λ is zeroed: strict inequality
+    mask = edit_region(soft_threshold(d, lam), lam, dilation=0).flatten().tolist()
+    assert mask == [1.0, 0, 0, 0, 0, 0, 0, 1.0]  # soft: |d| > 2λ
+
+
+def test_quantile_is_per_sample():
+    torch.manual_seed(0)
+    d = torch.randn(3, 4, 8, 8) * torch.tensor([1.0, 10.0, 100.0]).view(3, 1, 1, 1)
+    _, lam = proximal_direction(d, "soft", 0.7, None)
+    for k in range(3):
+        _, alone = proximal_direction(d[k : k + 1], "soft", 0.7, None)
+        assert torch.equal(lam[k], alone[0])
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_everything_zeroed_is_exactly_the_ddim_reconstruction(pipe, inversion, mode):
+    edit = latents(pipe, prompt=TARGET, inversion=inversion, proximal_guidance=mode, proximal_quantile=1.0, **NO_GUIDANCE)
+    reconstruction = latents(pipe, inversion=dataclasses.replace(inversion, method="ddim"), guidance_scale=1.0)
+    torch.testing.assert_close(edit, reconstruction, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_nothing_zeroed_is_exactly_plain_npi(pipe, inversion, mode):
+    edit = latents(pipe, prompt=TARGET, inversion=inversion, proximal_guidance=mode, proximal_threshold=0.0, **NO_GUIDANCE)
+    plain = latents(pipe, prompt=TARGET, inversion=inversion)
+    assert torch.equal(edit, plain)
+
+
+@pytest.mark.parametrize("extra", [{}, {"cross_replace_steps": 0.5, "blend_words": ("cat", "cat")}])
+def test_inversion_guidance_with_step_one_pins_the_unedited_region(pipe, inversion, extra):
+    seen = []
+
+    def capture(pipe_, i, t, tensors):
+        seen.append((i, int(t), tensors["latents"][-1:].clone(), tensors["edit_mask"].clone()))
+        return tensors
+
+    pipe(prompt=TARGET, inversion=inversion, proximal_guidance="soft", guidance_step_size=1.0,
+         guidance_below_timestep=1000, callback_on_step_end=capture, callback_on_step_end_tensor_inputs=["latents", "edit_mask"],
+         output_type="latent", **extra)
+    guided = 0
+    for i, t, z, mask in seen:
+        if "blend_words" in extra and i >= int(0.2 * STEPS):
+            continue  # local blend runs after the guidance and may move the latent again
+        keep = (1 - mask).bool()
+        anchor = inversion.latents[:, STEPS - i - 1]
+        assert keep.any()
+        torch.testing.assert_close(z[keep], anchor[keep], rtol=0, atol=1e-6)
+        guided += 1
+    assert guided > 0
+
+
+def test_edit_mask_images_are_returned(pipe, inversion):
+    out = pipe(prompt=TARGET, inversion=inversion, proximal_guidance="hard", return_edit_mask=True)
+    assert len(out.edit_masks) == 1 and out.edit_masks[0].size == (32, 32) and out.edit_masks[0].mode == "L"
+
+
+def test_proximal_batch_independence_with_nti_and_p2p(pipe):
+    # Thresholds are discontinuous: float32 batch-size noise in the UNet could flip an element sitting exactly at
+    # λ. In float64 that noise is far below float32 rounding, so equality must be exact up to it.
+    pipe.to(torch.float64)
+    nti = pipe.invert(scene_image(1), SOURCE, num_inference_steps=3, inversion_method="nti", null_text_inner_steps=1)
+    targets = [TARGET, "a red dog on a white background"]
+    kwargs = dict(inversion=nti, proximal_guidance="soft", cross_replace_steps=0.5)
+    together = latents(pipe, prompt=targets, **kwargs)
+    for k, target in enumerate(targets):
+        torch.testing.assert_close(together[k : k + 1], latents(pipe, prompt=target, **kwargs), rtol=1e-6, atol=1e-6)
+
+
+def test_proximal_flag_in_config_is_the_default(components, inversion):
+    from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+
+    prox = NegativePromptInversionPipeline(**components, proximal_guidance="soft")
+    prox.set_progress_bar_config(disable=True)
+    plain = NegativePromptInversionPipeline(**components)
+    plain.set_progress_bar_config(disable=True)
+    assert torch.equal(latents(prox, prompt=TARGET, inversion=inversion),
+                       latents(plain, prompt=TARGET, inversion=inversion, proximal_guidance="soft"))
+    assert torch.equal(latents(prox, prompt=TARGET, inversion=inversion, proximal_guidance=False),
+                       latents(plain, prompt=TARGET, inversion=inversion))
+
+
+def test_masactrl_same_prompt_reproduces_reconstruction(pipe, inversion):
+    edit = latents(pipe, prompt=SOURCE, inversion=inversion, attention_control="masactrl", masactrl_start_step=0,
+                   guidance_scale=1.0)
+    torch.testing.assert_close(edit, latents(pipe, inversion=inversion), rtol=1e-5, atol=1e-5)
+
+
+def test_masactrl_after_the_last_step_is_the_uncontrolled_edit(pipe, inversion):
+    controlled = latents(pipe, prompt=TARGET, inversion=inversion, attention_control="masactrl", masactrl_start_step=STEPS)
+    # The synthesis branch uses the null embedding, i.e. exactly a DDIM-style edit from the same trajectory.
+    uncontrolled = latents(pipe, prompt=TARGET, inversion=dataclasses.replace(inversion, method="ddim"))
+    torch.testing.assert_close(controlled, uncontrolled, rtol=1e-5, atol=1e-5)
+    started = latents(pipe, prompt=TARGET, inversion=inversion, attention_control="masactrl", masactrl_start_step=0)
+    assert not torch.allclose(started, uncontrolled, atol=1e-4)
+
+
+def test_prox_masactrl_rows_and_batch_independence(pipe):
+    pipe.to(torch.float64)
+    inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+    targets = [TARGET, "a red dog on a white background"]
+    kwargs = dict(inversion=inversion, attention_control="masactrl", masactrl_start_step=1, proximal_guidance="soft")
+    with UNetCalls(pipe.unet) as calls:
+        together = latents(pipe, prompt=targets, **kwargs)
+    assert calls.batches == [1 + 2 * len(targets)] * STEPS  # NPI source: one pass; targets: null + prompt
+    for k, target in enumerate(targets):
+        torch.testing.assert_close(together[k : k + 1], latents(pipe, prompt=target, **kwargs), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(proximal_guidance="soft", proximal_quantile=1.5), r"proximal_quantile must lie in \[0, 1\]"),
+        (dict(proximal_guidance="soft", proximal_quantile=-0.1), r"proximal_quantile must lie in \[0, 1\]"),
+        (dict(proximal_guidance="l0"), "proximal_guidance must be one of"),
+        (dict(proximal_guidance="soft", proximal_threshold=-1.0), "proximal_threshold must be a number >= 0"),
+        (dict(attention_control="masactrl", masactrl_start_step=STEPS + 1), "masactrl_start_step must be an integer in"),
+        (dict(attention_control="masactrl", masactrl_start_layer=99), "masactrl_start_layer must be an integer in"),
+        (dict(attention_control="mutual"), "attention_control must be one of"),
+    ],
+)
+def test_bad_input_is_rejected(pipe, inversion, kwargs, message):
+    with UNetCalls(pipe.unet) as calls, pytest.raises(ValueError, match=message):
+        pipe(prompt=TARGET, inversion=inversion, **kwargs)
+    assert calls.batches == []
