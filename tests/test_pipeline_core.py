@@ -132,11 +132,14 @@ def test_batched_inversion_and_edits_equal_single_ones(pipe):
 
 
 def test_nti_batch_equals_single(pipe):
+    # Adam's first steps are nearly sign steps, so float32 batch-size noise in a near-zero gradient would show
+    # as a full step; in float64 that noise is negligible and the per-image optimisation must agree.
+    pipe.to(torch.float64)
     images = [scene_image(5), scene_image(6)]
     kwargs = dict(num_inference_steps=4, inversion_method="nti", null_text_inner_steps=3)
     batched = pipe.invert(images, [SOURCE, SOURCE], **kwargs)
     single = pipe.invert(images[1], SOURCE, **kwargs)
-    torch.testing.assert_close(batched.null_embeds[1:], single.null_embeds, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched.null_embeds[1:], single.null_embeds, rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_edit_is_bit_identical(pipe, inversion, tmp_path):
