@@ -1,0 +1,15 @@
+"""``pip install`` entry point: the repository root is the package ``negative_prompt_inversion``.
+
+The pipeline file stays a single top-level file (what diffusers' custom-pipeline loader and copy-paste users
+need); this module only re-exports it under a unique package name, so nothing generic such as
+``attention_processors`` lands at the top level of ``site-packages``.
+"""
+
+from .pipeline_negative_prompt_inversion import (
+    InversionResult,
+    NegativePromptInversionPipeline,
+    NegativePromptInversionPipelineOutput,
+)
+
+__all__ = ["InversionResult", "NegativePromptInversionPipeline", "NegativePromptInversionPipelineOutput"]
+__version__ = "0.1.0"
