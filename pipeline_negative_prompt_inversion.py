@@ -387,6 +387,43 @@ class _Control:
     blend: dict | None = None  # local blend: word weights per branch, target/source branch indices, threshold, start
 
 
+class _CUDAGraphUNet:
+    """The UNet forward replayed as CUDA graphs, one per input shape, each captured right after an eager call.
+
+    Valid for one `invert` or `__call__`, during which the attention processors stay the same: their per-step
+    switches are device tensors, so one graph serves every step. The eager call that precedes each capture
+    computes that step for real (and allocates what the processors keep, e.g. the attention store).
+    """
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.graphs = {}
+
+    def _forward(self, latents, timestep, embeds):
+        return self.unet(latents, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    def __call__(self, latents, timestep, embeds):
+        key = (tuple(latents.shape), tuple(embeds.shape), latents.dtype)
+        if key not in self.graphs:
+            static = {"latents": latents.clone(), "timestep": timestep.clone(), "embeds": embeds.clone()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                output = self._forward(static["latents"], static["timestep"], static["embeds"])
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static["output"] = self._forward(static["latents"], static["timestep"], static["embeds"])
+            self.graphs[key] = (graph, static)
+            return output
+        graph, static = self.graphs[key]
+        static["latents"].copy_(latents)
+        static["timestep"].copy_(timestep)
+        static["embeds"].copy_(embeds)
+        graph.replay()
+        return static["output"].clone()
+
+
 # =================================================================================================================
 # The pipeline
 
@@ -559,9 +596,31 @@ class NegativePromptInversionPipeline(
         final = scheduler.final_alpha_cumprod.to(device=device, dtype=alphas.dtype)
         return timesteps, alphas, torch.cat([alphas[1:], final[None]])
 
+    def enable_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replay the UNet as CUDA graphs inside `invert` and `__call__` (CUDA only; off by default).
+
+        The stock UNet is launch-bound on fast GPUs; a replayed graph removes the per-kernel launch cost. Attention
+        control stays correct because its per-step switches live in device tensors. Gradient passes (NTI's
+        optimisation) always run eagerly.
+        """
+        self._use_cuda_graphs = enabled
+
+    @contextmanager
+    def _unet_runner(self):
+        use_graphs = getattr(self, "_use_cuda_graphs", False) and self._execution_device.type == "cuda"
+        self._graphed_unet = _CUDAGraphUNet(self.unet) if use_graphs else None
+        try:
+            yield
+        finally:
+            self._graphed_unet = None
+
     def predict_noise(self, latents, timestep, embeds, alpha) -> torch.Tensor:
         """ε(z, t, c) in float32, converted from v-prediction when the model predicts v."""
-        output = self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        graphed = getattr(self, "_graphed_unet", None)
+        if graphed is not None and not torch.is_grad_enabled():
+            output = graphed(latents.to(self.unet.dtype), timestep, embeds)
+        else:
+            output = self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=embeds, return_dict=False)[0]
         output = output.float()
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         if prediction_type == "v_prediction":
@@ -737,15 +796,18 @@ class NegativePromptInversionPipeline(
 
         # 3. DDIM inversion (w = 1, source prompt)
         timesteps, alphas, alphas_next = self.ddim_schedule(num_inference_steps, device)
-        trajectory = self.ddim_inversion(latents, prompt_embeds, timesteps, alphas, alphas_next)
+        with self._unet_runner():
+            trajectory = self.ddim_inversion(latents, prompt_embeds, timesteps, alphas, alphas_next)
 
         # 4. Null-text optimisation around the trajectory
         null_embeds = losses = None
         if method == "nti":
             start = self.encode_text([""], device).expand_as(prompt_embeds) if init == "null" else prompt_embeds
-            null_embeds, losses = self.null_text_optimization(
-                trajectory, prompt_embeds, start, timesteps, alphas, alphas_next, guidance_scale, inner_steps, early_stop
-            )
+            with self._unet_runner():
+                null_embeds, losses = self.null_text_optimization(
+                    trajectory, prompt_embeds, start, timesteps, alphas, alphas_next, guidance_scale, inner_steps,
+                    early_stop,
+                )
 
         self.maybe_free_model_hooks()
         return InversionResult(
@@ -1020,7 +1082,7 @@ class NegativePromptInversionPipeline(
         edit_fraction = torch.zeros(len(edited), 1, *latent_size, device=device)
         self._num_timesteps = steps
 
-        with self._attention_processors(control.processors), self.progress_bar(total=steps) as progress_bar:
+        with self._attention_processors(control.processors), self._unet_runner(), self.progress_bar(total=steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
