@@ -987,8 +987,9 @@ class NegativePromptInversionPipeline(
             self_replace_steps (`float` or `tuple`, defaults to 0.6): Self-attention replacement window.
             reweight (`dict` or `list[dict]`, *optional*): ``{"word": factor}`` scaling target words' attention
                 (one dict for every target, or one per target).
-            blend_words (`tuple`, *optional*): Local blend words ``(source_words, target_words)`` (each a word or
-                a list of words; target words apply to every target) or ``[source_words, target_1_words, …]``.
+            blend_words (`tuple` or `list`, *optional*): Local blend words. One image: ``(source_words,
+                target_words)`` (target words apply to every target) or ``[source_words, target_1_words, …]``;
+                several images: one ``(source_words, target_words)`` pair per image. Words: a string or a list.
             blend_threshold (`float`, defaults to 0.3), blend_start (`float`, defaults to 0.2): Local blend mask
                 threshold and the fraction of steps after which blending starts.
             masactrl_start_step (`int`, defaults to 4): First step of mutual self-attention.
@@ -1264,7 +1265,7 @@ class NegativePromptInversionPipeline(
 
         if blend_words is not None:
             control.blend = {
-                "weights": self._blend_weights(branches, blend_words, len(targets)).to(device),
+                "weights": self._blend_weights(branches, blend_words, len(source_of)).to(device),
                 "targets": _index(targets, device),
                 "sources": _index(sources, device),
                 "threshold": blend_threshold,
@@ -1272,20 +1273,11 @@ class NegativePromptInversionPipeline(
             }
         return control
 
-    def _blend_weights(self, branches: list[_Branch], blend_words, num_targets: int) -> torch.Tensor:
+    def _blend_weights(self, branches: list[_Branch], blend_words, num_images: int) -> torch.Tensor:
         """``(branches, tokens)``: 1 on each branch's blend-word tokens."""
-        if not isinstance(blend_words, (tuple, list)) or len(blend_words) not in (2, 1 + num_targets):
-            raise ValueError(
-                "blend_words must be (source_words, target_words) or [source_words, target_1_words, …], got"
-                f" {blend_words!r}."
-            )
-        as_list = lambda words: [words] if isinstance(words, str) else list(words)  # noqa: E731
-        per_target = [as_list(w) for w in blend_words[1:]] if len(blend_words) > 2 else [as_list(blend_words[1])] * num_targets
+        words_of = _blend_words_per_branch(branches, blend_words, num_images)
         weights = torch.zeros(len(branches), self.tokenizer.model_max_length)
-        target_index = 0
-        for k, branch in enumerate(branches):
-            words = as_list(blend_words[0]) if branch.is_source else per_target[target_index]
-            target_index += not branch.is_source
+        for k, (branch, words) in enumerate(zip(branches, words_of)):
             for word in words:
                 positions = find_word(branch.prompt, word, self.tokenizer)
                 if not positions:
@@ -1366,6 +1358,41 @@ def _targets_per_image(prompt, sources: list[str]) -> list[list[str]]:
             " target lists."
         )
     return [[p] for p in prompts]
+
+
+def _blend_words_per_branch(branches: list[_Branch], blend_words, num_images: int) -> list[list[str]]:
+    """Spread ``blend_words`` over the branches.
+
+    One image: ``(source_words, target_words)`` (target words for every target) or ``[source_words,
+    target_1_words, …]``. Several images: a list with one ``(source_words, target_words)`` pair per image.
+    Words are a string or a list of strings.
+    """
+    as_list = lambda words: [words] if isinstance(words, str) else list(words)  # noqa: E731
+    usage = (
+        "blend_words must be (source_words, target_words) or [source_words, target_1_words, …] for one image, or"
+        f" one (source_words, target_words) pair per image for several; got {blend_words!r}."
+    )
+    if not isinstance(blend_words, (tuple, list)):
+        raise ValueError(usage)
+    targets_per_image = [sum(1 for b in branches if b.image == i and not b.is_source) for i in range(num_images)]
+    if num_images == 1 and len(blend_words) in (2, 1 + targets_per_image[0]):
+        per_image = [[as_list(blend_words[0])] + [as_list(w) for w in blend_words[1:]]]
+        if len(blend_words) == 2:
+            per_image = [[per_image[0][0]] + per_image[0][1:] * targets_per_image[0]]
+    elif num_images > 1 and len(blend_words) == num_images and all(
+        isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in blend_words
+    ):
+        per_image = [[as_list(src)] + [as_list(tgt)] * n for (src, tgt), n in zip(blend_words, targets_per_image)]
+    else:
+        raise ValueError(usage)
+    words, used = [], [0] * num_images
+    for branch in branches:
+        if branch.is_source:
+            words.append(per_image[branch.image][0])
+        else:
+            used[branch.image] += 1
+            words.append(per_image[branch.image][used[branch.image]])
+    return words
 
 
 def _per_target(value, count: int, name: str) -> list:
