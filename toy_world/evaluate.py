@@ -1,0 +1,260 @@
+"""Editing evaluation on the toy world, where every edit has an exact ground truth.
+
+For each (scene, edit) pair and each method it measures:
+
+- reconstruction PSNR of the inversion (regenerating the input without edit),
+- edit PSNR / SSIM against the ground-truth edited image,
+- unedited-region PSNR against the input (pixels outside the edit region must not change),
+- attribute accuracy: the judge's verdict on the edited object (or background) of the target scene,
+- seconds per image (inversion + edit, wall clock, batch-amortised).
+
+Used by ``benchmarks/toy_edit_benchmark.py`` (the 200-pair benchmark), ``toy_world.demo`` (the README's main
+command) and the CPU tests (a small subset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import judge as judge_module
+from . import scenes
+
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+
+P2P = {"cross_replace_steps": 0.4, "self_replace_steps": 0.6}
+# name → (inversion method, call arguments, uses local blend words)
+METHODS = {
+    "ddim+cfg": ("ddim", {}, False),
+    "nti": ("nti", {}, False),
+    "nti+p2p": ("nti", P2P, True),
+    "npi": ("npi", {}, False),
+    "npi+p2p": ("npi", P2P, True),
+    "proxnpi": ("npi", {"proximal_guidance": "soft"}, False),
+    "proxnpi+p2p": ("npi", {**P2P, "proximal_guidance": "soft"}, True),
+    "masactrl": ("npi", {"attention_control": "masactrl"}, False),
+    "proxmasactrl": ("npi", {"attention_control": "masactrl", "proximal_guidance": "soft"}, False),
+}
+
+
+def load_pipeline(model_dir=MODEL_DIR, device="cpu", dtype=torch.float32):
+    """Our pipeline over the toy model (imported from the repository root)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+
+    pipe = NegativePromptInversionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_pairs(count: int, seed: int = 0) -> list[scenes.Edit]:
+    """A fixed, seeded set of (scene, edit) pairs cycling through the edit kinds."""
+    return [
+        scenes.make_edit(scenes.sample_scene(seed * 1_000_003 + i), scenes.EDIT_KINDS[i % len(scenes.EDIT_KINDS)], i)
+        for i in range(count)
+    ]
+
+
+def blend_words(edit: scenes.Edit) -> tuple:
+    """Prompt-to-prompt local-blend words: the changed words, or the object's shape word for pattern edits."""
+    if edit.kind == "pattern":
+        shape = edit.source_scene.objects[edit.object_index].shape
+        return (shape, shape)
+    return (edit.source_words, edit.target_words)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """PSNR in dB of images in [0, 1]; over ``mask`` pixels only when given."""
+    error = (a.float() - b.float()) ** 2
+    if mask is not None:
+        mask = mask.expand_as(error)
+        if not mask.any():
+            return float("nan")
+        error = error[mask]
+    return float(10 * torch.log10(1 / error.mean().clamp_min(1e-10)))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Structural similarity (Wang et al. 2004) with an 11×11 Gaussian window (σ 1.5), averaged over channels."""
+    coords = torch.arange(11, dtype=torch.float32) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
+    a, b = a.float()[None], b.float()[None]
+    blur = lambda x: F.conv2d(x, window, groups=3)  # noqa: E731
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(value.mean())
+
+
+def attribute_ok(image: torch.Tensor, edit: scenes.Edit) -> bool:
+    """Does the edited object (or the background) have the target's attributes?"""
+    verdict = judge_module.judge(image, edit.target_scene, check_pattern=edit.kind == "pattern")
+    return verdict.background_ok if edit.object_index is None else verdict.objects[edit.object_index].ok
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(device, fn):
+    _sync(device)
+    start = time.perf_counter()
+    value = fn()
+    _sync(device)
+    return value, time.perf_counter() - start
+
+
+def evaluate(pipe, pairs, methods=tuple(METHODS), steps: int = 50, batch_size: int = 50, guidance_scale: float = 7.5):
+    """Run every method on every pair. Returns per-pair records and the edited images (for grids)."""
+    device = pipe._execution_device
+    records = {name: [] for name in methods}
+    recon = {"ddim+cfg": [], "npi": [], "nti": []}
+    images = {name: [] for name in methods}
+    needs_nti = any(METHODS[name][0] == "nti" for name in methods)
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        sources = torch.stack([edit.source_image for edit in batch])
+        captions = [edit.source_caption for edit in batch]
+        npi, npi_time = _timed(device, lambda: pipe.invert(list(sources), captions, num_inference_steps=steps))
+        inversions = {"npi": (npi, npi_time), "ddim": (dataclasses.replace(npi, method="ddim"), npi_time)}
+        if needs_nti:
+            inversions["nti"] = _timed(
+                device,
+                lambda: pipe.invert(list(sources), captions, num_inference_steps=steps, inversion_method="nti",
+                                    guidance_scale=guidance_scale),
+            )
+        for name, method in (("ddim+cfg", "ddim"), ("npi", "npi"), ("nti", "nti")):
+            if method in inversions:
+                out = pipe(inversion=inversions[method][0], guidance_scale=guidance_scale, output_type="pt").images
+                recon[name] += [psnr(o.cpu(), s) for o, s in zip(out, sources)]
+        for name in methods:
+            method, call, uses_blend = METHODS[name]
+            inversion, inversion_time = inversions[method]
+            kwargs = dict(call)
+            if uses_blend:
+                kwargs["blend_words"] = [blend_words(edit) for edit in batch] if len(batch) > 1 else blend_words(batch[0])
+            edited, edit_time = _timed(
+                device,
+                lambda: pipe(prompt=[e.target_caption for e in batch], inversion=inversion,
+                             guidance_scale=guidance_scale, output_type="pt", **kwargs).images.cpu(),
+            )
+            seconds = (inversion_time + edit_time) / len(batch)
+            for edit, image in zip(batch, edited):
+                records[name].append(
+                    {
+                        "kind": edit.kind,
+                        "edit_psnr": psnr(image, edit.target_image),
+                        "edit_ssim": ssim(image, edit.target_image),
+                        "unedited_psnr": psnr(image, edit.source_image, ~edit.mask[None]),
+                        "attribute_ok": attribute_ok(image, edit),
+                        "seconds": seconds,
+                    }
+                )
+                images[name].append(image)
+    return {"records": records, "reconstruction_psnr": recon, "images": images}
+
+
+def summarise(result) -> dict:
+    """Means per method (and per edit kind) of every metric."""
+
+    def mean(values):
+        values = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+        return sum(values) / len(values) if values else float("nan")
+
+    summary = {"reconstruction_psnr": {k: mean(v) for k, v in result["reconstruction_psnr"].items() if v}}
+    methods = {}
+    for name, rows in result["records"].items():
+        entry = {key: mean([float(r[key]) for r in rows]) for key in ("edit_psnr", "edit_ssim", "unedited_psnr", "seconds")}
+        entry["attribute_accuracy"] = mean([float(r["attribute_ok"]) for r in rows])
+        entry["by_kind"] = {
+            kind: {
+                "edit_psnr": mean([r["edit_psnr"] for r in rows if r["kind"] == kind]),
+                "attribute_accuracy": mean([float(r["attribute_ok"]) for r in rows if r["kind"] == kind]),
+            }
+            for kind in sorted({r["kind"] for r in rows})
+        }
+        methods[name] = entry
+    summary["methods"] = methods
+    return summary
+
+
+def markdown_table(summary) -> str:
+    lines = [
+        "| method | edit PSNR (dB) | edit SSIM | unedited PSNR (dB) | attribute acc. | s / image |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in summary["methods"].items():
+        lines.append(
+            f"| {name} | {m['edit_psnr']:.2f} | {m['edit_ssim']:.3f} | {m['unedited_psnr']:.2f} |"
+            f" {100 * m['attribute_accuracy']:.1f}% | {m['seconds']:.3f} |"
+        )
+    recon = summary["reconstruction_psnr"]
+    lines += ["", "| inversion | reconstruction PSNR (dB) |", "|---|---:|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in recon.items()]
+    return "\n".join(lines)
+
+
+def example_grid(pairs, result, count: int = 8, scale: int = 2):
+    """PNG grid: one row per example, columns input, ground truth, then each method."""
+    from PIL import Image, ImageDraw
+
+    names = list(result["images"])
+    cell = scenes.W * scale
+    label = 12
+    count = min(count, len(pairs))
+    grid = Image.new("RGB", ((2 + len(names)) * cell, label + count * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, title in enumerate(["input", "ground truth", *names]):
+        draw.text((column * cell + 2, 0), title[:16], fill="black")
+    for row in range(count):
+        tiles = [pairs[row].source_image, pairs[row].target_image] + [result["images"][n][row] for n in names]
+        for column, tile in enumerate(tiles):
+            array = (tile.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
+            image = Image.fromarray(array).resize((cell, cell), Image.NEAREST)
+            grid.paste(image, (column * cell, label + row * cell))
+    return grid
+
+
+@torch.no_grad()
+def model_quality(pipe, count: int = 100, steps: int = 50, seed: int = 1) -> dict:
+    """The toy model's quality bars: VAE ceiling, DDIM reconstruction at w = 1, and caption following."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    device = pipe._execution_device
+    specs = [scenes.sample_scene(seed * 1_000_003 + i) for i in range(count)]
+    images = torch.stack([scenes.render(spec)["image"] for spec in specs])
+    captions = [spec.caption for spec in specs]
+
+    latents = pipe.encode_images(images.to(device) * 2 - 1)
+    decoded = (pipe.decode_latents(latents).float().cpu() / 2 + 0.5).clamp(0, 1)
+    inversion = pipe.invert(list(images), captions, num_inference_steps=steps)
+    ddim = pipe(inversion=dataclasses.replace(inversion, method="ddim"), guidance_scale=1.0, output_type="pt").images
+
+    text_to_image = StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    text_to_image.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    samples = text_to_image(captions, num_inference_steps=steps, guidance_scale=7.5, generator=generator,
+                            output_type="pt").images.cpu()
+    verdicts = [judge_module.judge(sample, spec) for sample, spec in zip(samples, specs)]
+    objects = [v for verdict in verdicts for v in verdict.objects]
+    return {
+        "vae_psnr": sum(psnr(d, i) for d, i in zip(decoded, images)) / count,
+        "ddim_w1_reconstruction_psnr": sum(psnr(r.cpu(), i) for r, i in zip(ddim, images)) / count,
+        "text_to_image_object_accuracy": sum(o.found and o.shape_ok for o in objects) / len(objects),
+        "text_to_image_sample_accuracy": sum(all(o.found and o.shape_ok for o in v.objects) for v in verdicts) / count,
+        "samples": samples,
+    }

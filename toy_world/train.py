@@ -1,0 +1,438 @@
+"""Train the toy-world text-to-image model: a tiny Stable Diffusion, from scratch.
+
+What: a standard ``StableDiffusionPipeline`` folder (VAE 64 px -> 4x16x16 latents,
+UNet2DConditionModel with cross-attention at 16/8/4 px in encoder and decoder, a
+3-layer CLIP text encoder, the one-token-per-word tokenizer, a DDIM scheduler with
+SD's scaled-linear betas), trained on procedurally rendered toy-world scenes so
+that real-image editing methods can be tested against exact ground truth.
+
+How (everything is bounded by ``--minutes`` of wall clock, process start included,
+keeping a reserve of min(30 s, 15%) for saving):
+
+1. stage 1 (``--vae-fraction`` of the training time) trains the AutoencoderKL on
+   L2 + L1 + image-gradient L1 + 1e-6 KL, then sets ``scaling_factor`` to 1/std of
+   the latent means of freshly rendered scenes and measures held-out PSNR;
+2. stage 2 freezes the VAE, encodes ``latent_dist.mean * scaling_factor`` (the
+   mean, not a sample: with the tiny KL weight the posterior std is negligible and
+   inversion code typically encodes with the mean) and trains UNet + text encoder
+   jointly with epsilon-prediction MSE at DDPM noise levels from the scheduler's
+   ``alphas_cumprod``, 10% caption dropout to the ids of ``""`` (exactly the
+   pipeline's unconditional prompt), AdamW with warm-up and cosine decay over the
+   time budget, bf16 autocast on CUDA, EMA weights (UNet and text encoder), and a
+   fresh batch rendered on the device every step (``scenes.render_batch``).
+
+The saved weights are the EMA weights in fp16 (the folder must stay < 22 MB);
+``StableDiffusionPipeline.from_pretrained(DIR, torch_dtype=torch.float32)`` loads
+them for CPU use. A full pipeline folder is also written every
+``--checkpoint-minutes`` (atomically: via ``DIR.partial``), so a killed run still
+leaves a usable model. ``DIR/training_log.json`` records the command, seed, device,
+per-stage wall-clock seconds, steps, final losses, VAE PSNR on a held-out seeded set
+and, when time allows, the judge accuracy of samples (``DIR/samples.png``).
+
+Retrain (one H100, ~9 minutes in total)::
+
+    python -m toy_world.train --out toy_sd --minutes 8.5 --seed 0 --device cuda
+
+Micro check on CPU (~30 s, writes a loadable but untrained folder)::
+
+    python -m toy_world.train --out /tmp/toy_micro --minutes 0.3 --device cpu --batch-size 8
+
+Runs are seeded (model init, data, noise), but because training stops on wall
+clock the step count, and hence the weights, depends on the machine; pass
+``--max-steps``/``--max-vae-steps`` for step-exact runs.
+"""
+from __future__ import annotations
+
+import time
+
+_T0 = time.time()  # the --minutes budget counts from process start
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from . import judge, scenes, tokenizer  # noqa: E402
+
+TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=77)
+UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(64, 128, 160),
+    down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(2, 4, 5),  # diffusers' legacy name for *heads* per level: 32-dim heads
+    cross_attention_dim=TEXT_CONFIG["hidden_size"], norm_num_groups=32,
+)
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+    block_out_channels=(48, 96, 96),  # 3 levels = 2 downsamples: 64 px -> 16x16
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    norm_num_groups=8,  # 4-8 channels per group: fitted faster than per-channel norm in CPU trials
+)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                        beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                        steps_offset=1, prediction_type="epsilon")
+VAE_EVAL_SEED, SAMPLE_EVAL_SEED = 1_000_003, 2_000_003  # fixed: comparable across runs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output pipeline folder (replaced)")
+    p.add_argument("--minutes", type=float, default=8.5, help="total wall-clock budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--vae-fraction", type=float, default=0.2, help="share of training time for the VAE")
+    p.add_argument("--vae-batch-size", type=int, default=None, help="default: half of --batch-size")
+    p.add_argument("--vae-target-psnr", type=float, default=None,
+                   help="end stage 1 early once the running training PSNR (dB) exceeds this")
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4, help="UNet + text encoder peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR loss weighting (0 = plain MSE)")
+    p.add_argument("--max-steps", type=int, default=None, help="also stop stage 2 after this many steps")
+    p.add_argument("--max-vae-steps", type=int, default=None, help="also stop stage 1 after this many steps")
+    p.add_argument("--vae-from", default=None, help="reuse the VAE of this pipeline folder, skip stage 1")
+    p.add_argument("--checkpoint-minutes", type=float, default=2.0)
+    p.add_argument("--log-seconds", type=float, default=10.0)
+    p.add_argument("--render-chunk", type=int, default=4, help="batches rendered per render_batch call")
+    p.add_argument("--eval-samples", type=int, default=64, help="judge this many samples at the end if time allows")
+    p.add_argument("--vae-eval-images", type=int, default=None,
+                   help="held-out images for PSNR (2x for the latent std); default 256 on CUDA, 16 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--channels-last", action="store_true")
+    return p.parse_args(argv)
+
+
+def log(msg: str):
+    print(f"[{time.time() - _T0:7.1f}s] {msg}", flush=True)
+
+
+def n_params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+class Batches:
+    """Training data rendered on the device. Rendering costs a fixed number of kernel
+    launches per call, so several batches are rendered at once and handed out."""
+
+    def __init__(self, batch: int, device, generator, chunk: int):
+        self.batch, self.device, self.g, self.chunk, self.queue = batch, device, generator, chunk, []
+
+    def next(self):
+        if not self.queue:
+            imgs, ids = scenes.render_batch(self.batch * self.chunk, self.g, self.device)
+            self.queue = list(zip(imgs.split(self.batch), ids.split(self.batch)))
+        return self.queue.pop()
+
+
+class EMA:
+    """Exponential moving average of parameters (fp32 shadow copies)."""
+
+    def __init__(self, modules, decay: float):
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))  # short memory early on
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
+
+    def copies(self, modules):
+        """Deep copies of ``modules`` carrying the EMA weights."""
+        out = [copy.deepcopy(m) for m in modules]
+        with torch.no_grad():
+            for p, s in zip([p for m in out for p in m.parameters()], self.shadow):
+                p.copy_(s)
+        return out
+
+
+def lr_factor(step: int, frac: float, warmup: int, floor: float = 0.05) -> float:
+    """Linear warm-up, then cosine decay over the (time) fraction of the stage."""
+    w = min(1.0, (step + 1) / max(1, warmup))
+    return w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def vae_psnr(vae, device, n: int) -> float:
+    """Mean per-image PSNR (dB, [0,1] range) of mean-latent reconstructions of a fixed
+    held-out set of scenes."""
+    imgs, _ = scenes.render_batch(n, torch.Generator(device).manual_seed(VAE_EVAL_SEED), device)
+    psnr = []
+    for x in imgs.split(64):
+        with autocast(device):
+            rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample.float()
+        mse = ((rec / 2 + 0.5).clamp(0, 1) - x).pow(2).mean(dim=(1, 2, 3))
+        psnr.append(-10 * torch.log10(mse.clamp(min=1e-10)))
+    return torch.cat(psnr).mean().item()
+
+
+@torch.no_grad()
+def latent_std(vae, device, n: int) -> float:
+    imgs, _ = scenes.render_batch(n, torch.Generator(device).manual_seed(VAE_EVAL_SEED + 1), device)
+    with autocast(device):
+        z = torch.cat([vae.encode(x * 2 - 1).latent_dist.mean.float() for x in imgs.split(128)])
+    return z.std().item()
+
+
+def psnr(mse_pm1: float) -> float:
+    """PSNR in dB on the [0, 1] scale from an MSE measured on the [-1, 1] scale."""
+    return 10 * math.log10(4.0 / max(mse_pm1, 1e-12))
+
+
+def init_vae(vae):
+    """Start the posterior std small (logvar -8): from the default logvar ~0 the
+    sampled latents are mostly noise and reconstruction stalls until the encoder
+    learns to shrink it. (KL weight 1e-6 barely pulls it back.)"""
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
+    return vae
+
+
+def train_vae(vae, args, device, deadline: float) -> dict:
+    data = Batches(args.vae_batch_size or max(1, args.batch_size // 2), device,
+                   torch.Generator(device).manual_seed(args.seed * 2 + 1), args.render_chunk)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0,
+                            fused=device.type == "cuda")
+    start = time.time()
+    step, recent, last_log = 0, [], start
+    vae.train()
+    while time.time() < deadline and (args.max_vae_steps is None or step < args.max_vae_steps):
+        x = data.next()[0] * 2 - 1
+        with autocast(device):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample.float()
+        l2 = F.mse_loss(rec, x)
+        l1 = (rec - x).abs().mean()
+        # Edges and texture grain carry little energy; an image-gradient L1 term keeps
+        # them sharp without a perceptual network.
+        grad = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
+        kl = post.kl().float().mean()
+        loss = l2 + l1 + 0.5 * grad + 1e-6 * kl
+        frac = (time.time() - start) / max(1e-6, deadline - start)
+        if args.max_vae_steps:
+            frac = max(frac, step / args.max_vae_steps)
+        for group in opt.param_groups:
+            group["lr"] = args.vae_lr * lr_factor(step, frac, warmup=100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        recent = (recent + [(l2.item(), l1.item(), kl.item())])[-50:] if step % 10 == 0 or step < 50 else recent
+        if time.time() - last_log > args.log_seconds:
+            last_log = time.time()
+            m = [sum(v) / len(v) for v in zip(*recent)]
+            log(f"vae step {step} {step / (last_log - start):.2f} it/s mse {m[0]:.5f} (~{psnr(m[0]):.1f} dB) "
+                f"l1 {m[1]:.4f} kl {m[2]:.1f}")
+            if args.vae_target_psnr and psnr(m[0]) > args.vae_target_psnr:
+                break
+    vae.eval().requires_grad_(False)
+    m = [sum(v) / len(v) for v in zip(*recent)] if recent else [float("nan")] * 3
+    return dict(seconds=time.time() - start, steps=step, final_mse=m[0], final_l1=m[1], final_kl=m[2])
+
+
+def export(out: str, vae, unet, text_encoder, tok, record: dict):
+    """Write the fp16 pipeline folder atomically (build in OUT.partial, then swap)."""
+    out = out.rstrip("/")
+    tmp, old = out + ".partial", out + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def half(m):
+        m = copy.deepcopy(m).to("cpu")
+        for p in m.parameters():  # not .to(dtype): diffusers warns about fp32-only modules (we have none)
+            p.data = p.data.half()
+        return m
+
+    pipe = StableDiffusionPipeline(vae=half(vae), text_encoder=half(text_encoder), tokenizer=tok, unet=half(unet),
+                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_tokenizer(os.path.join(tmp, "tokenizer"))  # adds vocab.json / merges.txt
+    # transformers 5 loads a model in its config "dtype" by default while diffusers
+    # loads fp32: declare the text encoder fp32 so that a plain from_pretrained(DIR)
+    # gives a consistent fp32 pipeline (weights stay fp16 on disk).
+    cfg_path = os.path.join(tmp, "text_encoder", "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    with open(cfg_path, "w") as f:
+        json.dump(dict(cfg, dtype="float32"), f, indent=2)
+    write_record(tmp, record)
+    if os.path.exists(out):
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_record(folder: str, record: dict):
+    record = dict(record, total_seconds=time.time() - _T0)
+    with open(os.path.join(folder, "training_log.json"), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+
+
+@torch.no_grad()
+def sample_eval(out: str, vae, unet, text_encoder, tok, device, n: int) -> dict:
+    """Generate ``n`` seeded captions (CFG 5, 25 DDIM steps) and judge them."""
+    _, _, captions = scenes.render_batch(n, torch.Generator().manual_seed(SAMPLE_EVAL_SEED), "cpu",
+                                         return_captions=True)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    with autocast(device):
+        images = pipe(captions, num_inference_steps=25, guidance_scale=5.0, output_type="pt",
+                      generator=torch.Generator(device).manual_seed(SAMPLE_EVAL_SEED)).images.float().cpu()
+    scores = judge.evaluate(images, captions)
+    k = min(16, n)
+    grid = images[:k].reshape(-1, min(k, 8), 3, 64, 64).permute(0, 3, 1, 4, 2).reshape(-1, min(k, 8) * 64, 3)
+    from PIL import Image
+
+    Image.fromarray((grid * 255).round().byte().numpy()).save(os.path.join(out, "samples.png"))
+    verdicts = scores.pop("verdicts")
+    return dict(n=n, **scores, captions=captions[:k], ok=[v.ok for v in verdicts[:k]])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    budget = args.minutes * 60
+    hard_deadline = _T0 + budget
+    train_end = hard_deadline - min(30.0, 0.15 * budget)
+    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.exists(os.path.join(args.out, "model_index.json")):
+        sys.exit(f"refusing to replace {args.out}: not empty and not a pipeline folder")
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+
+    tok = tokenizer.save_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"))
+    bos, eos = tokenizer.special_ids()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=bos, eos_token_id=eos,
+                                                pad_token_id=eos, **TEXT_CONFIG)).to(device)
+    unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
+    vae = (AutoencoderKL.from_pretrained(os.path.join(args.vae_from, "vae"), torch_dtype=torch.float32)
+           if args.vae_from else init_vae(AutoencoderKL(**VAE_CONFIG))).to(device)
+    counts = dict(unet=n_params(unet), vae=n_params(vae), text_encoder=n_params(text_encoder))
+    log(f"device {device} ({device_name}); parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+    record = dict(command=" ".join([sys.executable, "-m", "toy_world.train"] + sys.argv[1:]), args=vars(args),
+                  seed=args.seed, device=str(device), device_name=device_name, parameters=counts,
+                  versions=dict(torch=torch.__version__, diffusers=diffusers.__version__,
+                                transformers=transformers.__version__),
+                  unet_config=UNET_CONFIG, vae_config=VAE_CONFIG, text_config=TEXT_CONFIG, status="running")
+
+    # ---- stage 1: VAE
+    n_eval = args.vae_eval_images or (256 if device.type == "cuda" else 16)
+    if args.vae_from:
+        vae.eval().requires_grad_(False)
+        record["vae"] = dict(seconds=0.0, steps=0, loaded_from=args.vae_from)
+    else:
+        now = time.time()
+        record["vae"] = train_vae(vae, args, device, now + args.vae_fraction * (train_end - now))
+        vae.register_to_config(scaling_factor=1.0 / latent_std(vae, device, 2 * n_eval))
+    record["vae"].update(psnr_db=vae_psnr(vae, device, n_eval), scaling_factor=vae.config.scaling_factor)
+    log(f"vae done: {record['vae']}")
+    sf = vae.config.scaling_factor
+
+    # ---- stage 2: UNet + text encoder
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    unet_fwd = torch.compile(unet) if args.compile else unet
+    unet.train(), text_encoder.train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01, fused=device.type == "cuda")
+    ema = EMA([unet, text_encoder], args.ema_decay)
+    alphas = DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.to(device)
+    empty_ids = scenes.tokenize([""]).to(device)
+    data = Batches(args.batch_size, device, torch.Generator(device).manual_seed(args.seed * 2 + 2), args.render_chunk)
+    start = last_log = last_ckpt = time.time()
+    step, recent = 0, []
+    while time.time() < train_end and (args.max_steps is None or step < args.max_steps):
+        imgs, ids = data.next()
+        with torch.no_grad(), autocast(device):
+            z = vae.encode(imgs * 2 - 1).latent_dist.mean.float() * sf
+        b = z.shape[0]
+        drop = torch.rand(b, device=device) < args.caption_dropout
+        ids = torch.where(drop[:, None], empty_ids, ids)
+        t = torch.randint(0, len(alphas), (b,), device=device)
+        noise = torch.randn_like(z)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        if args.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            pred = unet_fwd(noisy, t, text_encoder(ids)[0]).sample.float()
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        if args.min_snr_gamma > 0:
+            snr = a.flatten() / (1 - a.flatten())
+            per_sample = per_sample * snr.clamp(max=args.min_snr_gamma) / snr
+        loss = per_sample.mean()
+        frac = (time.time() - start) / max(1e-6, train_end - start)
+        if args.max_steps:
+            frac = max(frac, step / args.max_steps)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_factor(step, frac, args.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        step += 1
+        if step % 10 == 0 or step < 50:
+            recent = (recent + [loss.item()])[-50:]
+        now = time.time()
+        if now - last_log > args.log_seconds:
+            last_log = now
+            log(f"unet step {step} {step / (now - start):.2f} it/s loss {sum(recent) / len(recent):.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e}")
+        if now - last_ckpt > args.checkpoint_minutes * 60 and train_end - now > 20:
+            last_ckpt = now
+            record["unet"] = dict(seconds=now - start, steps=step, final_loss=sum(recent) / len(recent))
+            export(args.out, vae, *ema.copies([unet, text_encoder]), tok, dict(record, status="checkpoint"))
+            log(f"checkpoint written to {args.out}")
+
+    seconds = time.time() - start
+    record["unet"] = dict(seconds=seconds, steps=step, steps_per_s=step / max(seconds, 1e-9),
+                          final_loss=sum(recent) / len(recent) if recent else float("nan"),
+                          batch_size=args.batch_size)
+    record["status"] = "final"
+    ema_unet, ema_text = ema.copies([unet, text_encoder])
+    ema_unet.eval(), ema_text.eval()
+    export(args.out, vae, ema_unet, ema_text, tok, record)
+    log(f"saved {args.out} ({folder_bytes(args.out) / 1e6:.2f} MB); unet {record['unet']}")
+    if args.eval_samples > 0 and hard_deadline - time.time() > 15:
+        record["sample_eval"] = sample_eval(args.out, vae, ema_unet, ema_text, tok, device, args.eval_samples)
+        log(f"sample eval: {record['sample_eval']['scene_accuracy']:.3f} scenes, "
+            f"{record['sample_eval']['object_accuracy']:.3f} objects judged correct")
+    record["folder_bytes"] = folder_bytes(args.out)
+    write_record(args.out, record)
+    log(f"done: {args.out} is {record['folder_bytes'] / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
