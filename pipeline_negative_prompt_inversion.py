@@ -75,6 +75,22 @@ except ImportError:
 
 logger = logging.get_logger(__name__)
 
+
+def _drop_stale_pipeline_classes(namespace: dict) -> None:
+    """Remove pipeline classes that another file left in this module's namespace.
+
+    diffusers imports every custom pipeline loaded from a folder as one module, `diffusers_modules.local.pipeline`,
+    and re-executes that module object in place. A class of a pipeline loaded earlier would stay in the namespace and
+    make diffusers refuse to load this one ("Multiple classes that inherit from DiffusionPipeline").
+    """
+    for name, value in list(namespace.items()):
+        stale = isinstance(value, type) and issubclass(value, DiffusionPipeline)
+        if stale and value.__module__ == namespace["__name__"]:
+            del namespace[name]
+
+
+_drop_stale_pipeline_classes(globals())
+
 INVERSION_METHODS = ("npi", "nti", "ddim")
 PROXIMAL_MODES = ("soft", "hard")
 ATTENTION_CONTROLS = ("p2p", "masactrl")
@@ -476,6 +492,8 @@ class NegativePromptInversionPipeline(
         proximal_guidance: str | None = None,
     ):
         super().__init__()
+        safety_checker = _optional_component("safety_checker", safety_checker)
+        feature_extractor = _optional_component("feature_extractor", feature_extractor)
         _check_choice("inversion_method", inversion_method, INVERSION_METHODS)
         _check_choice("null_text_init", null_text_init, ("null", "prompt"))
         _check_choice("proximal_guidance", proximal_guidance, PROXIMAL_MODES, allow_none=True)
@@ -1311,6 +1329,22 @@ class NegativePromptInversionPipeline(
 
 # =================================================================================================================
 # Input helpers
+
+
+def _optional_component(name: str, value):
+    """`None` for the `(library, class)` entry that `DiffusionPipeline.from_pipe(..., custom_pipeline=...)` passes.
+
+    That call looks up `_optional_components` on `DiffusionPipeline` (empty), not on this class, so it hands the
+    optional components over as config entries instead of modules.
+    """
+    if isinstance(value, (tuple, list)):
+        if len(value) == 2 and value[1] is not None:
+            logger.warning(
+                f"DiffusionPipeline.from_pipe(..., custom_pipeline=...) did not hand over {name} ({value[1]}); pass"
+                f" {name}=pipe.{name} to keep it, or use NegativePromptInversionPipeline.from_pipe(pipe)."
+            )
+        return None
+    return value
 
 
 def _check_choice(name: str, value, choices, allow_none: bool = False) -> None:

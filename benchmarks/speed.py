@@ -1,0 +1,795 @@
+#!/usr/bin/env python
+"""Wall-clock speed of NegativePromptInversionPipeline and its peers on the Stable Diffusion 1.5 architecture.
+
+    python benchmarks/speed.py --out DIR [--device cuda] [--steps 50] [--size 512] [--repeats 5] [--warmup 1] [--quick]
+
+Everything runs in ONE process on RANDOM weights built from configs written out below (no downloads): the
+SD 1.5 UNet (860M), the SD VAE, the CLIP ViT-L/14 text encoder, an offline CLIP BPE tokenizer and SD's DDIM
+schedule. Timings do not depend on the weights' values, only on the architecture, dtype, resolution and the
+number and batch size of the UNet calls (which every row reports: a forward pre-hook on the UNet plus a wrapper
+around the pipeline's CUDA-graph runner, since graph replays bypass module hooks).
+
+Rows (each a median of ``--repeats`` runs after ``--warmup`` untimed runs; torch.cuda.synchronize around each):
+
+  ours (NPI), eager and with ``pipe.enable_cuda_graphs(True)``:
+    - invert alone (text + VAE encode + 50 DDIM inversion steps)
+    - reconstruction ``pipe(inversion=inv)``  (50 steps + VAE decode to PIL)
+    - P2P edit, 1 target   (word swap, cross 0.4 / self 0.6, local blend)
+    - P2P edit, 4 targets from one inversion
+    - ProxNPI edit         (``proximal_guidance="soft"``)
+    - MasaCtrl edit        (``attention_control="masactrl"``)
+    - invert + P2P edit (1 target) incl. VAE encode and decode: the headline
+  ours (NTI): ``invert(..., inversion_method="nti")`` with the pipeline defaults (10 inner steps, the reference's
+    early stop) eager and graphed, the ``null_text_init="prompt"`` variant, a no-early-stop upper bound, and one
+    P2P edit from the NTI inversion (eager and graphed).
+  peers: core diffusers ``LEditsPPPipelineStableDiffusion`` (invert, edit, invert + edit) on the same modules,
+    and a hand-written eager classifier-free-guidance loop (50 DDIM steps, batch 2, decode).
+
+Writes DIR/speed.json (rows + metadata, rewritten after every row so a killed run keeps partial results) and
+DIR/speed.md (the table), and prints the table last. ``--quick`` is a smoke test: 5 steps, 256 px, 1 repeat,
+2 NTI inner steps; on a CPU it also switches to a tiny model of the same block layout (``--model tiny``), since
+one SD 1.5 UNet forward takes tens of seconds on a small CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+T0 = time.perf_counter()
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+import pipeline_negative_prompt_inversion as npi_module  # noqa: E402
+from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline  # noqa: E402
+
+# =================================================================================================================
+# Configs
+
+SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+
+MODELS = {
+    # Stable Diffusion 1.5 (runwayml / stable-diffusion-v1-5 configs)
+    "sd15": {
+        "unet": dict(
+            sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+            freq_shift=0, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32,
+            norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+            act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+        ),
+        # CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14)
+        "text": dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            layer_norm_eps=1e-5,
+        ),
+    },
+    # Same block layout, tiny widths: only for smoke tests on a CPU.
+    "tiny": {
+        "unet": dict(
+            sample_size=32, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(32, 64, 64, 64),
+            layers_per_block=1, norm_num_groups=32, cross_attention_dim=64, attention_head_dim=8,
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+            latent_channels=4, norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
+        ),
+        "text": dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64,
+        ),
+    },
+}
+
+SOURCE_WORD, TARGET_WORDS = "cat", ("dog", "tiger", "horse", "bear")
+SOURCE = f"a photo of a {SOURCE_WORD} sitting on a wall"
+TARGETS = [SOURCE.replace(SOURCE_WORD, word) for word in TARGET_WORDS]
+WORDS = "a photo of the sitting standing on wall".split() + [SOURCE_WORD, *TARGET_WORDS]
+
+
+# =================================================================================================================
+# Construction
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """An offline CLIP BPE tokenizer: the byte-level alphabet plus one token per word of WORDS (ids < 600).
+
+    Same construction as ``tests/conftest.py::write_tokenizer``; copied so this script needs no pytest.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(chars)})
+    merges = []
+    for word in WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = f"{symbols[0]} {symbols[1]}"
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(symbols[0] + symbols[1], len(vocab))
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer",
+    }))
+    return folder
+
+
+def construct(factory, device: torch.device, dtype: torch.dtype, seed: int):
+    """Random init directly on the device (fast on a GPU), then cast; falls back to CPU init + move."""
+    torch.manual_seed(seed)
+    try:
+        with torch.device(device):
+            module = factory()
+    except Exception as error:  # noqa: BLE001
+        log(f"  init on {device} failed ({type(error).__name__}: {error}); initialising on the CPU instead")
+        module = factory()
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_components(model: str, device: torch.device, dtype: torch.dtype, workdir: Path) -> dict:
+    configs = MODELS[model]
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(workdir / "tokenizer"))
+    assert max(tokenizer.get_vocab().values()) < configs["text"]["vocab_size"]
+    unet = construct(lambda: UNet2DConditionModel(**configs["unet"]), device, dtype, 0)
+    with torch.no_grad():  # a small ε keeps 50-step DDIM round trips finite on random weights; no effect on speed
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.mul_(0.05)
+    vae = construct(lambda: AutoencoderKL(**configs["vae"]), device, dtype, 1)
+    text_config = CLIPTextConfig(
+        **configs["text"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = construct(lambda: CLIPTextModel(text_config), device, dtype, 2)
+    return {
+        "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
+        "scheduler": DDIMScheduler(**SCHEDULER),
+    }
+
+
+def random_image(size: int, seed: int = 0) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+# =================================================================================================================
+# Measuring
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {message}", flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class UNetCalls:
+    """Counts UNet calls, their batch sizes and whether they ran with autograd on.
+
+    A forward pre-hook sees every eager forward. CUDA-graph replays never run the module (so never call hooks);
+    the pipeline's graph runner is therefore wrapped too: each of its calls is one logical UNet call, and the
+    eager forwards it makes to warm up and capture a graph are counted as captures instead.
+    """
+
+    def __init__(self, unet):
+        self.calls = None
+        self.captures = 0
+        self.inside_runner = 0
+        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.wraps_graph_runner = self._wrap_graph_runner()
+
+    def _hook(self, module, args, kwargs):
+        if self.calls is not None and not self.inside_runner:
+            sample = args[0] if args else kwargs.get("sample")
+            self.calls.append((int(sample.shape[0]), torch.is_grad_enabled()))
+
+    def _wrap_graph_runner(self) -> bool:
+        runner = getattr(npi_module, "_CUDAGraphUNet", None)
+        if runner is None or getattr(runner.__call__, "_counted", False):
+            return runner is not None
+        original, counter = runner.__call__, self
+
+        def counted(runner_self, latents, *args, **kwargs):
+            if counter.calls is not None:
+                counter.calls.append((int(latents.shape[0]), torch.is_grad_enabled()))
+            before = len(getattr(runner_self, "graphs", {}))
+            counter.inside_runner += 1
+            try:
+                return original(runner_self, latents, *args, **kwargs)
+            finally:
+                counter.inside_runner -= 1
+                if counter.calls is not None:
+                    counter.captures += len(getattr(runner_self, "graphs", {})) - before
+
+        counted._counted = True
+        runner.__call__ = counted
+        return True
+
+    def start(self):
+        self.calls, self.captures = [], 0
+
+    def stop(self) -> dict:
+        calls, self.calls = self.calls, None
+        return {"calls": calls, "captures": self.captures}
+
+
+def measure(fn, repeats: int, warmup: int, device: torch.device, counter: UNetCalls | None = None,
+            deadline: float | None = None) -> dict:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and peak GPU memory.
+
+    The UNet calls of the first run (warm-up or timed) are counted. Timed runs stop early past ``deadline``
+    (a ``time.perf_counter`` value), keeping at least one.
+    """
+    result, counts, first = None, None, True
+    for _ in range(warmup):
+        if counter is not None and first:
+            counter.start()
+        result = fn()
+        synchronize(device)
+        if counter is not None and first:
+            counts = counter.stop()
+        first = False
+    times, peak = [], 0
+    for _ in range(repeats):
+        gc.collect()
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if counter is not None and first:
+            counter.start()
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        if counter is not None and first:
+            counts = counter.stop()
+        first = False
+        if device.type == "cuda":
+            peak = max(peak, torch.cuda.max_memory_allocated(device))
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+    return {
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_mem_gib": peak / 2**30 if device.type == "cuda" else None,
+        "counts": counts,
+        "result": result,
+    }
+
+
+def summarize_calls(counts: dict | None) -> dict:
+    if not counts or counts.get("calls") is None:
+        return {"unet_calls": None, "unet_samples": None, "samples_per_call": None, "unet_calls_with_grad": None}
+    sizes = Counter(size for size, _ in counts["calls"])
+    return {
+        "unet_calls": len(counts["calls"]),
+        "unet_samples": sum(size for size, _ in counts["calls"]),
+        "samples_per_call": {str(size): sizes[size] for size in sorted(sizes)},
+        "unet_calls_with_grad": sum(1 for _, grad in counts["calls"] if grad),
+        "graph_captures": counts.get("captures", 0),
+    }
+
+
+def format_per_call(per_call: dict | None) -> str:
+    if not per_call:
+        return ""
+    if len(per_call) == 1:
+        return next(iter(per_call))
+    return ", ".join(f"{size}×{count}" for size, count in per_call.items())
+
+
+# =================================================================================================================
+# Peers
+
+
+def plain_cfg_loop(components: dict, prompt: str, steps: int, size: int, guidance_scale: float = 7.5):
+    """What a user writes by hand: encode prompts, DDIM with the batch doubled for CFG, decode."""
+    unet, vae, tokenizer, text_encoder = (components[k] for k in ("unet", "vae", "tokenizer", "text_encoder"))
+    device, dtype = unet.device, unet.dtype
+    with torch.no_grad():
+        tokens = tokenizer(["", prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+        embeds = text_encoder(tokens.input_ids.to(device))[0].to(dtype)
+        scheduler = DDIMScheduler(**SCHEDULER)
+        scheduler.set_timesteps(steps, device=device)
+        generator = torch.Generator(device).manual_seed(0)
+        latents = torch.randn((1, 4, size // 8, size // 8), generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            noise = unet(model_input, t, encoder_hidden_states=embeds).sample
+            noise_uncond, noise_cond = noise.chunk(2)
+            noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise, t, latents).prev_sample
+        image = vae.decode(latents / vae.config.scaling_factor).sample
+        image = (image / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
+    return [PIL.Image.fromarray((im * 255).round().astype(np.uint8)) for im in image]
+
+
+def ledits_pipeline(components: dict):
+    from diffusers import LEditsPPPipelineStableDiffusion
+
+    # LEDITS++ mutates its scheduler's config, so it gets its own: DPM-Solver++ (SDE), the one its docs recommend.
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        components["scheduler"].config, algorithm_type="sde-dpmsolver++", solver_order=2
+    )
+    pipe = LEditsPPPipelineStableDiffusion(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=components["unet"], scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# =================================================================================================================
+# Output
+
+
+def write_outputs(out: Path, meta: dict, rows: list[dict]) -> str:
+    payload = {"metadata": meta, "rows": rows, "derived": derived(rows)}
+    tmp = out / "speed.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, out / "speed.json")
+    table = markdown(meta, rows, payload["derived"])
+    (out / "speed.md").write_text(table)
+    return table
+
+
+def find(rows, name, mode):
+    for row in rows:
+        if row["name"] == name and row["mode"] == mode and row.get("median_s") is not None:
+            return row
+    return None
+
+
+def derived(rows: list[dict]) -> dict:
+    result = {}
+    for mode in ("eager", "cuda_graphs"):
+        one, four = find(rows, "NPI P2P edit, 1 target", mode), find(rows, "NPI P2P edit, 4 targets", mode)
+        if one and four:
+            result[f"p2p_4_targets_over_1_target_{mode}"] = four["median_s"] / one["median_s"]
+    speedups = {}
+    for row in rows:
+        if row["mode"] == "cuda_graphs" and row.get("median_s"):
+            eager = find(rows, row["name"], "eager")
+            if eager:
+                speedups[row["name"]] = eager["median_s"] / row["median_s"]
+    result["cuda_graphs_speedup"] = speedups
+    for mode in ("cuda_graphs", "eager"):
+        invert, edit = find(rows, "NTI invert", mode), find(rows, "NTI P2P edit, 1 target", mode)
+        if invert and edit:
+            result["nti_invert_plus_edit_s"] = invert["median_s"] + edit["median_s"]
+            result["nti_mode"] = mode
+            break
+    headline = find(rows, HEADLINE, "cuda_graphs") or find(rows, HEADLINE, "eager")
+    if headline:
+        result["headline_s"] = headline["median_s"]
+        result["headline_mode"] = headline["mode"]
+    return result
+
+
+def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
+    lines = [
+        f"## Speed on {meta['device_name']}",
+        "",
+        f"{meta['model_label']}, random weights, {meta['dtype']}, {meta['size']}×{meta['size']} px, "
+        f"{meta['steps']} DDIM steps, one image. Median of up to {meta['repeats']} runs after {meta['warmup']} warm-up "
+        f"run(s) (NTI inversions: {meta['nti_repeats']}, no warm-up; LEDITS++ and NTI edits: {meta['peer_repeats']}). torch {meta['torch']}, "
+        f"diffusers {meta['diffusers']}, transformers {meta['transformers']}, Python {meta['python']}"
+        + (f", CUDA {meta['cuda']}" if meta.get("cuda") else "") + ".",
+        "",
+        "| Row | Mode | Median s | Runs | vs eager | Peak GiB | UNet calls | Samples/call | Notes |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for row in rows:
+        median = f"{row['median_s']:.3f}" if row.get("median_s") is not None else "—"
+        runs = str(len(row.get("times_s") or []))
+        graphs_real = meta["device"].startswith("cuda")  # on a CPU both modes run eagerly: no speed-up to show
+        speedup = extra["cuda_graphs_speedup"].get(row["name"]) if row["mode"] == "cuda_graphs" and graphs_real else None
+        peak = f"{row['peak_mem_gib']:.2f}" if row.get("peak_mem_gib") is not None else "—"
+        calls = "" if row.get("unet_calls") is None else str(row["unet_calls"])
+        if calls and row.get("unet_calls_with_grad"):
+            calls += f" ({row['unet_calls_with_grad']} with grad)"
+        if calls and row.get("counts_from") == "eager run":
+            calls += "†"
+        notes = row.get("note") or ""
+        if row["mode"] == "cuda_graphs" and row.get("graph_captures"):
+            notes = f"{notes}; {row['graph_captures']} graph capture(s)" if notes else f"{row['graph_captures']} graph capture(s)"
+        if row.get("error"):
+            notes = f"**error**: {row['error']}"[:300]
+        name = f"**{row['name']}**" if row["name"] == HEADLINE else row["name"]
+        lines.append(
+            f"| {name} | {row['mode']} | {median} | {runs} | {f'{speedup:.2f}×' if speedup else ''} | {peak} | "
+            f"{calls} | {format_per_call(row.get('samples_per_call'))} | {notes.replace('|', '/')} |"
+        )
+    lines.append("")
+    if any(row.get("counts_from") == "eager run" for row in rows):
+        lines.append("† counted on the eager run of the same row: CUDA-graph replays bypass the UNet's forward hooks.")
+    if not meta["device"].startswith("cuda"):
+        lines.append("On a CPU `enable_cuda_graphs` is a no-op: both modes run eagerly.")
+    lines.append("Every row includes text encoding; invert rows include VAE encode, edit rows VAE decode to PIL. "
+                 "UNet calls count logical calls (a replayed graph counts as one call).")
+    ratios = [f"{mode.replace('_', ' ')} {extra[key]:.2f}×" for mode in ("eager", "cuda_graphs")
+              if (key := f"p2p_4_targets_over_1_target_{mode}") in extra]
+    if ratios:
+        lines.append(f"P2P 4 targets / 1 target (one inversion): {', '.join(ratios)}.")
+    if "nti_invert_plus_edit_s" in extra:
+        lines.append(f"NTI invert + P2P edit ({extra['nti_mode']}): {extra['nti_invert_plus_edit_s']:.3f} s.")
+    if "headline_s" in extra:
+        lines.append(f"Headline (NPI invert + P2P edit, 1 target, incl. VAE, {extra['headline_mode']}): "
+                     f"{extra['headline_s']:.3f} s.")
+    return "\n".join(lines) + "\n"
+
+
+HEADLINE = "NPI invert + P2P edit (1 target) incl. VAE"
+
+
+# =================================================================================================================
+# Main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="output folder for speed.json and speed.md")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (50; --quick: 5)")
+    parser.add_argument("--size", type=int, default=None, help="image side in px (512; --quick: 256)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per fast row (5; --quick: 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    parser.add_argument("--peer-repeats", type=int, default=None, help="timed runs of LEDITS++ and NTI-edit rows (2; --quick: 1)")
+    parser.add_argument("--nti-repeats", type=int, default=1, help="timed runs of NTI inversion rows (no warm-up)")
+    parser.add_argument("--nti-inner-steps", type=int, default=None,
+                        help="NTI inner steps (pipeline default 10; --quick: 2)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 5 steps, 256 px, 1 repeat, 2 NTI inner steps")
+    parser.add_argument("--model", choices=sorted(MODELS), default=None,
+                        help="sd15 (default) or tiny (default for --quick on a CPU)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                        help="float16 on CUDA, float32 on CPU by default")
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="torch.set_num_threads on CPU (default: torch's choice; 1 for --quick on a CPU, which"
+                             " avoids oversubscription on small shared machines)")
+    parser.add_argument("--only", default=None, help="regex: run only rows whose name matches")
+    parser.add_argument("--no-nti", action="store_true", help="skip the NTI rows")
+    parser.add_argument("--no-peers", action="store_true", help="skip LEDITS++ and the plain CFG loop")
+    parser.add_argument("--time-budget", type=float, default=480.0,
+                        help="seconds since start after which remaining rows are skipped and repeats cut short")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (5 if args.quick else 50)
+    args.size = args.size or (256 if args.quick else 512)
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    args.peer_repeats = args.peer_repeats or (1 if args.quick else 2)
+    if args.nti_inner_steps is None and args.quick:
+        args.nti_inner_steps = 2
+    device = torch.device(args.device)
+    if args.model is None:
+        args.model = "tiny" if args.quick and device.type == "cpu" else "sd15"
+    if args.dtype is None:
+        args.dtype = "float16" if device.type == "cuda" else "float32"
+    if args.cpu_threads is None and args.quick and device.type == "cpu":
+        args.cpu_threads = 1
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    deadline = T0 + args.time_budget
+    diffusers_logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        commit = None
+    meta = {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": str(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "model": args.model,
+        "model_label": "Stable Diffusion 1.5 architecture" if args.model == "sd15" else "tiny SD-layout model (smoke test)",
+        "dtype": args.dtype,
+        "size": args.size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "peer_repeats": args.peer_repeats,
+        "nti_repeats": args.nti_repeats,
+        "nti_inner_steps": args.nti_inner_steps,
+        "quick": args.quick,
+        "prompts": {"source": SOURCE, "targets": TARGETS},
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cpu_threads": torch.get_num_threads(),
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    rows: list[dict] = []
+    log(f"device {meta['device_name']}, torch {meta['torch']}, diffusers {meta['diffusers']}, "
+        f"transformers {meta['transformers']}; model {args.model}, {args.dtype}, {args.size}px, {args.steps} steps")
+
+    # ---- models ---------------------------------------------------------------------------------------------------
+    start = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="npi-speed-"))
+    components = build_components(args.model, device, dtype, workdir)
+    synchronize(device)
+    meta["params_m"] = {
+        name: round(sum(p.numel() for p in components[name].parameters()) / 1e6, 1)
+        for name in ("unet", "vae", "text_encoder")
+    }
+    meta["build_s"] = time.perf_counter() - start
+    log(f"built models in {meta['build_s']:.1f}s: {meta['params_m']} M params")
+    pipe = NegativePromptInversionPipeline(**components, safety_checker=None, feature_extractor=None)
+    pipe.set_progress_bar_config(disable=True)
+    counter = UNetCalls(components["unet"])
+    default_processors = dict(components["unet"].attn_processors)
+    image = random_image(args.size)
+    steps, size = args.steps, args.size
+    state: dict = {}  # results shared between rows (inversions)
+    write_outputs(args.out, meta, rows)
+
+    def inversion(key: str, **kwargs):
+        """The inversion an edit row starts from: the one the invert row produced, else made now (untimed)."""
+        if key not in state:
+            state[key] = pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size, **kwargs)
+        return state[key]
+
+    def run_row(name: str, group: str, mode: str, fn, repeats: int, warmup: int, note: str = "",
+                keep: str | None = None, annotate=None, setup=None):
+        if args.only and not re.search(args.only, name):
+            return
+        row = {"name": name, "group": group, "mode": mode, "note": note, "median_s": None, "error": None}
+        if time.perf_counter() > deadline:
+            row["error"] = f"skipped: time budget of {args.time_budget:.0f}s spent"
+            rows.append(row)
+            log(f"{name} [{mode}]: skipped (time budget)")
+            write_outputs(args.out, meta, rows)
+            return
+        started = time.perf_counter()
+        log(f"{name} [{mode}] ...")
+        try:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            pipe.enable_cuda_graphs(mode == "cuda_graphs")
+            if setup is not None:
+                setup()
+            stats = measure(fn, repeats, warmup, device, counter, deadline)
+            result = stats.pop("result")
+            counts = stats.pop("counts")
+            row.update(stats)
+            row["repeats_requested"], row["warmup"] = repeats, warmup
+            row.update(summarize_calls(counts))
+            row["counts_from"] = "this run"
+            if mode == "cuda_graphs" and device.type == "cuda" and not counter.wraps_graph_runner:
+                # Without the runner wrapper the hook sees only the warm-up/capture forwards of a graphed run;
+                # report the eager row's counts instead.
+                row["hook_calls_in_graphed_run"] = row.get("unet_calls")
+                eager = next((r for r in rows if r["name"] == name and r["mode"] == "eager" and r.get("unet_calls")), None)
+                keys = ("unet_calls", "unet_samples", "samples_per_call", "unet_calls_with_grad")
+                row.update({k: eager[k] if eager else None for k in keys})
+                row["counts_from"] = "eager run"
+            if mode == "cuda_graphs" and device.type == "cuda" and counter.wraps_graph_runner and not row.get("graph_captures"):
+                row["note"] = "; ".join(filter(None, [row["note"], "WARNING: no CUDA graph was captured"]))
+            if keep:
+                state[keep] = result
+            if annotate is not None:
+                extra = annotate(result)
+                row["note"] = "; ".join(filter(None, [row["note"], extra]))
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"{type(error).__name__}: {error}"
+            row["traceback"] = traceback.format_exc()
+            log(f"  FAILED: {row['error']}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        finally:
+            pipe.enable_cuda_graphs(False)
+        row["row_elapsed_s"] = time.perf_counter() - started
+        rows.append(row)
+        if row["median_s"] is not None:
+            peak = f", peak {row['peak_mem_gib']:.2f} GiB" if row.get("peak_mem_gib") is not None else ""
+            log(f"  median {row['median_s']:.3f}s over {len(row['times_s'])} run(s){peak}, "
+                f"UNet calls {row.get('unet_calls')} ({format_per_call(row.get('samples_per_call'))}/call); "
+                f"row took {row['row_elapsed_s']:.1f}s")
+        write_outputs(args.out, meta, rows)
+
+    # ---- warm-up: kernels, allocator, cuBLAS/cuDNN handles ----------------------------------------------------------
+    try:
+        with torch.no_grad():
+            latent = torch.randn(2, 4, size // 8, size // 8, device=device, dtype=dtype)
+            embeds = torch.randn(2, 77, components["unet"].config.cross_attention_dim, device=device, dtype=dtype)
+            for _ in range(2):
+                components["unet"](latent, 500, encoder_hidden_states=embeds)
+        synchronize(device)
+        log("warm-up forwards done")
+    except Exception as error:  # noqa: BLE001
+        log(f"warm-up failed: {type(error).__name__}: {error}")
+
+    # ---- ours: NPI ------------------------------------------------------------------------------------------------
+    call = dict(output_type="pil")
+    p2p = dict(cross_replace_steps=0.4, self_replace_steps=0.6)
+    rep, warm = args.repeats, args.warmup
+
+    def need_npi():  # edit rows start from an inversion made before the row (untimed)
+        inversion("npi")
+
+    for mode in ("eager", "cuda_graphs"):
+        run_row("NPI invert", "ours-npi", mode,
+                lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size),
+                rep, warm, note="incl. text + VAE encode", keep="npi")
+        run_row("NPI reconstruction", "ours-npi", mode,
+                lambda: pipe(inversion=inversion("npi"), **call), rep, warm, note="incl. VAE decode", setup=need_npi)
+        run_row("NPI P2P edit, 1 target", "ours-npi", mode,
+                lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), blend_words=(SOURCE_WORD, TARGET_WORDS[0]),
+                             **p2p, **call),
+                rep, warm, note="word swap + local blend; incl. VAE decode", setup=need_npi)
+        run_row("NPI P2P edit, 4 targets", "ours-npi", mode,
+                lambda: pipe(prompt=TARGETS, inversion=inversion("npi"), blend_words=[SOURCE_WORD, *TARGET_WORDS],
+                             **p2p, **call),
+                rep, warm, note="one inversion, 4 outputs; incl. VAE decode", setup=need_npi)
+        run_row("ProxNPI edit (soft)", "ours-npi", mode,
+                lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), proximal_guidance="soft", **call),
+                rep, warm, note="incl. VAE decode", setup=need_npi)
+        run_row("NPI MasaCtrl edit", "ours-npi", mode,
+                lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), attention_control="masactrl", **call),
+                rep, warm, note="incl. VAE decode", setup=need_npi)
+
+        def headline():
+            inv = pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size)
+            return pipe(prompt=TARGETS[0], inversion=inv, blend_words=(SOURCE_WORD, TARGET_WORDS[0]), **p2p, **call)
+
+        run_row(HEADLINE, "ours-npi", mode, headline, rep, warm, note="image in → edited PIL out")
+
+    # ---- peers ----------------------------------------------------------------------------------------------------
+    if not args.no_peers:
+        run_row("plain CFG loop (hand-written)", "peer", "eager",
+                lambda: plain_cfg_loop(components, TARGETS[0], steps, size), rep, warm,
+                note="text encode + DDIM, batch 2 + VAE decode")
+
+        ledits_state: dict = {}
+
+        def ledits():
+            if "pipe" not in ledits_state:
+                ledits_state["pipe"] = ledits_pipeline(components)
+            return ledits_state["pipe"]
+
+        def ledits_invert():
+            return ledits().invert(image=image, source_prompt=SOURCE, num_inversion_steps=steps, height=size,
+                                   width=size, generator=torch.Generator(device).manual_seed(0))
+
+        def ledits_edit():
+            return ledits()(
+                editing_prompt=[SOURCE_WORD, TARGET_WORDS[0]], reverse_editing_direction=[True, False],
+                edit_guidance_scale=[5.0, 10.0], edit_threshold=[0.9, 0.85],
+                generator=torch.Generator(device).manual_seed(0), output_type="pil",
+            )
+
+        def ledits_both():
+            ledits_invert()
+            return ledits_edit()
+
+        def ledits_setup():
+            ledits()
+            if ledits().inversion_steps is None:
+                ledits_invert()
+
+        ledits_note = ("DPM-Solver++ SDE, source_guidance_scale 3.5, skip 0.15; edit: remove "
+                       f"'{SOURCE_WORD}' + add '{TARGET_WORDS[0]}'")
+        try:
+            run_row("LEDITS++ invert", "peer", "eager", ledits_invert, args.peer_repeats, warm,
+                    note="incl. VAE encode + decode (it reconstructs)", setup=ledits)
+            run_row("LEDITS++ edit", "peer", "eager", ledits_edit, args.peer_repeats, warm, note=ledits_note,
+                    setup=ledits_setup)
+            run_row("LEDITS++ invert + edit", "peer", "eager", ledits_both, args.peer_repeats, warm,
+                    note="image in → edited PIL out")
+        finally:
+            # LEDITS++ installs its own (non-SDPA) attention processors on the shared UNet; put the defaults back.
+            components["unet"].set_attn_processor(default_processors)
+
+    # ---- ours: NTI ------------------------------------------------------------------------------------------------
+    if not args.no_nti:
+        nti = {"inversion_method": "nti"}
+        if args.nti_inner_steps is not None:
+            nti["null_text_inner_steps"] = args.nti_inner_steps
+        inner = pipe.config.null_text_inner_steps if args.nti_inner_steps is None else args.nti_inner_steps
+
+        def nti_warmup():
+            # Untimed: warms the backward kernels and the optimiser with a 2-step, 1-inner-step NTI.
+            pipe.invert(image, SOURCE, num_inference_steps=2, height=size, width=size, inversion_method="nti",
+                        null_text_inner_steps=1)
+
+        def inner_used(result) -> str:
+            if result is None or result.null_text_losses is None:
+                return ""
+            used = int(torch.isfinite(result.null_text_losses).sum())
+            return f"inner steps used {used}/{steps * inner}"
+
+        for mode in ("eager", "cuda_graphs"):
+            run_row("NTI invert", "ours-nti", mode,
+                    lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size, **nti),
+                    args.nti_repeats, 0, note=f"{inner} inner steps, early stop {pipe.config.null_text_early_stop:g}",
+                    keep="nti", annotate=inner_used, setup=nti_warmup)
+        for mode in ("eager", "cuda_graphs"):
+            run_row("NTI P2P edit, 1 target", "ours-nti", mode,
+                    lambda: pipe(prompt=TARGETS[0], inversion=inversion("nti", **nti),
+                                 blend_words=(SOURCE_WORD, TARGET_WORDS[0]), **p2p, **call),
+                    args.peer_repeats, warm, note="from the NTI inversion; incl. VAE decode",
+                    setup=lambda: inversion("nti", **nti))
+        run_row("NTI invert, null_text_init='prompt'", "ours-nti", "cuda_graphs",
+                lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size,
+                                    null_text_init="prompt", **nti),
+                args.nti_repeats, 0, note=f"{inner} inner steps; starts at the NPI solution",
+                annotate=inner_used, setup=nti_warmup)
+        run_row("NTI invert, no early stop (upper bound)", "ours-nti", "cuda_graphs",
+                lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size,
+                                    null_text_early_stop=-1.0, **nti),
+                args.nti_repeats, 0, note=f"all {inner} inner steps at every step", annotate=inner_used,
+                setup=nti_warmup)
+
+    counter.handle.remove()
+    meta["total_s"] = time.perf_counter() - T0
+    table = write_outputs(args.out, meta, rows)
+    failed = [row["name"] + f" [{row['mode']}]" for row in rows if row.get("error")]
+    log(f"done in {meta['total_s']:.1f}s; {len(rows)} rows, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
+    log(f"wrote {args.out / 'speed.json'} and {args.out / 'speed.md'}")
+    print(flush=True)
+    print(table, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
