@@ -223,6 +223,12 @@ def self_attention_window(num_steps: int, self_replace_steps) -> torch.Tensor:
 # Attention rules (see npi_controlled_attention.ControlledAttnProcessor)
 
 
+def at_step(table: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``table[step]`` for a 0-dim device tensor ``step`` without a host sync (plain indexing would call
+    ``.item()``, which also breaks CUDA-graph capture)."""
+    return table.index_select(0, step.view(1))[0]
+
+
 class CrossAttentionControl:
     """Cross-attention with explicit probabilities for a few conditional rows, fused for all others.
 
@@ -245,7 +251,7 @@ class CrossAttentionControl:
         if len(self.targets):
             base, own = probs[self.sources], probs[self.targets]
             edited = self.edits(base, own)
-            alpha = self.alpha[self.step][:, None, None, :]
+            alpha = at_step(self.alpha, self.step)[:, None, None, :]
             probs = probs.index_copy(0, self.targets, alpha * edited + (1 - alpha) * own)
             edited_out = probs[self.targets].to(value.dtype) @ value[rows[self.targets]]
             out = out.index_copy(0, rows[self.targets], edited_out)
@@ -262,7 +268,7 @@ class SelfAttentionReplace:
         self.source_rows, self.target_rows = source_rows, target_rows
 
     def __call__(self, query, key, value, attn_mask, scale):
-        on = self.window[self.step]
+        on = at_step(self.window, self.step)
         src, tgt = self.source_rows, self.target_rows
         query = query.index_copy(0, tgt, torch.where(on, query[src], query[tgt]))
         key = key.index_copy(0, tgt, torch.where(on, key[src], key[tgt]))
