@@ -49,7 +49,8 @@ def load_pipeline(model_dir=MODEL_DIR, device="cpu", dtype=torch.float32):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
 
-    pipe = NegativePromptInversionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype).to(device)
+    kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # the folder stores fp16; fp32 is the default
+    pipe = NegativePromptInversionPipeline.from_pretrained(str(model_dir), **kwargs).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
