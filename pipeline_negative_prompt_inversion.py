@@ -393,6 +393,16 @@ def _lay_out_rows(branches: list[_Branch], guidance_scale: float) -> int:
     return len(uncond) + len(branches)
 
 
+def _row_indices(branches: list[_Branch], num_rows: int, device):
+    """Index tensors: the branch each UNet row denoises, and each branch's conditional / unconditional row."""
+    row_branch = [0] * num_rows
+    for k, branch in enumerate(branches):
+        row_branch[branch.cond_row] = row_branch[branch.uncond_row] = k
+    cond_rows = _index([branch.cond_row for branch in branches], device)
+    uncond_rows = _index([branch.uncond_row for branch in branches], device)
+    return _index(row_branch, device), cond_rows, uncond_rows
+
+
 @dataclass
 class _Control:
     """Installed attention processors and what the loop reads back from them."""
@@ -1044,9 +1054,10 @@ class NegativePromptInversionPipeline(
             `NegativePromptInversionPipelineOutput` or `tuple`.
         """
         # 1. Check inputs (everything that can fail does so here, before any model runs)
-        if attention_control is None and any(
+        p2p_arguments = any(
             value is not None for value in (edit_type, cross_replace_steps, self_replace_steps, reweight, blend_words)
-        ):
+        )
+        if attention_control is None and p2p_arguments:
             attention_control = "p2p"
         if proximal_guidance is None:
             proximal_guidance = self.config.proximal_guidance
@@ -1059,9 +1070,7 @@ class NegativePromptInversionPipeline(
             masactrl_start_layer, output_type, callback_on_step_end_tensor_inputs,
         )
         targets = _targets_per_image(prompt, inversion.source_prompts)
-        if attention_control != "p2p" and any(
-            value is not None for value in (edit_type, cross_replace_steps, self_replace_steps, reweight, blend_words)
-        ):
+        if attention_control != "p2p" and p2p_arguments:
             raise ValueError("edit_type, *_replace_steps, reweight and blend_words need attention_control='p2p'.")
         self._guidance_scale = guidance_scale
         self._interrupt = False
@@ -1089,16 +1098,10 @@ class NegativePromptInversionPipeline(
         # 5. Controlled denoising from z_T
         timesteps, alphas, alphas_next = self.ddim_schedule(steps, device)
         guided_steps = [t < guidance_below_timestep for t in timesteps.tolist()]
-        images_of = torch.tensor([branch.image for branch in branches], device=device)
+        images_of = _index([branch.image for branch in branches], device)
         trajectory = inversion.latents.to(device)[images_of]  # (branches, N+1, …): anchors for the guidances
         latents = trajectory[:, steps].clone()
-        row_branch = [0] * num_rows
-        for k, branch in enumerate(branches):
-            row_branch[branch.cond_row] = k
-            row_branch[branch.uncond_row] = k
-        row_branch = _index(row_branch, device)
-        cond_rows = _index([branch.cond_row for branch in branches], device)
-        uncond_rows = _index([branch.uncond_row for branch in branches], device)
+        row_branch, cond_rows, uncond_rows = _row_indices(branches, num_rows, device)
         edited = _index([k for k, branch in enumerate(branches) if not branch.is_source], device)
         edit_fraction = torch.zeros(len(edited), 1, *latent_size, device=device)
         self._num_timesteps = steps
