@@ -33,6 +33,20 @@ Retrain (one H100, ~9 minutes in total)::
 
     python -m toy_world.train --out toy_sd --minutes 8.5 --seed 0 --device cuda
 
+Continue training an existing folder written by this script (e.g. the committed
+``toy_world/model``) with ``--resume DIR``: ``unet/``, ``text_encoder/`` and ``vae/``
+are loaded from DIR (fp16 on disk, trained in fp32), stage 1 is skipped (the VAE
+stays frozen as loaded, ``scaling_factor`` included) and the whole budget goes to
+stage 2 from the loaded weights: EMA initialised from them (at full decay, or at
+the previous step count's decay ramp when DIR's log gives it), a short warm-up
+(``--warmup-steps``, default 50 when resuming) then cosine decay from ``--lr``.
+No optimizer state is stored, so AdamW starts afresh. The tokenizer is copied
+from ``DIR/tokenizer`` unchanged. ``training_log.json`` gets a ``resume`` entry
+(source folder; with ``DIR/training_log.json`` also the previous UNet steps and
+seconds, and cumulative UNet steps and device (GPU) seconds of all runs)::
+
+    python -m toy_world.train --out toy_sd2 --resume toy_world/model --minutes 8.5 --seed 1 --device cuda
+
 Micro check on CPU (~30 s, writes a loadable but untrained folder)::
 
     python -m toy_world.train --out /tmp/toy_micro --minutes 0.3 --device cpu --batch-size 8
@@ -102,13 +116,16 @@ def parse_args(argv=None):
                    help="end stage 1 early once the running training PSNR (dB) exceeds this")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--lr", type=float, default=3e-4, help="UNet + text encoder peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 200, or 50 with --resume")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR loss weighting (0 = plain MSE)")
     p.add_argument("--max-steps", type=int, default=None, help="also stop stage 2 after this many steps")
     p.add_argument("--max-vae-steps", type=int, default=None, help="also stop stage 1 after this many steps")
     p.add_argument("--vae-from", default=None, help="reuse the VAE of this pipeline folder, skip stage 1")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue stage 2 from the UNet, text encoder and (frozen) VAE of a folder written "
+                        "by this script; skips stage 1")
     p.add_argument("--checkpoint-minutes", type=float, default=2.0)
     p.add_argument("--log-seconds", type=float, default=10.0)
     p.add_argument("--render-chunk", type=int, default=4, help="batches rendered per render_batch call")
@@ -117,7 +134,12 @@ def parse_args(argv=None):
                    help="held-out images for PSNR (2x for the latent std); default 256 on CUDA, 16 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--channels-last", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume and args.vae_from:
+        p.error("--resume and --vae-from are exclusive (--resume already loads DIR/vae)")
+    if args.warmup_steps is None:
+        args.warmup_steps = 50 if args.resume else 200
+    return args
 
 
 def log(msg: str):
@@ -151,7 +173,7 @@ class EMA:
         self.decay = decay
 
     @torch.no_grad()
-    def update(self, step: int):
+    def update(self, step: int):  # resumed runs pass an offset step (see main)
         d = min(self.decay, (1 + step) / (10 + step))  # short memory early on
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
 
@@ -253,8 +275,9 @@ def train_vae(vae, args, device, deadline: float) -> dict:
     return dict(seconds=time.time() - start, steps=step, final_mse=m[0], final_l1=m[1], final_kl=m[2])
 
 
-def export(out: str, vae, unet, text_encoder, tok, record: dict):
-    """Write the fp16 pipeline folder atomically (build in OUT.partial, then swap)."""
+def export(out: str, vae, unet, text_encoder, tok, record: dict, tokenizer_from: str | None = None):
+    """Write the fp16 pipeline folder atomically (build in OUT.partial, then swap).
+    ``tokenizer_from``: copy this tokenizer folder verbatim instead of writing ours."""
     out = out.rstrip("/")
     tmp, old = out + ".partial", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -269,7 +292,11 @@ def export(out: str, vae, unet, text_encoder, tok, record: dict):
                                    scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_tokenizer(os.path.join(tmp, "tokenizer"))  # adds vocab.json / merges.txt
+    if tokenizer_from:
+        shutil.rmtree(os.path.join(tmp, "tokenizer"))
+        shutil.copytree(tokenizer_from, os.path.join(tmp, "tokenizer"))
+    else:
+        tokenizer.save_tokenizer(os.path.join(tmp, "tokenizer"))  # adds vocab.json / merges.txt
     # transformers 5 loads a model in its config "dtype" by default while diffusers
     # loads fp32: declare the text encoder fp32 so that a plain from_pretrained(DIR)
     # gives a consistent fp32 pipeline (weights stay fp16 on disk).
@@ -287,8 +314,20 @@ def export(out: str, vae, unet, text_encoder, tok, record: dict):
 
 def write_record(folder: str, record: dict):
     record = dict(record, total_seconds=time.time() - _T0)
+    res = record.get("resume") or {}
+    if "previous_cumulative_device_seconds" in res:  # whole-process seconds of the chain, this run included
+        record["resume"] = dict(res, cumulative_device_seconds=res["previous_cumulative_device_seconds"]
+                                + record["total_seconds"])
     with open(os.path.join(folder, "training_log.json"), "w") as f:
         json.dump(record, f, indent=2)
+
+
+def add_cumulative(record: dict):
+    """Cumulative UNet steps/seconds over the resumed chain, this run included."""
+    res = record.get("resume") or {}
+    if "previous_cumulative_unet_steps" in res:
+        res["cumulative_unet_steps"] = res["previous_cumulative_unet_steps"] + record["unet"]["steps"]
+        res["cumulative_unet_seconds"] = res["previous_cumulative_unet_seconds"] + record["unet"]["seconds"]
 
 
 def folder_bytes(folder: str) -> int:
@@ -317,6 +356,45 @@ def sample_eval(out: str, vae, unet, text_encoder, tok, device, n: int) -> dict:
     return dict(n=n, **scores, captions=captions[:k], ok=[v.ok for v in verdicts[:k]])
 
 
+def load_resume(folder: str, device):
+    """Models (fp32), tokenizer (a verbatim copy in a temp folder) and resume record
+    of a pipeline folder written by this script."""
+    from transformers import CLIPTokenizer
+
+    for sub in ("model_index.json", "unet", "text_encoder", "vae", "tokenizer"):
+        if not os.path.exists(os.path.join(folder, sub)):
+            sys.exit(f"--resume {folder}: no {sub} (not a folder written by toy_world.train)")
+    tok_dir = os.path.join(tempfile.mkdtemp(prefix="toy_tokenizer_"), "tokenizer")
+    shutil.copytree(os.path.join(folder, "tokenizer"), tok_dir)  # copied now: --out may equal DIR
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    bos, eos = tokenizer.special_ids()
+    for w, i in tokenizer.word_ids().items():  # training ids come from scenes.tokenize
+        if tok(w).input_ids != [bos, i, eos]:
+            sys.exit(f"--resume {folder}: its tokenizer does not match toy_world.tokenizer ({w!r})")
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), torch_dtype=torch.float32)
+    info = dict(folder=folder, abspath=os.path.abspath(folder), previous_log=None)
+    log_path = os.path.join(folder, "training_log.json")
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            prev = json.load(f)
+        prev_res = prev.get("resume") or {}
+        steps = (prev.get("unet") or {}).get("steps")
+        if steps is not None:
+            info.update(previous_log=log_path, previous_status=prev.get("status"),
+                        previous_device_name=prev.get("device_name"), previous_unet_steps=steps,
+                        previous_unet_seconds=prev["unet"].get("seconds", 0.0),
+                        previous_total_seconds=prev.get("total_seconds", 0.0))
+            # a resumed folder carries its own chain totals
+            info.update(previous_cumulative_unet_steps=prev_res.get("cumulative_unet_steps", steps),
+                        previous_cumulative_unet_seconds=prev_res.get("cumulative_unet_seconds",
+                                                                      info["previous_unet_seconds"]),
+                        previous_cumulative_device_seconds=prev_res.get("cumulative_device_seconds",
+                                                                        info["previous_total_seconds"]))
+    return unet.to(device), text_encoder.to(device), vae.to(device), tok, tok_dir, info
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -331,13 +409,17 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
-    tok = tokenizer.save_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"))
-    bos, eos = tokenizer.special_ids()
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=bos, eos_token_id=eos,
-                                                pad_token_id=eos, **TEXT_CONFIG)).to(device)
-    unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
-    vae = (AutoencoderKL.from_pretrained(os.path.join(args.vae_from, "vae"), torch_dtype=torch.float32)
-           if args.vae_from else init_vae(AutoencoderKL(**VAE_CONFIG))).to(device)
+    tok_from, resume = None, None
+    if args.resume:
+        unet, text_encoder, vae, tok, tok_from, resume = load_resume(args.resume, device)
+    else:
+        tok = tokenizer.save_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"))
+        bos, eos = tokenizer.special_ids()
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=bos, eos_token_id=eos,
+                                                    pad_token_id=eos, **TEXT_CONFIG)).to(device)
+        unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
+        vae = (AutoencoderKL.from_pretrained(os.path.join(args.vae_from, "vae"), torch_dtype=torch.float32)
+               if args.vae_from else init_vae(AutoencoderKL(**VAE_CONFIG))).to(device)
     counts = dict(unet=n_params(unet), vae=n_params(vae), text_encoder=n_params(text_encoder))
     log(f"device {device} ({device_name}); parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
     record = dict(command=" ".join([sys.executable, "-m", "toy_world.train"] + sys.argv[1:]), args=vars(args),
@@ -345,12 +427,19 @@ def main(argv=None):
                   versions=dict(torch=torch.__version__, diffusers=diffusers.__version__,
                                 transformers=transformers.__version__),
                   unet_config=UNET_CONFIG, vae_config=VAE_CONFIG, text_config=TEXT_CONFIG, status="running")
+    if resume:
+        # The EMA starts at the loaded (EMA) weights; its decay ramp continues from the
+        # previous step count, or is at full decay when that is unknown.
+        ema_offset = resume.get("previous_cumulative_unet_steps", 10**9)
+        record["resume"] = dict(resume, ema_step_offset=ema_offset)
+        log(f"resuming from {args.resume}: " + (f"{resume['previous_cumulative_unet_steps']} UNet steps so far"
+                                                if resume["previous_log"] else "no training_log.json"))
 
     # ---- stage 1: VAE
     n_eval = args.vae_eval_images or (256 if device.type == "cuda" else 16)
-    if args.vae_from:
+    if args.vae_from or args.resume:
         vae.eval().requires_grad_(False)
-        record["vae"] = dict(seconds=0.0, steps=0, loaded_from=args.vae_from)
+        record["vae"] = dict(seconds=0.0, steps=0, loaded_from=args.vae_from or args.resume)
     else:
         now = time.time()
         record["vae"] = train_vae(vae, args, device, now + args.vae_fraction * (train_end - now))
@@ -401,7 +490,7 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema.update(step)
+        ema.update(step + ema_offset if resume else step)
         step += 1
         if step % 10 == 0 or step < 50:
             recent = (recent + [loss.item()])[-50:]
@@ -413,7 +502,9 @@ def main(argv=None):
         if now - last_ckpt > args.checkpoint_minutes * 60 and train_end - now > 20:
             last_ckpt = now
             record["unet"] = dict(seconds=now - start, steps=step, final_loss=sum(recent) / len(recent))
-            export(args.out, vae, *ema.copies([unet, text_encoder]), tok, dict(record, status="checkpoint"))
+            add_cumulative(record)
+            export(args.out, vae, *ema.copies([unet, text_encoder]), tok, dict(record, status="checkpoint"),
+                   tokenizer_from=tok_from)
             log(f"checkpoint written to {args.out}")
 
     seconds = time.time() - start
@@ -421,9 +512,10 @@ def main(argv=None):
                           final_loss=sum(recent) / len(recent) if recent else float("nan"),
                           batch_size=args.batch_size)
     record["status"] = "final"
+    add_cumulative(record)
     ema_unet, ema_text = ema.copies([unet, text_encoder])
     ema_unet.eval(), ema_text.eval()
-    export(args.out, vae, ema_unet, ema_text, tok, record)
+    export(args.out, vae, ema_unet, ema_text, tok, record, tokenizer_from=tok_from)
     log(f"saved {args.out} ({folder_bytes(args.out) / 1e6:.2f} MB); unet {record['unet']}")
     if args.eval_samples > 0 and hard_deadline - time.time() > 15:
         record["sample_eval"] = sample_eval(args.out, vae, ema_unet, ema_text, tok, device, args.eval_samples)
