@@ -11,7 +11,6 @@ Python counters, so a UNet forward with these processors installed can be captur
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 

@@ -1,11 +1,9 @@
 """Prompt-to-prompt: token maps, fused-vs-explicit parity, batching, fp16/bf16, restoration and input errors."""
 
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import WORDS, UNetCalls, scene_image, tiny_components
 from hypothesis import given, settings
 from hypothesis import strategies as st
