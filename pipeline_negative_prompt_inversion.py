@@ -824,16 +824,16 @@ class NegativePromptInversionPipeline(
         prompt_embeds = self.encode_text(prompts, device)
         latents = self.encode_images(images)
 
-        # 3. DDIM inversion (w = 1, source prompt)
+        # 3. DDIM inversion (w = 1, source prompt); one UNet runner, so NTI's gradient-free passes replay the
+        # graph captured here (same batch shape)
         timesteps, alphas, alphas_next = self.ddim_schedule(num_inference_steps, device)
+        null_embeds = losses = None
         with self._unet_runner():
             trajectory = self.ddim_inversion(latents, prompt_embeds, timesteps, alphas, alphas_next)
 
-        # 4. Null-text optimisation around the trajectory
-        null_embeds = losses = None
-        if method == "nti":
-            start = self.encode_text([""], device).expand_as(prompt_embeds) if init == "null" else prompt_embeds
-            with self._unet_runner():
+            # 4. Null-text optimisation around the trajectory
+            if method == "nti":
+                start = self.encode_text([""], device).expand_as(prompt_embeds) if init == "null" else prompt_embeds
                 null_embeds, losses = self.null_text_optimization(
                     trajectory, prompt_embeds, start, timesteps, alphas, alphas_next, guidance_scale, inner_steps,
                     early_stop,
