@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline  # noqa: E402
+from toy_world.tokenizer import bytes_to_unicode  # noqa: E402
 
 WORDS = (
     "a cat dog tiger red blue green circle square triangle on white black background big small striped and sitting"
@@ -31,9 +32,7 @@ SPLIT_WORDS = {"hippopotamus": ("hippo", "potamus"), "rhinoceros": ("rhino", "ce
 
 def write_tokenizer(folder: Path) -> Path:
     """A CLIP BPE tokenizer where each word of WORDS is one token and each of SPLIT_WORDS two tokens."""
-    # GPT-2/CLIP byte-level alphabet: printable bytes stand for themselves, the rest are shifted past 255.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(chars)})
     merges = []
