@@ -1,6 +1,6 @@
 """Cross-attention store, prompt-to-prompt's local blend, and a per-token heat-map grid.
 
-The store sums probabilities over heads, layers and steps into one buffer per map size. Every probability row
+The store sums probabilities over heads, layers and steps at one map size. Every probability row
 sums to one over tokens, so dividing by that sum gives the average without Python-side counters, which keeps
 ``record`` capturable by CUDA graphs.
 """
@@ -14,28 +14,24 @@ import torch.nn.functional as F
 
 
 class AttentionStore:
-    """Running sum of cross-attention maps for the map sizes in ``map_sizes`` (query length → (height, width))."""
+    """Running sum ``(rows, length, tokens)`` of the cross-attention maps whose query length is ``length``.
 
-    def __init__(self, map_sizes: dict[int, tuple[int, int]]):
-        self.map_sizes = dict(map_sizes)
-        self.sums: dict[int, torch.Tensor] = {}
+    The buffer is allocated up front, so every ``record`` is the same in-place add: no first-call branch for
+    ``torch.compile`` to specialise on, and nothing allocated inside a captured graph.
+    """
+
+    def __init__(self, length: int, size: tuple[int, int], rows: int, tokens: int, device=None):
+        self.length, self.size = length, tuple(size)
+        self.sums = torch.zeros(rows, length, tokens, device=device)
 
     def record(self, probs: torch.Tensor) -> None:
-        """Add ``(rows, heads, query, tokens)`` probabilities; other map sizes are ignored."""
-        length = probs.shape[2]
-        if length not in self.map_sizes:
-            return
-        summed = probs.sum(dim=1, dtype=torch.float32)
-        if length in self.sums:
-            self.sums[length].add_(summed)
-        else:
-            self.sums[length] = summed
+        """Add ``(rows, heads, query, tokens)`` probabilities; maps of other sizes are ignored."""
+        if probs.shape[2] == self.length:
+            self.sums.add_(probs.sum(dim=1, dtype=torch.float32))
 
-    def average(self, length: int) -> torch.Tensor:
-        """Average maps ``(rows, height, width, tokens)`` at query length ``length``."""
-        total = self.sums[length]
-        height, width = self.map_sizes[length]
-        return (total / total.sum(dim=-1, keepdim=True)).unflatten(1, (height, width))
+    def average(self) -> torch.Tensor:
+        """Average maps ``(rows, height, width, tokens)``."""
+        return (self.sums / self.sums.sum(dim=-1, keepdim=True)).unflatten(1, self.size)
 
 
 def local_blend_mask(maps: torch.Tensor, word_weights: torch.Tensor, size: tuple[int, int], threshold: float):

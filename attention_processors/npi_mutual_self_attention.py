@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 
 class MutualSelfAttention:
-    """Target rows take key and value from their source rows once ``step >= start_step``."""
+    """Target rows take key and value from their source rows once ``step >= start_step`` (both 0-dim tensors)."""
 
-    def __init__(self, step, start_step: int, source_rows, target_rows):
+    def __init__(self, step, start_step, source_rows, target_rows):
         self.step, self.start_step = step, start_step
         self.source_rows, self.target_rows = source_rows, target_rows
 

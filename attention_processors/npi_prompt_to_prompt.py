@@ -230,11 +230,16 @@ def at_step(table: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 
 class CrossAttentionControl:
-    """Cross-attention with explicit probabilities for a few conditional rows, fused for all others.
+    """Prompt-to-prompt cross-attention for the conditional ``rows``, with fused kernels only.
 
-    ``rows`` are materialised (77 keys: cheap) and offered to ``store``; among them, ``targets[j]`` gets
-    ``edits`` (a ``stack_edits`` result) applied against ``sources[j]`` inside its ``alpha[step]`` window.
-    ``sources`` and ``targets`` are positions in ``rows``.
+    Among ``rows``, ``targets[j]`` gets ``edits`` (a ``stack_edits`` result) applied against ``sources[j]`` inside
+    its ``alpha[step]`` window (positions in ``rows``). The edited map ``α·(base @ M + own·keep)·scale + (1 − α)·own``
+    is linear in the two softmax maps, and α, keep and scale act per token, so its output splits into two fused
+    attentions and no probabilities are materialised:
+
+        new @ V_t = softmax(Q_s K_sᵀ) @ (M·diag(α·scale) V_t)  +  softmax(Q_t K_tᵀ) @ (diag(α·keep·scale + 1 − α) V_t)
+
+    Only at the map size ``store`` keeps are the edited maps of ``rows`` computed explicitly, for the store.
     """
 
     def __init__(self, step, rows, sources, targets, edits: TokenEdit | None = None, alpha=None, store=None):
@@ -242,22 +247,36 @@ class CrossAttentionControl:
         self.edits, self.alpha, self.store = edits, alpha, store
 
     def __call__(self, query, key, value, attn_mask, scale):
+        edited = len(self.targets) > 0
+        if edited:
+            source_rows, target_rows = self.rows[self.sources], self.rows[self.targets]
+            alpha = at_step(self.alpha, self.step)[:, None, None, :]  # (targets, 1, 1, tokens)
+            target_value = value[target_rows].float()
+            borrowed = ((self.edits.matrix * (alpha * self.edits.scale)) @ target_value).to(value.dtype)
+            own = (alpha * self.edits.keep * self.edits.scale + 1 - alpha).transpose(-1, -2) * target_value
+            value = value.index_copy(0, target_rows, own.to(value.dtype))
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
+        if edited:
+            mask = None if attn_mask is None else attn_mask[source_rows]
+            from_source = F.scaled_dot_product_attention(
+                query[source_rows], key[source_rows], borrowed, attn_mask=mask, scale=scale
+            )
+            out = out.index_add(0, target_rows, from_source)
+        if self.store is not None and query.shape[2] == self.store.length:
+            self.store.record(self.edited_probs(query, key, attn_mask, scale, alpha if edited else None))
+        return out
+
+    def edited_probs(self, query, key, attn_mask, scale, alpha):
+        """The maps of ``rows`` (targets edited), explicitly: ``(rows, heads, query, tokens)`` in float32."""
         rows = self.rows
         scores = (query[rows].float() @ key[rows].float().transpose(-1, -2)) * scale
         if attn_mask is not None:
             scores = scores + attn_mask[rows].float()
         probs = scores.softmax(dim=-1)
-        if len(self.targets):
-            base, own = probs[self.sources], probs[self.targets]
-            edited = self.edits(base, own)
-            alpha = at_step(self.alpha, self.step)[:, None, None, :]
-            probs = probs.index_copy(0, self.targets, alpha * edited + (1 - alpha) * own)
-            edited_out = probs[self.targets].to(value.dtype) @ value[rows[self.targets]]
-            out = out.index_copy(0, rows[self.targets], edited_out)
-        if self.store is not None:
-            self.store.record(probs)
-        return out
+        if alpha is None:
+            return probs
+        base, own = probs[self.sources], probs[self.targets]
+        return probs.index_copy(0, self.targets, alpha * self.edits(base, own) + (1 - alpha) * own)
 
 
 class SelfAttentionReplace:

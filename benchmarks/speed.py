@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Wall-clock speed of NegativePromptInversionPipeline and its peers on the Stable Diffusion 1.5 architecture.
 
-    python benchmarks/speed.py --out DIR [--device cuda] [--steps 50] [--size 512] [--repeats 5] [--warmup 1] [--quick]
+    python benchmarks/speed.py --out DIR [--device cuda] [--steps 50] [--size 512] [--repeats 5] [--no-compile] [--quick]
 
 Everything runs in ONE process on RANDOM weights built from configs written out below (no downloads): the
 SD 1.5 UNet (860M), the SD VAE, the CLIP ViT-L/14 text encoder, an offline CLIP BPE tokenizer and SD's DDIM
@@ -9,9 +9,12 @@ schedule. Timings do not depend on the weights' values, only on the architecture
 number and batch size of the UNet calls (which every row reports: a forward pre-hook on the UNet plus a wrapper
 around the pipeline's CUDA-graph runner, since graph replays bypass module hooks).
 
-Rows (each a median of ``--repeats`` runs after ``--warmup`` untimed runs; torch.cuda.synchronize around each):
+Rows (each a median of the timed runs after ``--warmup`` untimed runs; torch.cuda.synchronize around each):
 
-  ours (NPI), eager and with ``pipe.enable_cuda_graphs(True)``:
+  ours (NPI), in three modes: ``eager``; ``cuda_graphs`` (``pipe.enable_cuda_graphs()``); ``compiled`` (a
+  channels-last UNet and ``pipe.enable_cuda_graphs(compile=True)``, CUDA only, the rows of COMPILED_ROWS: each new
+  batch size compiles for about a minute). Graphs and compiled code persist across the rows of a mode, as across a
+  user's calls; the first call (capture, compilation) is the warm-up and is reported.
     - invert alone (text + VAE encode + 50 DDIM inversion steps)
     - reconstruction ``pipe(inversion=inv)``  (50 steps + VAE decode to PIL)
     - P2P edit, 1 target   (word swap, cross 0.4 / self 0.6, local blend)
@@ -19,11 +22,11 @@ Rows (each a median of ``--repeats`` runs after ``--warmup`` untimed runs; torch
     - ProxNPI edit         (``proximal_guidance="soft"``)
     - MasaCtrl edit        (``attention_control="masactrl"``)
     - invert + P2P edit (1 target) incl. VAE encode and decode: the headline
-  ours (NTI): ``invert(..., inversion_method="nti")`` with the pipeline defaults (10 inner steps, the reference's
-    early stop) eager and graphed, the ``null_text_init="prompt"`` variant, a no-early-stop upper bound, and one
-    P2P edit from the NTI inversion (eager and graphed).
-  peers: core diffusers ``LEditsPPPipelineStableDiffusion`` (invert, edit, invert + edit) on the same modules,
-    and a hand-written eager classifier-free-guidance loop (50 DDIM steps, batch 2, decode).
+  ours (NTI), with CUDA graphs: ``invert(..., inversion_method="nti")`` with the pipeline defaults (10 inner steps,
+    the reference's early stop, ``null_text_init="prompt"``), one P2P edit from it, and the paper's
+    ``null_text_init="null"``.
+  peers (eager): core diffusers ``LEditsPPPipelineStableDiffusion`` invert + edit on the same modules, and a
+    hand-written classifier-free-guidance loop (50 DDIM steps, batch 2, decode).
 
 Writes DIR/speed.json (rows + metadata, rewritten after every row so a killed run keeps partial results) and
 DIR/speed.md (the table), and prints the table last. ``--quick`` is a smoke test: 5 steps, 256 px, 1 repeat,
@@ -264,12 +267,14 @@ def measure(fn, repeats: int, warmup: int, device: torch.device, counter: UNetCa
     The UNet calls of the first run (warm-up or timed) are counted. Timed runs stop early past ``deadline``
     (a ``time.perf_counter`` value), keeping at least one.
     """
-    result, counts, first = None, None, True
+    result, counts, first, warmup_times = None, None, True, []
     for _ in range(warmup):
         if counter is not None and first:
             counter.start()
+        start = time.perf_counter()
         result = fn()
         synchronize(device)
+        warmup_times.append(time.perf_counter() - start)
         if counter is not None and first:
             counts = counter.stop()
         first = False
@@ -295,6 +300,7 @@ def measure(fn, repeats: int, warmup: int, device: torch.device, counter: UNetCa
     return {
         "median_s": statistics.median(times),
         "times_s": times,
+        "warmup_times_s": warmup_times,
         "peak_mem_gib": peak / 2**30 if device.type == "cuda" else None,
         "counts": counts,
         "result": result,
@@ -371,7 +377,7 @@ def ledits_pipeline(components: dict):
 
 
 def write_outputs(out: Path, meta: dict, rows: list[dict]) -> str:
-    payload = {"metadata": meta, "rows": rows, "derived": derived(rows)}
+    payload = {"metadata": meta, "rows": rows, "derived": derived(rows, meta.get("weights_gib"))}
     tmp = out / "speed.json.tmp"
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, out / "speed.json")
@@ -387,29 +393,38 @@ def find(rows, name, mode):
     return None
 
 
-def derived(rows: list[dict]) -> dict:
+def derived(rows: list[dict], weights_gib: float | None = None) -> dict:
     result = {}
-    for mode in ("eager", "cuda_graphs"):
+    for mode in MODES:
         one, four = find(rows, "NPI P2P edit, 1 target", mode), find(rows, "NPI P2P edit, 4 targets", mode)
+        invert, headline = find(rows, "NPI invert", mode), find(rows, HEADLINE, mode)
         if one and four:
-            result[f"p2p_4_targets_over_1_target_{mode}"] = four["median_s"] / one["median_s"]
-    speedups = {}
-    for row in rows:
-        if row["mode"] == "cuda_graphs" and row.get("median_s"):
-            eager = find(rows, row["name"], "eager")
-            if eager:
-                speedups[row["name"]] = eager["median_s"] / row["median_s"]
-    result["cuda_graphs_speedup"] = speedups
-    for mode in ("cuda_graphs", "eager"):
-        invert, edit = find(rows, "NTI invert", mode), find(rows, "NTI P2P edit, 1 target", mode)
-        if invert and edit:
-            result["nti_invert_plus_edit_s"] = invert["median_s"] + edit["median_s"]
-            result["nti_mode"] = mode
-            break
-    headline = find(rows, HEADLINE, "cuda_graphs") or find(rows, HEADLINE, "eager")
-    if headline:
-        result["headline_s"] = headline["median_s"]
-        result["headline_mode"] = headline["mode"]
+            result[f"p2p_4_over_1_edit_{mode}"] = four["median_s"] / one["median_s"]
+        if invert and four and headline:
+            result[f"p2p_4_over_1_end_to_end_{mode}"] = (invert["median_s"] + four["median_s"]) / headline["median_s"]
+        if headline:
+            result[f"headline_s_{mode}"] = headline["median_s"]
+    result["speedup_vs_eager"] = {
+        f"{row['name']} [{row['mode']}]": eager["median_s"] / row["median_s"]
+        for row in rows
+        if row["mode"] != "eager" and row.get("median_s") and (eager := find(rows, row["name"], "eager"))
+    }
+    invert, edit = find(rows, "NTI invert", "cuda_graphs"), find(rows, "NTI P2P edit, 1 target", "cuda_graphs")
+    if invert and edit:
+        result["nti_invert_plus_edit_s"] = invert["median_s"] + edit["median_s"]
+    headlines = [row for mode in MODES if (row := find(rows, HEADLINE, mode))]
+    if headlines:
+        best = min(headlines, key=lambda row: row["median_s"])
+        result["headline_s"], result["headline_mode"] = best["median_s"], best["mode"]
+        ledits = find(rows, "LEDITS++ invert + edit", "eager")
+        if ledits:
+            result["ledits_over_headline"] = ledits["median_s"] / best["median_s"]
+        nti_peaks = [row["peak_mem_gib"] for row in (invert, edit) if row and row.get("peak_mem_gib")]
+        if best.get("peak_mem_gib") and nti_peaks:
+            npi_peak, nti_peak = best["peak_mem_gib"], max(nti_peaks)
+            result["peak_mem_npi_over_nti"] = npi_peak / nti_peak
+            if weights_gib:
+                result["activation_mem_npi_over_nti"] = (npi_peak - weights_gib) / (nti_peak - weights_gib)
     return result
 
 
@@ -418,10 +433,14 @@ def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
         f"## Speed on {meta['device_name']}",
         "",
         f"{meta['model_label']}, random weights, {meta['dtype']}, {meta['size']}×{meta['size']} px, "
-        f"{meta['steps']} DDIM steps, one image. Median of up to {meta['repeats']} runs after {meta['warmup']} warm-up "
-        f"run(s) (NTI inversions: {meta['nti_repeats']}, no warm-up; LEDITS++ and NTI edits: {meta['peer_repeats']}). torch {meta['torch']}, "
+        f"{meta['steps']} DDIM steps, one image, one process. Median of the timed runs (column Runs) after "
+        f"{meta['warmup']} warm-up run(s); NTI inversions without warm-up. torch {meta['torch']}, "
         f"diffusers {meta['diffusers']}, transformers {meta['transformers']}, Python {meta['python']}"
         + (f", CUDA {meta['cuda']}" if meta.get("cuda") else "") + ".",
+        "",
+        "Modes: `eager`; `cuda_graphs` = `pipe.enable_cuda_graphs()`; `compiled` = channels-last UNet + "
+        "`pipe.enable_cuda_graphs(compile=True)`. Graphs and compiled code persist across calls, as in a user's "
+        "session; the first call of each kind (capture, compilation) is the warm-up, reported in Notes.",
         "",
         "| Row | Mode | Median s | Runs | vs eager | Peak GiB | UNet calls | Samples/call | Notes |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
@@ -429,17 +448,18 @@ def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
     for row in rows:
         median = f"{row['median_s']:.3f}" if row.get("median_s") is not None else "—"
         runs = str(len(row.get("times_s") or []))
-        graphs_real = meta["device"].startswith("cuda")  # on a CPU both modes run eagerly: no speed-up to show
-        speedup = extra["cuda_graphs_speedup"].get(row["name"]) if row["mode"] == "cuda_graphs" and graphs_real else None
+        speedup = extra["speedup_vs_eager"].get(f"{row['name']} [{row['mode']}]")
         peak = f"{row['peak_mem_gib']:.2f}" if row.get("peak_mem_gib") is not None else "—"
         calls = "" if row.get("unet_calls") is None else str(row["unet_calls"])
         if calls and row.get("unet_calls_with_grad"):
             calls += f" ({row['unet_calls_with_grad']} with grad)"
         if calls and row.get("counts_from") == "eager run":
             calls += "†"
-        notes = row.get("note") or ""
-        if row["mode"] == "cuda_graphs" and row.get("graph_captures"):
-            notes = f"{notes}; {row['graph_captures']} graph capture(s)" if notes else f"{row['graph_captures']} graph capture(s)"
+        notes = [row.get("note") or ""]
+        if row["mode"] != "eager" and row.get("warmup_times_s"):
+            captures = row.get("graph_captures")
+            notes.append(f"first call {row['warmup_times_s'][0]:.1f} s" + (f" ({captures} graph capture(s))" if captures else ""))
+        notes = "; ".join(filter(None, notes))
         if row.get("error"):
             notes = f"**error**: {row['error']}"[:300]
         name = f"**{row['name']}**" if row["name"] == HEADLINE else row["name"]
@@ -451,22 +471,37 @@ def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
     if any(row.get("counts_from") == "eager run" for row in rows):
         lines.append("† counted on the eager run of the same row: CUDA-graph replays bypass the UNet's forward hooks.")
     if not meta["device"].startswith("cuda"):
-        lines.append("On a CPU `enable_cuda_graphs` is a no-op: both modes run eagerly.")
+        lines.append("On a CPU `enable_cuda_graphs` does nothing: every mode runs eagerly.")
     lines.append("Every row includes text encoding; invert rows include VAE encode, edit rows VAE decode to PIL. "
                  "UNet calls count logical calls (a replayed graph counts as one call).")
-    ratios = [f"{mode.replace('_', ' ')} {extra[key]:.2f}×" for mode in ("eager", "cuda_graphs")
-              if (key := f"p2p_4_targets_over_1_target_{mode}") in extra]
-    if ratios:
-        lines.append(f"P2P 4 targets / 1 target (one inversion): {', '.join(ratios)}.")
+    lines.append("")
+    for mode in MODES:
+        facts = []
+        if (key := f"headline_s_{mode}") in extra:
+            facts.append(f"headline {extra[key]:.3f} s")
+        if (key := f"p2p_4_over_1_edit_{mode}") in extra:
+            facts.append(f"P2P 4 targets / 1 target: edit {extra[key]:.2f}×")
+        if (key := f"p2p_4_over_1_end_to_end_{mode}") in extra:
+            facts.append(f"invert + edit {extra[key]:.2f}×")
+        if facts:
+            lines.append(f"- {mode}: {', '.join(facts)}.")
+    if "ledits_over_headline" in extra:
+        lines.append(f"- LEDITS++ invert + edit / our headline ({extra['headline_mode']}): "
+                     f"{extra['ledits_over_headline']:.2f}×.")
     if "nti_invert_plus_edit_s" in extra:
-        lines.append(f"NTI invert + P2P edit ({extra['nti_mode']}): {extra['nti_invert_plus_edit_s']:.3f} s.")
-    if "headline_s" in extra:
-        lines.append(f"Headline (NPI invert + P2P edit, 1 target, incl. VAE, {extra['headline_mode']}): "
-                     f"{extra['headline_s']:.3f} s.")
+        lines.append(f"- NTI invert + P2P edit (cuda_graphs): {extra['nti_invert_plus_edit_s']:.3f} s.")
+    if "peak_mem_npi_over_nti" in extra:
+        activation = extra.get("activation_mem_npi_over_nti")
+        lines.append(
+            f"- Peak memory, NPI headline / NTI: {extra['peak_mem_npi_over_nti']:.0%}"
+            + (f"; above the {meta['weights_gib']:.2f} GiB of weights: {activation:.0%}" if activation else "") + "."
+        )
     return "\n".join(lines) + "\n"
 
 
 HEADLINE = "NPI invert + P2P edit (1 target) incl. VAE"
+MODES = ("eager", "cuda_graphs", "compiled")
+COMPILED_ROWS = ("NPI invert", "NPI reconstruction", "NPI P2P edit, 1 target", "NPI P2P edit, 4 targets", HEADLINE)
 
 
 # =================================================================================================================
@@ -480,9 +515,10 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (50; --quick: 5)")
     parser.add_argument("--size", type=int, default=None, help="image side in px (512; --quick: 256)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per fast row (5; --quick: 1)")
+    parser.add_argument("--eager-repeats", type=int, default=None, help="timed runs per eager row (2; --quick: 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     parser.add_argument("--peer-repeats", type=int, default=None, help="timed runs of LEDITS++ and NTI-edit rows (2; --quick: 1)")
-    parser.add_argument("--nti-repeats", type=int, default=1, help="timed runs of NTI inversion rows (no warm-up)")
+    parser.add_argument("--nti-repeats", type=int, default=None, help="timed runs of the NTI inversion row (no warm-up; 3; --quick: 1)")
     parser.add_argument("--nti-inner-steps", type=int, default=None,
                         help="NTI inner steps (pipeline default 10; --quick: 2)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 5 steps, 256 px, 1 repeat, 2 NTI inner steps")
@@ -496,12 +532,16 @@ def parse_args(argv=None):
     parser.add_argument("--only", default=None, help="regex: run only rows whose name matches")
     parser.add_argument("--no-nti", action="store_true", help="skip the NTI rows")
     parser.add_argument("--no-peers", action="store_true", help="skip LEDITS++ and the plain CFG loop")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the compiled rows (each new batch size compiles for ~1.5 min on an H100)")
     parser.add_argument("--time-budget", type=float, default=480.0,
                         help="seconds since start after which remaining rows are skipped and repeats cut short")
     args = parser.parse_args(argv)
     args.steps = args.steps or (5 if args.quick else 50)
     args.size = args.size or (256 if args.quick else 512)
     args.repeats = args.repeats or (1 if args.quick else 5)
+    args.eager_repeats = args.eager_repeats or (1 if args.quick else 2)
+    args.nti_repeats = args.nti_repeats or (1 if args.quick else 3)
     args.peer_repeats = args.peer_repeats or (1 if args.quick else 2)
     if args.nti_inner_steps is None and args.quick:
         args.nti_inner_steps = 2
@@ -528,7 +568,7 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
     except Exception:  # noqa: BLE001
         commit = None
@@ -572,6 +612,7 @@ def main(argv=None) -> int:
         for name in ("unet", "vae", "text_encoder")
     }
     meta["build_s"] = time.perf_counter() - start
+    meta["weights_gib"] = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     log(f"built models in {meta['build_s']:.1f}s: {meta['params_m']} M params")
     pipe = NegativePromptInversionPipeline(**components, safety_checker=None, feature_extractor=None)
     pipe.set_progress_bar_config(disable=True)
@@ -587,6 +628,21 @@ def main(argv=None) -> int:
         if key not in state:
             state[key] = pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size, **kwargs)
         return state[key]
+
+    current = {"mode": None}
+
+    def set_mode(mode: str) -> None:
+        """eager; cuda_graphs (``enable_cuda_graphs()``); compiled (channels-last UNet +
+        ``enable_cuda_graphs(compile=True)``). Graphs and compiled code persist across rows of one mode, as they do
+        across a user's calls."""
+        if mode == current["mode"]:
+            return
+        pipe.disable_cuda_graphs()
+        memory_format = torch.channels_last if mode == "compiled" else torch.contiguous_format
+        components["unet"].to(memory_format=memory_format)
+        if mode != "eager":
+            pipe.enable_cuda_graphs(compile=mode == "compiled")
+        current["mode"] = mode
 
     def run_row(name: str, group: str, mode: str, fn, repeats: int, warmup: int, note: str = "",
                 keep: str | None = None, annotate=None, setup=None):
@@ -605,7 +661,7 @@ def main(argv=None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            pipe.enable_cuda_graphs(mode == "cuda_graphs")
+            set_mode(mode)
             if setup is not None:
                 setup()
             stats = measure(fn, repeats, warmup, device, counter, deadline)
@@ -615,7 +671,7 @@ def main(argv=None) -> int:
             row["repeats_requested"], row["warmup"] = repeats, warmup
             row.update(summarize_calls(counts))
             row["counts_from"] = "this run"
-            if mode == "cuda_graphs" and device.type == "cuda" and not counter.wraps_graph_runner:
+            if mode != "eager" and device.type == "cuda" and not counter.wraps_graph_runner:
                 # Without the runner wrapper the hook sees only the warm-up/capture forwards of a graphed run;
                 # report the eager row's counts instead.
                 row["hook_calls_in_graphed_run"] = row.get("unet_calls")
@@ -623,7 +679,8 @@ def main(argv=None) -> int:
                 keys = ("unet_calls", "unet_samples", "samples_per_call", "unet_calls_with_grad")
                 row.update({k: eager[k] if eager else None for k in keys})
                 row["counts_from"] = "eager run"
-            if mode == "cuda_graphs" and device.type == "cuda" and counter.wraps_graph_runner and not row.get("graph_captures"):
+            if mode != "eager" and device.type == "cuda" and counter.wraps_graph_runner and not row.get("graph_captures") \
+                    and not (pipe._cuda_graphs and pipe._cuda_graphs.graphs):
                 row["note"] = "; ".join(filter(None, [row["note"], "WARNING: no CUDA graph was captured"]))
             if keep:
                 state[keep] = result
@@ -636,8 +693,6 @@ def main(argv=None) -> int:
             log(f"  FAILED: {row['error']}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        finally:
-            pipe.enable_cuda_graphs(False)
         row["row_elapsed_s"] = time.perf_counter() - started
         rows.append(row)
         if row["median_s"] is not None:
@@ -667,37 +722,42 @@ def main(argv=None) -> int:
     def need_npi():  # edit rows start from an inversion made before the row (untimed)
         inversion("npi")
 
-    for mode in ("eager", "cuda_graphs"):
-        run_row("NPI invert", "ours-npi", mode,
-                lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size),
-                rep, warm, note="incl. text + VAE encode", keep="npi")
-        run_row("NPI reconstruction", "ours-npi", mode,
-                lambda: pipe(inversion=inversion("npi"), **call), rep, warm, note="incl. VAE decode", setup=need_npi)
-        run_row("NPI P2P edit, 1 target", "ours-npi", mode,
-                lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), blend_words=(SOURCE_WORD, TARGET_WORDS[0]),
-                             **p2p, **call),
-                rep, warm, note="word swap + local blend; incl. VAE decode", setup=need_npi)
-        run_row("NPI P2P edit, 4 targets", "ours-npi", mode,
-                lambda: pipe(prompt=TARGETS, inversion=inversion("npi"), blend_words=[SOURCE_WORD, *TARGET_WORDS],
-                             **p2p, **call),
-                rep, warm, note="one inversion, 4 outputs; incl. VAE decode", setup=need_npi)
-        run_row("ProxNPI edit (soft)", "ours-npi", mode,
-                lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), proximal_guidance="soft", **call),
-                rep, warm, note="incl. VAE decode", setup=need_npi)
-        run_row("NPI MasaCtrl edit", "ours-npi", mode,
-                lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), attention_control="masactrl", **call),
-                rep, warm, note="incl. VAE decode", setup=need_npi)
+    def headline():
+        inv = pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size)
+        return pipe(prompt=TARGETS[0], inversion=inv, blend_words=(SOURCE_WORD, TARGET_WORDS[0]), **p2p, **call)
 
-        def headline():
-            inv = pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size)
-            return pipe(prompt=TARGETS[0], inversion=inv, blend_words=(SOURCE_WORD, TARGET_WORDS[0]), **p2p, **call)
-
-        run_row(HEADLINE, "ours-npi", mode, headline, rep, warm, note="image in → edited PIL out")
+    npi_rows = [
+        ("NPI invert", lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size),
+         "incl. text + VAE encode"),
+        ("NPI reconstruction", lambda: pipe(inversion=inversion("npi"), **call), "incl. VAE decode"),
+        ("NPI P2P edit, 1 target",
+         lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), blend_words=(SOURCE_WORD, TARGET_WORDS[0]),
+                      **p2p, **call),
+         "word swap + local blend; incl. VAE decode"),
+        ("NPI P2P edit, 4 targets",
+         lambda: pipe(prompt=TARGETS, inversion=inversion("npi"), blend_words=[SOURCE_WORD, *TARGET_WORDS],
+                      **p2p, **call),
+         "one inversion, 4 outputs; incl. VAE decode"),
+        ("ProxNPI edit (soft)",
+         lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), proximal_guidance="soft", **call),
+         "incl. VAE decode"),
+        ("NPI MasaCtrl edit",
+         lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), attention_control="masactrl", **call),
+         "incl. VAE decode"),
+        (HEADLINE, headline, "image in → edited PIL out"),
+    ]
+    modes = ["eager", "cuda_graphs"] + (["compiled"] if device.type == "cuda" and not args.no_compile else [])
+    for mode in modes:
+        for name, fn, note in npi_rows:
+            if mode == "compiled" and name not in COMPILED_ROWS:
+                continue  # each new batch size / control kind costs a compilation (~1.5 min)
+            run_row(name, "ours-npi", mode, fn, args.eager_repeats if mode == "eager" else rep, warm, note=note,
+                    keep="npi" if name == "NPI invert" else None, setup=None if name == "NPI invert" else need_npi)
 
     # ---- peers ----------------------------------------------------------------------------------------------------
     if not args.no_peers:
         run_row("plain CFG loop (hand-written)", "peer", "eager",
-                lambda: plain_cfg_loop(components, TARGETS[0], steps, size), rep, warm,
+                lambda: plain_cfg_loop(components, TARGETS[0], steps, size), args.eager_repeats, warm,
                 note="text encode + DDIM, batch 2 + VAE decode")
 
         ledits_state: dict = {}
@@ -722,20 +782,11 @@ def main(argv=None) -> int:
             ledits_invert()
             return ledits_edit()
 
-        def ledits_setup():
-            ledits()
-            if ledits().inversion_steps is None:
-                ledits_invert()
-
         ledits_note = ("DPM-Solver++ SDE, source_guidance_scale 3.5, skip 0.15; edit: remove "
                        f"'{SOURCE_WORD}' + add '{TARGET_WORDS[0]}'")
         try:
-            run_row("LEDITS++ invert", "peer", "eager", ledits_invert, args.peer_repeats, warm,
-                    note="incl. VAE encode + decode (it reconstructs)", setup=ledits)
-            run_row("LEDITS++ edit", "peer", "eager", ledits_edit, args.peer_repeats, warm, note=ledits_note,
-                    setup=ledits_setup)
             run_row("LEDITS++ invert + edit", "peer", "eager", ledits_both, args.peer_repeats, warm,
-                    note="image in → edited PIL out")
+                    note=f"image in → edited PIL out; {ledits_note}", setup=ledits)
         finally:
             # LEDITS++ installs its own (non-SDPA) attention processors on the shared UNet; put the defaults back.
             components["unet"].set_attn_processor(default_processors)
@@ -758,26 +809,21 @@ def main(argv=None) -> int:
             used = int(torch.isfinite(result.null_text_losses).sum())
             return f"inner steps used {used}/{steps * inner}"
 
-        for mode in ("eager", "cuda_graphs"):
-            run_row("NTI invert", "ours-nti", mode,
-                    lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size, **nti),
-                    args.nti_repeats, 0, note=f"{inner} inner steps, early stop {pipe.config.null_text_early_stop:g}",
-                    keep="nti", annotate=inner_used, setup=nti_warmup)
-        for mode in ("eager", "cuda_graphs"):
-            run_row("NTI P2P edit, 1 target", "ours-nti", mode,
-                    lambda: pipe(prompt=TARGETS[0], inversion=inversion("nti", **nti),
-                                 blend_words=(SOURCE_WORD, TARGET_WORDS[0]), **p2p, **call),
-                    args.peer_repeats, warm, note="from the NTI inversion; incl. VAE decode",
-                    setup=lambda: inversion("nti", **nti))
-        run_row("NTI invert, null_text_init='prompt'", "ours-nti", "cuda_graphs",
+        run_row("NTI invert", "ours-nti", "cuda_graphs",
+                lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size, **nti),
+                args.nti_repeats, 0,
+                note=f"{inner} inner steps, early stop {pipe.config.null_text_early_stop:g}, init "
+                     f"'{pipe.config.null_text_init}' (the pipeline's defaults)",
+                keep="nti", annotate=inner_used, setup=nti_warmup)
+        run_row("NTI P2P edit, 1 target", "ours-nti", "cuda_graphs",
+                lambda: pipe(prompt=TARGETS[0], inversion=inversion("nti", **nti),
+                             blend_words=(SOURCE_WORD, TARGET_WORDS[0]), **p2p, **call),
+                args.peer_repeats, warm, note="from the NTI inversion; incl. VAE decode",
+                setup=lambda: inversion("nti", **nti))
+        run_row("NTI invert, null_text_init='null'", "ours-nti", "cuda_graphs",
                 lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size,
-                                    null_text_init="prompt", **nti),
-                args.nti_repeats, 0, note=f"{inner} inner steps; starts at the NPI solution",
-                annotate=inner_used, setup=nti_warmup)
-        run_row("NTI invert, no early stop (upper bound)", "ours-nti", "cuda_graphs",
-                lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size,
-                                    null_text_early_stop=-1.0, **nti),
-                args.nti_repeats, 0, note=f"all {inner} inner steps at every step", annotate=inner_used,
+                                    null_text_init="null", **nti),
+                1, 0, note=f"{inner} inner steps from the empty prompt's embedding, as the paper", annotate=inner_used,
                 setup=nti_warmup)
 
     counter.handle.remove()

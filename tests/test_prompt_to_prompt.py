@@ -127,6 +127,7 @@ def explicit_self_replace(self, query, key, value, attn_mask, scale):
         ("a red hippopotamus on a white background", {}),  # replace, token counts differ
         ("a big red cat on a white background", {}),  # refine
         ("a red cat on a white background", {"reweight": {"red": 3.0}}),  # reweight
+        ("a big red cat on a white background", {"reweight": [{"big": 2.0, "cat": 0.5}, {}]}),  # refine + reweight
         ("a red dog on a white background", {"blend_words": ("cat", "dog")}),  # local blend
     ],
 )

@@ -1,0 +1,117 @@
+"""The fast UNet path (`enable_cuda_graphs`): attention controls kept across calls, and exact results.
+
+Graphs read a control's tensors in place, so a later call of the same structure must run on the earlier control
+objects with its own values copied in. On the CPU the runner runs the UNet eagerly but adopts controls exactly as on
+a GPU, so these tests check that no value of an earlier call leaks into a later one. The CUDA tests (skipped
+without a GPU) check graph replay and `torch.compile` against the eager path.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import scene_image, tiny_components
+
+from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+
+STEPS = 6
+SOURCE = "a red cat on a white background"
+
+# Calls of one structure (P2P word swap + local blend, one target) with every per-call value changed, then other
+# structures, then the first again.
+CALLS = [
+    dict(prompt="a red dog on a white background", cross_replace_steps=0.6, self_replace_steps=0.5,
+         blend_words=("cat", "dog")),
+    dict(prompt="a blue cat on a black background", cross_replace_steps=(0.2, 0.8), self_replace_steps=0.3,
+         reweight={"blue": 2.0}, blend_words=("cat", "cat"), blend_threshold=0.5),
+    dict(prompt="a big red cat on a white background", cross_replace_steps={"default_": 0.5, "big": 0.2}),
+    dict(prompt="a red dog on a white background", attention_control="masactrl", masactrl_start_step=2),
+    dict(prompt="a red tiger on a white background", attention_control="masactrl", masactrl_start_step=4),
+    dict(prompt="a red tiger on a white background", attention_control="masactrl", masactrl_start_layer=0),
+    dict(prompt="a red dog on a white background", proximal_guidance="soft"),
+    dict(prompt="a red dog on a white background", cross_replace_steps=0.6, self_replace_steps=0.5,
+         blend_words=("cat", "dog")),
+]
+
+
+def edit(pipe, inversion, call):
+    return pipe(inversion=inversion, output_type="latent", **call).images
+
+
+@pytest.fixture(scope="module")
+def reference(components):
+    """Each call's result from a fresh eager pipeline."""
+    pipe = NegativePromptInversionPipeline(**copy.deepcopy(components))
+    pipe.set_progress_bar_config(disable=True)
+    inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+    return inversion, [edit(pipe, inversion, call) for call in CALLS]
+
+
+def test_controls_are_reused_across_calls_without_leaking_values(pipe, reference):
+    inversion, expected = reference
+    pipe.enable_cuda_graphs()
+    runner = pipe._cuda_graphs
+    for call, want in zip(CALLS, expected):
+        torch.testing.assert_close(edit(pipe, inversion, call), want, rtol=0, atol=0)
+    # Structures: P2P with a store (swap and re-weighting alike); P2P without; MasaCtrl (its start step is a
+    # tensor, so one structure) and MasaCtrl in other layers; no control.
+    assert len(runner.controls) == 5
+    defaults = dict(pipe.unet.attn_processors)
+    assert all(type(proc).__name__ != "ControlledAttnProcessor" for proc in defaults.values())
+
+
+def test_disable_returns_to_eager(pipe, reference):
+    inversion, expected = reference
+    pipe.enable_cuda_graphs()
+    pipe.disable_cuda_graphs()
+    assert pipe._cuda_graphs is None
+    torch.testing.assert_close(edit(pipe, inversion, CALLS[0]), expected[0], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# On a GPU: graph replay and torch.compile against the eager path
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture()
+def gpu_pipes(tokenizer_dir):
+    # Full float32 convolutions: with TF32 (cuDNN's default) eager, graphed, compiled and channels-last runs pick
+    # different algorithms and differ by ~1e-3 after a few steps, which would hide real errors of that size.
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+
+    def build():
+        pipe = NegativePromptInversionPipeline(**tiny_components(tokenizer_dir)).to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    yield build
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+
+
+@cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphs_match_eager_on_cuda(gpu_pipes, compile):
+    eager, fast = gpu_pipes(), gpu_pipes()
+    fast.enable_cuda_graphs(compile=compile)
+    inversions = [pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS) for pipe in (eager, fast)]
+    torch.testing.assert_close(inversions[1].latents, inversions[0].latents, rtol=1e-3, atol=1e-3)
+    calls = [CALLS[0], CALLS[3], CALLS[0]] if compile else CALLS + CALLS[:1]  # each new kind compiles for seconds
+    for call in calls:  # the repeat replays graphs captured by the first call
+        want, got = (edit(pipe, inv, call) for pipe, inv in zip((eager, fast), inversions))
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert fast._cuda_graphs.graphs  # something was captured
+
+
+@cuda
+def test_graphs_follow_a_moved_or_recast_unet(gpu_pipes):
+    pipe = gpu_pipes()
+    pipe.enable_cuda_graphs()
+    inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+    before = edit(pipe, inversion, CALLS[0])
+    captured = len(pipe._cuda_graphs.graphs)
+    pipe.unet.to(memory_format=torch.channels_last)  # new weight storage: graphs must be recaptured
+    after = edit(pipe, inversion, CALLS[0])
+    torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)
+    assert len(pipe._cuda_graphs.graphs) == captured + 1
