@@ -115,3 +115,22 @@ def test_graphs_follow_a_moved_or_recast_unet(gpu_pipes):
     after = edit(pipe, inversion, CALLS[0])
     torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)
     assert len(pipe._cuda_graphs.graphs) == captured + 1
+
+
+@cuda
+@pytest.mark.parametrize("graphs", [False, True])
+def test_denoising_loop_never_waits_for_the_host(gpu_pipes, graphs):
+    pipe = gpu_pipes()
+    if graphs:
+        pipe.enable_cuda_graphs()
+    inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+
+    def forbid_syncs(pipe_, i, t, tensors):  # from the end of step 0 (graphs captured) until decoding
+        torch.cuda.set_sync_debug_mode("error" if i < STEPS - 1 else "default")
+        return {}
+
+    try:
+        for call in (CALLS[0], CALLS[3], dict(CALLS[6], inversion_guidance=True, reconstruction_guidance=True)):
+            edit(pipe, inversion, dict(call, callback_on_step_end=forbid_syncs))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
