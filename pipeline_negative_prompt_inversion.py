@@ -457,15 +457,15 @@ class _CUDAGraphUNet:
         # dynamic=False: one static kernel set per batch size instead of a slower dynamic-shape one
         self.forward = torch.compile(unet, dynamic=False) if compile else unet
         self.graphs = OrderedDict()
-        self.controls = {}
+        self.controls = {}  # structure -> (control, its tensors)
         self.key = None
 
     def adopt(self, control: _Control) -> _Control:
         """The control to install: the first one seen with this structure, holding ``control``'s values."""
         structure, tensors = control.state()
-        kept = self.controls.setdefault(structure, control)
+        kept, kept_tensors = self.controls.setdefault(structure, (control, tensors))
         if kept is not control:
-            for mine, theirs in zip(kept.state()[1], tensors):
+            for mine, theirs in zip(kept_tensors, tensors):
                 mine.copy_(theirs)
             kept.blend = control.blend
         return kept

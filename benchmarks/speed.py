@@ -267,32 +267,34 @@ def measure(fn, repeats: int, warmup: int, device: torch.device, counter: UNetCa
     The UNet calls of the first run (warm-up or timed) are counted. Timed runs stop early past ``deadline``
     (a ``time.perf_counter`` value), keeping at least one.
     """
-    result, counts, first, warmup_times = None, None, True, []
-    for _ in range(warmup):
-        if counter is not None and first:
+    counts = None
+
+    def timed_run():
+        """One synchronised run of ``fn``; the UNet calls of the very first run are counted."""
+        nonlocal counts
+        counting = counter is not None and counts is None
+        if counting:
             counter.start()
         start = time.perf_counter()
         result = fn()
         synchronize(device)
-        warmup_times.append(time.perf_counter() - start)
-        if counter is not None and first:
+        seconds = time.perf_counter() - start
+        if counting:
             counts = counter.stop()
-        first = False
+        return result, seconds
+
+    warmup_times = []
+    for _ in range(warmup):
+        result, seconds = timed_run()
+        warmup_times.append(seconds)
     times, peak = [], 0
     for _ in range(repeats):
         gc.collect()
         synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if counter is not None and first:
-            counter.start()
-        start = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-        if counter is not None and first:
-            counts = counter.stop()
-        first = False
+        result, seconds = timed_run()
+        times.append(seconds)
         if device.type == "cuda":
             peak = max(peak, torch.cuda.max_memory_allocated(device))
         if deadline is not None and time.perf_counter() > deadline:
