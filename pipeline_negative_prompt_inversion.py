@@ -16,11 +16,15 @@ mutual self-attention control (MasaCtrl), and proximal guidance (ProxEdit, Han e
 inversion. Equations follow ``ALGORITHMS`` in the project's reference notes; each formula below names its source.
 """
 
+import functools
 import hashlib
 import inspect
 import json
 import math
+import numbers
 import os
+import threading
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,38 +46,27 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 
-# Each leaf is imported on its own: diffusers' custom-pipeline loader copies exactly these files. The fallback
-# serves copy-paste use, where this file is a top-level module next to the ``attention_processors`` folder.
-try:
-    from .attention_processors.npi_attention_store import AttentionStore, heat_map_grid, local_blend_mask
-    from .attention_processors.npi_controlled_attention import ControlledAttnProcessor
-    from .attention_processors.npi_mutual_self_attention import MutualSelfAttention
-    from .attention_processors.npi_prompt_to_prompt import (
-        CrossAttentionControl,
-        SelfAttentionReplace,
-        cross_attention_window,
-        find_word,
-        refinement,
-        reweighting,
-        self_attention_window,
-        stack_edits,
-        word_swap,
-    )
-except ImportError:
-    from attention_processors.npi_attention_store import AttentionStore, heat_map_grid, local_blend_mask
-    from attention_processors.npi_controlled_attention import ControlledAttnProcessor
-    from attention_processors.npi_mutual_self_attention import MutualSelfAttention
-    from attention_processors.npi_prompt_to_prompt import (
-        CrossAttentionControl,
-        SelfAttentionReplace,
-        cross_attention_window,
-        find_word,
-        refinement,
-        reweighting,
-        self_attention_window,
-        stack_edits,
-        word_swap,
-    )
+if not __package__:  # copy-paste use: a top-level module beside the ``attention_processors`` folder
+    # Acting as the package of that folder lets the relative imports below serve every way of loading this file
+    # (an absolute fallback would make diffusers' loader warn "pip install attention_processors" on each load).
+    __path__ = [os.path.dirname(os.path.abspath(__file__))]
+    __package__ = __name__
+
+# One import per leaf: diffusers' custom-pipeline loader copies exactly the files imported this way.
+from .attention_processors.npi_attention_store import AttentionStore, heat_map_grid, local_blend_mask
+from .attention_processors.npi_controlled_attention import ControlledAttnProcessor
+from .attention_processors.npi_mutual_self_attention import MutualSelfAttention
+from .attention_processors.npi_prompt_to_prompt import (
+    CrossAttentionControl,
+    SelfAttentionReplace,
+    cross_attention_window,
+    find_word,
+    refinement,
+    reweighting,
+    self_attention_window,
+    stack_edits,
+    word_swap,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -98,6 +91,8 @@ PROXIMAL_MODES = ("soft", "hard")
 ATTENTION_CONTROLS = ("p2p", "masactrl")
 EDIT_TYPES = ("replace", "refine")
 INVERSION_FORMAT = "negative-prompt-inversion/1"
+# Useful guidance scales are 1–20; far beyond, ε̃ = ε_u + w·d drives the latents to inf within a few steps.
+MAX_GUIDANCE_SCALE = 100.0
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -510,6 +505,25 @@ class _CUDAGraphUNet:
 # The pipeline
 
 
+_CALL_LOCKS: "weakref.WeakKeyDictionary[DiffusionPipeline, threading.RLock]" = weakref.WeakKeyDictionary()
+_CALL_LOCKS_GUARD = threading.Lock()
+
+
+def _one_call_at_a_time(method):
+    """Serialise ``method`` per pipeline. A call installs its attention processors on the shared UNet and keeps
+    per-call state on the pipeline, so two threads inside one pipeline would denoise with each other's processors.
+    (Kept beside the pipeline, not on it, so pipelines stay deep-copyable.)"""
+
+    @functools.wraps(method)
+    def serialized(self, *args, **kwargs):
+        with _CALL_LOCKS_GUARD:
+            lock = _CALL_LOCKS.setdefault(self, threading.RLock())
+        with lock:
+            return method(self, *args, **kwargs)
+
+    return serialized
+
+
 class NegativePromptInversionPipeline(
     DiffusionPipeline,
     StableDiffusionMixin,
@@ -563,13 +577,13 @@ class NegativePromptInversionPipeline(
         safety_checker = _optional_component("safety_checker", safety_checker)
         feature_extractor = _optional_component("feature_extractor", feature_extractor)
         _check_choice("inversion_method", inversion_method, INVERSION_METHODS)
-        _check_choice("null_text_init", null_text_init, ("null", "prompt"))
+        _check_null_text_settings(null_text_inner_steps, null_text_early_stop, null_text_init)
         _check_choice("proximal_guidance", proximal_guidance, PROXIMAL_MODES, allow_none=True)
-        if not (isinstance(null_text_inner_steps, int) and null_text_inner_steps >= 0):
-            raise ValueError(f"null_text_inner_steps must be an integer >= 0, got {null_text_inner_steps!r}.")
+        if scheduler is None:
+            raise ValueError("scheduler is required: inversion runs on its noise schedule (any diffusers scheduler).")
         if safety_checker is not None and feature_extractor is None:
             raise ValueError("A safety_checker needs a feature_extractor; pass safety_checker=None to disable it.")
-        if scheduler is not None and not isinstance(scheduler, DDIMScheduler):
+        if not isinstance(scheduler, DDIMScheduler):
             logger.warning(
                 f"{type(scheduler).__name__} is not deterministic DDIM, which inversion requires; this pipeline"
                 " samples with a DDIMScheduler built from its config (same noise schedule)."
@@ -629,6 +643,33 @@ class NegativePromptInversionPipeline(
         embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         return embeds.to(dtype=self.unet.dtype, device=device)
 
+    def _token_ids(self, prompt: str) -> list[int]:
+        """The prompt's token ids without BOS / EOS, untruncated."""
+        return self.tokenizer(prompt, add_special_tokens=False).input_ids
+
+    def warn_truncated_prompts(self, prompts: list[str]) -> None:
+        """Name the words the text encoder never sees: it reads ``model_max_length`` tokens, BOS and EOS included."""
+        limit = self.tokenizer.model_max_length - 2
+        for prompt in dict.fromkeys(prompts):
+            ids = self._token_ids(prompt)
+            if len(ids) > limit:
+                logger.warning(
+                    f"prompt {prompt!r} is longer than the text encoder's {limit + 2} tokens; these words are ignored:"
+                    f" {self.tokenizer.decode(ids[limit:])!r}."
+                )
+
+    def check_target_prompts(self, targets: list[list[str]], sources: list[str]) -> None:
+        """Warn about truncated targets; refuse a target whose change the truncation would drop entirely."""
+        limit = self.tokenizer.model_max_length - 2
+        self.warn_truncated_prompts([prompt for prompts in targets for prompt in prompts])
+        for source, prompts in zip(sources, targets):
+            for prompt in prompts:
+                if prompt != source and self._token_ids(prompt)[:limit] == self._token_ids(source)[:limit]:
+                    raise ValueError(
+                        f"prompt {prompt!r} differs from its source prompt only past the text encoder's {limit + 2}"
+                        " tokens, so the edit would return the reconstruction; shorten the prompts."
+                    )
+
     def _encode_unique(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
         unique = list(dict.fromkeys(prompts))
         return dict(zip(unique, self.encode_text(unique, device))) if unique else {}
@@ -654,10 +695,12 @@ class NegativePromptInversionPipeline(
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """z_0 = E(x): the posterior *mean* times the VAE scaling factor (ALGORITHMS §0), float32."""
+        """z_0 = E(x): the posterior *mean* times the VAE scaling factor (ALGORITHMS §0), float32. A deterministic
+        encoder (``AutoencoderTiny``) has no posterior; its output is the latent."""
         device = self._execution_device
-        posterior = self.vae.encode(images.to(device=device, dtype=self.vae.dtype)).latent_dist
-        latents = posterior.mean.float()
+        encoded = self.vae.encode(images.to(device=device, dtype=self.vae.dtype))
+        posterior = getattr(encoded, "latent_dist", None)
+        latents = (encoded.latents if posterior is None else posterior.mean).float()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
@@ -828,7 +871,7 @@ class NegativePromptInversionPipeline(
     # -------------------------------------------------------------------------------------------------------------
     # Inversion
 
-    def check_invert_inputs(self, image, source_prompt, num_inference_steps, guidance_scale, method, inner_steps):
+    def check_invert_inputs(self, image, source_prompt, num_inference_steps, guidance_scale, method, null_text):
         _check_choice("inversion_method", method, INVERSION_METHODS)
         prompts = _as_prompt_list(source_prompt, "source_prompt")
         images = _as_image_list(image)
@@ -836,12 +879,13 @@ class NegativePromptInversionPipeline(
             raise ValueError(
                 f"source_prompt has {len(prompts)} prompt(s) for {len(images)} image(s); give one per image."
             )
-        _check_steps(num_inference_steps)
+        _check_steps(num_inference_steps, self.scheduler.config.num_train_timesteps)
         _check_guidance(guidance_scale, method)
-        if not (isinstance(inner_steps, int) and inner_steps >= 0):
-            raise ValueError(f"null_text_inner_steps must be an integer >= 0, got {inner_steps!r}.")
+        _check_null_text_settings(*null_text)
+        self.warn_truncated_prompts(prompts)
         return prompts
 
+    @_one_call_at_a_time
     @torch.no_grad()
     def invert(
         self,
@@ -881,8 +925,9 @@ class NegativePromptInversionPipeline(
         inner_steps = self.config.null_text_inner_steps if null_text_inner_steps is None else null_text_inner_steps
         early_stop = self.config.null_text_early_stop if null_text_early_stop is None else null_text_early_stop
         init = null_text_init or self.config.null_text_init
-        _check_choice("null_text_init", init, ("null", "prompt"))
-        prompts = self.check_invert_inputs(image, source_prompt, num_inference_steps, guidance_scale, method, inner_steps)
+        prompts = self.check_invert_inputs(
+            image, source_prompt, num_inference_steps, guidance_scale, method, (inner_steps, early_stop, init)
+        )
         images = self.prepare_images(image, height, width, resize_mode)
         device = self._execution_device
 
@@ -906,7 +951,7 @@ class NegativePromptInversionPipeline(
 
         self.maybe_free_model_hooks()
         return InversionResult(
-            latents=trajectory.cpu(),
+            latents=_ensure_finite(trajectory, "The inversion latents", self.unet.dtype).cpu(),
             prompt_embeds=prompt_embeds.cpu(),
             source_prompts=prompts,
             timesteps=timesteps.cpu(),
@@ -990,6 +1035,8 @@ class NegativePromptInversionPipeline(
         proximal_guidance,
         proximal_quantile,
         proximal_threshold,
+        guidance_step_size,
+        guidance_below_timestep,
         mask_dilation,
         blend_threshold,
         blend_start,
@@ -1002,33 +1049,25 @@ class NegativePromptInversionPipeline(
         _check_guidance(guidance_scale, inversion.method)
         _check_choice("attention_control", attention_control, ATTENTION_CONTROLS, allow_none=True)
         _check_choice("proximal_guidance", proximal_guidance, PROXIMAL_MODES, allow_none=True)
-        if proximal_threshold is not None and not (isinstance(proximal_threshold, (int, float)) and proximal_threshold >= 0):
-            raise ValueError(f"proximal_threshold must be a number >= 0, got {proximal_threshold!r}.")
-        if not (isinstance(proximal_quantile, (int, float)) and 0 <= proximal_quantile <= 1):
-            raise ValueError(f"proximal_quantile must lie in [0, 1], got {proximal_quantile!r}.")
-        if not (isinstance(mask_dilation, int) and mask_dilation >= 0):
-            raise ValueError(f"mask_dilation must be an integer >= 0, got {mask_dilation!r}.")
-        if not 0 <= blend_threshold <= 1:
-            raise ValueError(f"blend_threshold must lie in [0, 1], got {blend_threshold!r}.")
-        if not 0 <= blend_start <= 1:
-            raise ValueError(f"blend_start must lie in [0, 1], got {blend_start!r}.")
+        if proximal_threshold is not None:
+            _check_number("proximal_threshold", proximal_threshold, 0)
+        _check_number("proximal_quantile", proximal_quantile, 0, 1)
+        _check_number("guidance_step_size", guidance_step_size, 0)
+        _check_number("guidance_below_timestep", guidance_below_timestep)
+        _check_number("mask_dilation", mask_dilation, 0, integer=True)
+        _check_number("blend_threshold", blend_threshold, 0, 1)
+        _check_number("blend_start", blend_start, 0, 1)
         if attention_control == "masactrl":
-            steps = inversion.num_inference_steps
-            if not (isinstance(masactrl_start_step, int) and 0 <= masactrl_start_step <= steps):
-                raise ValueError(f"masactrl_start_step must be an integer in [0, {steps}], got {masactrl_start_step!r}.")
-            blocks = sum(1 for name in self.unet.attn_processors if name.endswith("attn1.processor"))
-            if masactrl_start_layer is not None and not (
-                isinstance(masactrl_start_layer, int) and 0 <= masactrl_start_layer < blocks
-            ):
-                raise ValueError(
-                    f"masactrl_start_layer must be an integer in [0, {blocks - 1}] (this UNet has {blocks} transformer"
-                    f" blocks), got {masactrl_start_layer!r}."
-                )
+            _check_number("masactrl_start_step", masactrl_start_step, 0, inversion.num_inference_steps, integer=True)
+            if masactrl_start_layer is not None:
+                blocks = sum(1 for name in self.unet.attn_processors if name.endswith("attn1.processor"))
+                _check_number("masactrl_start_layer", masactrl_start_layer, 0, blocks - 1, integer=True)
         _check_choice("output_type", output_type, ("pil", "np", "pt", "latent"))
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}.")
 
+    @_one_call_at_a_time
     @torch.no_grad()
     def __call__(
         self,
@@ -1131,10 +1170,11 @@ class NegativePromptInversionPipeline(
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
             inversion, num_inference_steps, guidance_scale, attention_control, proximal_guidance, proximal_quantile,
-            proximal_threshold, mask_dilation, blend_threshold, blend_start, masactrl_start_step,
-            masactrl_start_layer, output_type, callback_on_step_end_tensor_inputs,
+            proximal_threshold, guidance_step_size, guidance_below_timestep, mask_dilation, blend_threshold,
+            blend_start, masactrl_start_step, masactrl_start_layer, output_type, callback_on_step_end_tensor_inputs,
         )
         targets = _targets_per_image(prompt, inversion.source_prompts)
+        self.check_target_prompts(targets, inversion.source_prompts)
         if attention_control != "p2p" and p2p_arguments:
             raise ValueError("edit_type, *_replace_steps, reweight and blend_words need attention_control='p2p'.")
         self._guidance_scale = guidance_scale
@@ -1207,11 +1247,11 @@ class NegativePromptInversionPipeline(
                 progress_bar.update()
 
         # 6. Decode the edited branches
-        latents = latents[edited]
+        latents = _ensure_finite(latents[edited], "The denoised latents", self.unet.dtype)
         if output_type == "latent":
             images, has_nsfw = latents, None
         else:
-            images = self.decode_latents(latents)
+            images = _ensure_finite(self.decode_latents(latents), "The decoded images", self.vae.dtype)
             images, has_nsfw = self.run_safety_checker(images, device, row_embeds.dtype)
             do_denormalize = [True] * len(images) if has_nsfw is None else [not flag for flag in has_nsfw]
             images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=do_denormalize)
@@ -1425,14 +1465,37 @@ def _check_choice(name: str, value, choices, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}{' or None' if allow_none else ''}, got {value!r}.")
 
 
-def _check_steps(num_inference_steps) -> None:
+def _check_number(name: str, value, low: float = -math.inf, high: float = math.inf, integer: bool = False) -> None:
+    """Raise unless ``value`` is a finite real (an integer if ``integer``; never a bool) in ``[low, high]``."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high:
+        return
+    what = "an integer" if integer else "a number"
+    if math.isfinite(high):
+        bounds = f"lie in [{low}, {high}]" if not integer else f"be an integer in [{low}, {high}]"
+    else:
+        bounds = f"be {what} >= {low}"
+    raise ValueError(f"{name} must {bounds}, got {value!r}.")
+
+
+def _check_null_text_settings(inner_steps, early_stop, init) -> None:
+    _check_number("null_text_inner_steps", inner_steps, 0, integer=True)
+    _check_number("null_text_early_stop", early_stop, 0)
+    _check_choice("null_text_init", init, ("null", "prompt"))
+
+
+def _check_steps(num_inference_steps, num_train_timesteps: int) -> None:
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps <= 0:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+    if num_inference_steps > num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be at most the scheduler's {num_train_timesteps} training timesteps, got"
+            f" {num_inference_steps}."
+        )
 
 
 def _check_guidance(guidance_scale, method: str) -> None:
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}.")
+    _check_number("guidance_scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
     if method == "nti" and guidance_scale < 1:
         raise ValueError(f"guidance_scale must be >= 1 with null-text inversion, got {guidance_scale!r}.")
 
@@ -1524,22 +1587,59 @@ def _as_image_list(image) -> list:
 
 
 def _image_to_tensor(image) -> torch.Tensor:
-    """One image → ``(1, 3, H, W)`` float32 in [0, 1]."""
+    """One image → ``(1, 3, H, W)`` float32 in [0, 1]. Integer pixels are scaled by their type's full range;
+    an alpha channel is composited over white (with a warning when any pixel is transparent)."""
     if isinstance(image, PIL.Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = _pil_to_array(image)
     if isinstance(image, np.ndarray):
-        scale = 255.0 if image.dtype == np.uint8 else 1.0
-        image = torch.from_numpy(np.ascontiguousarray(image)).float() / scale
+        image = torch.from_numpy(_array_to_unit_range(image))
         image = image[..., None] if image.ndim == 2 else image
         image = image.permute(2, 0, 1)
+    elif image.dtype == torch.uint8:
+        image = image / 255.0
     image = image.float()
     if image.ndim == 2:
         image = image[None]
-    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-        raise ValueError(f"image must have 1, 3 or 4 channels (CHW tensors, HWC arrays), got shape {tuple(image.shape)}.")
+    if image.ndim != 3 or image.shape[0] not in (1, 2, 3, 4):
+        raise ValueError(
+            f"image must have 1–4 channels (CHW tensors, HWC arrays), got shape {tuple(image.shape)}."
+        )
+    if 0 in image.shape[1:]:
+        raise ValueError(f"image has no pixels (height × width = {image.shape[1]} × {image.shape[2]}).")
+    if not torch.isfinite(image).all():
+        raise ValueError("image contains NaN or infinite values.")
     if image.min() < 0 or image.max() > 1:
-        raise ValueError("image values must lie in [0, 1] (uint8 arrays are divided by 255).")
-    return image[:3].expand(3, -1, -1)[None].contiguous()
+        raise ValueError("image values must lie in [0, 1] (uint8 arrays are divided by 255, uint16 by 65535).")
+    if image.shape[0] in (2, 4):  # grey + alpha, RGB + alpha
+        image = _over_white(image[:-1], image[-1:])
+    return image.expand(3, -1, -1)[None].contiguous()
+
+
+def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
+    """PIL → HWC array with the pixel type's full range intact (``convert("RGB")`` clips 16-bit images to 255)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.asarray(image)
+        # mode "I" holds 16-bit PNGs on older Pillow; its values are 16-bit, stored in int32
+        return array.astype(np.uint16) if image.mode == "I" and 0 <= array.min() and array.max() <= 65535 else array
+    has_alpha = "A" in image.getbands() or "transparency" in image.info
+    return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+
+
+def _array_to_unit_range(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    if array.dtype == np.uint16 or array.dtype == np.dtype(">u2"):
+        return array.astype(np.float32) / 65535
+    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.floating):
+        return np.ascontiguousarray(array, dtype=np.float32)
+    raise ValueError(f"image arrays must be uint8, uint16, bool or floating point in [0, 1], got {array.dtype}.")
+
+
+def _over_white(colour: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    # Porter–Duff "over" onto an opaque white background: c·α + 1·(1 − α)
+    if (alpha < 1).any():
+        logger.warning("image has transparent pixels; they are composited over white before inversion.")
+    return colour * alpha + (1 - alpha)
 
 
 def _resize(image: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
@@ -1553,6 +1653,16 @@ def _resize(image: torch.Tensor, height: int, width: int, mode: str) -> torch.Te
     image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     top, left = (size[0] - height) // 2, (size[1] - width) // 2
     return image[..., top : top + height, left : left + width]
+
+
+def _ensure_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
+    """Never return NaN/inf silently. Inputs are validated up front, so this only fires when a model overflows."""
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"{what} contain NaN or inf: the model overflowed in {dtype}. Run it in float32 or bfloat16 (SDXL's VAE:"
+            " upcast it, or use the fp16-fixed VAE)."
+        )
+    return tensor
 
 
 def _index(values, device) -> torch.Tensor:

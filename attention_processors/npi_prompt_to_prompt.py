@@ -16,6 +16,8 @@ Text-side helpers run once per call on the CPU; the rules run inside the UNet an
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +50,18 @@ def word_token_indices(prompt: str, tokenizer) -> list[list[int]]:
 
 
 def find_word(prompt: str, word: str, tokenizer) -> list[int]:
-    """Token positions of every occurrence of ``word`` (a space-free string) in ``prompt``; [] if absent."""
-    return [p for w, positions in zip(prompt.split(" "), word_token_indices(prompt, tokenizer)) if w == word
-            for p in positions]
+    """Token positions of every occurrence of ``word`` (a space-free string) in ``prompt``; [] if absent.
+
+    Raises if ``word`` occurs only past the text encoder's token limit: an edit of it would silently do nothing.
+    """
+    occurrences = [positions for w, positions in zip(prompt.split(" "), word_token_indices(prompt, tokenizer))
+                   if w == word]
+    if occurrences and not any(occurrences):
+        raise ValueError(
+            f"{word!r} lies past the text encoder's {tokenizer.model_max_length} tokens in {prompt!r}, so it cannot be"
+            " edited; shorten the prompt."
+        )
+    return [p for positions in occurrences for p in positions]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,6 +176,8 @@ def reweighting(edit: TokenEdit, target: str, weights: dict[str, float], tokeniz
     """Multiply the edited maps of ``target``'s words by ``weights`` (P2P §3.2, "attention re-weighting")."""
     scale = edit.scale.clone()
     for word, factor in weights.items():
+        if not (isinstance(factor, numbers.Real) and math.isfinite(factor)):
+            raise ValueError(f"reweight factor of {word!r} must be a finite number, got {factor!r}.")
         positions = find_word(target, word, tokenizer)
         if not positions:
             raise ValueError(f"reweight word {word!r} is not in the target prompt {target!r}.")
@@ -177,10 +190,11 @@ def reweighting(edit: TokenEdit, target: str, weights: dict[str, float], tokeniz
 
 
 def _check_window(name: str, window) -> tuple[float, float]:
-    start, end = (0.0, window) if isinstance(window, (int, float)) else tuple(window)
-    if not 0.0 <= start <= end <= 1.0:
+    is_number = lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool)  # noqa: E731
+    pair = (0.0, window) if is_number(window) else tuple(window) if isinstance(window, (tuple, list)) else ()
+    if not (len(pair) == 2 and all(map(is_number, pair)) and 0.0 <= pair[0] <= pair[1] <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1] (a fraction of the steps, or a (start, end) pair), got {window!r}.")
-    return float(start), float(end)
+    return float(pair[0]), float(pair[1])
 
 
 def cross_attention_window(num_steps: int, targets: list[str], cross_replace_steps, tokenizer) -> torch.Tensor:

@@ -366,7 +366,8 @@ import pipeline_negative_prompt_inversion as module
 pipe = module.NegativePromptInversionPipeline.from_pretrained(cfg["model_dir"])
 invert_and_edit(pipe)
 processor = module.ControlledAttnProcessor.__module__
-print(json.dumps({"file": module.__file__, "processor": processor, "processor_file": sys.modules[processor].__file__}))
+print(json.dumps({"file": module.__file__, "processor": processor, "processor_file": sys.modules[processor].__file__,
+                  "stray": stray_top_level()}))
 """
 
 OTHER_PIPELINE = """
@@ -548,8 +549,10 @@ def test_copy_paste_into_a_package(background, copied_project):
 def test_copy_paste_as_a_top_level_module(background, copied_project):
     result = background.result("copy_paste_top_level")
     assert Path(result["file"]).parent == copied_project
-    assert result["processor"] == "attention_processors.npi_controlled_attention"
+    # the file acts as the package of its sibling folder: no generic top-level "attention_processors" is claimed
+    assert result["processor"] == "pipeline_negative_prompt_inversion.attention_processors.npi_controlled_attention"
     assert Path(result["processor_file"]).parent == copied_project / "attention_processors"
+    assert [name for name in result["stray"] if name.startswith("attention_processors")] == []
 
 
 @pytest.mark.parametrize("order", ["other-first", "ours-first"])
