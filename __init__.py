@@ -9,9 +9,21 @@ need); this module only re-exports it under a unique package name, so nothing ge
 if __package__:
     from .pipeline_negative_prompt_inversion import (
         InversionResult,
+        LocalBlend,
+        MasaCtrl,
         NegativePromptInversionPipeline,
         NegativePromptInversionPipelineOutput,
+        PromptToPrompt,
+        ProximalGuidance,
     )
 
-__all__ = ["InversionResult", "NegativePromptInversionPipeline", "NegativePromptInversionPipelineOutput"]
-__version__ = "0.1.0"
+__all__ = [
+    "InversionResult",
+    "LocalBlend",
+    "MasaCtrl",
+    "NegativePromptInversionPipeline",
+    "NegativePromptInversionPipelineOutput",
+    "PromptToPrompt",
+    "ProximalGuidance",
+]
+__version__ = "0.2.0"

@@ -18,7 +18,7 @@ inversion. Equations follow ``ALGORITHMS`` in the project's reference notes; eac
 
 import functools
 import hashlib
-import inspect
+import itertools
 import json
 import math
 import numbers
@@ -28,7 +28,7 @@ import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
@@ -44,7 +44,7 @@ from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 
 if not __package__:  # copy-paste use: a top-level module beside the ``attention_processors`` folder
     # Acting as the package of that folder lets the relative imports below serve every way of loading this file
@@ -58,7 +58,7 @@ from .attention_processors.npi_controlled_attention import ControlledAttnProcess
 from .attention_processors.npi_mutual_self_attention import MutualSelfAttention
 from .attention_processors.npi_prompt_to_prompt import (
     CrossAttentionControl,
-    SelfAttentionReplace,
+    check_window,
     cross_attention_window,
     find_word,
     refinement,
@@ -86,9 +86,7 @@ def _drop_stale_pipeline_classes(namespace: dict) -> None:
 
 _drop_stale_pipeline_classes(globals())
 
-INVERSION_METHODS = ("npi", "nti", "ddim")
 PROXIMAL_MODES = ("soft", "hard")
-ATTENTION_CONTROLS = ("p2p", "masactrl")
 EDIT_TYPES = ("replace", "refine")
 INVERSION_FORMAT = "negative-prompt-inversion/1"
 # Useful guidance scales are 1–20; far beyond, ε̃ = ε_u + w·d drives the latents to inf within a few steps.
@@ -112,9 +110,11 @@ EXAMPLE_DOC_STRING = """
         >>> edited = pipe(
         ...     prompt="a dog sitting on a wall",
         ...     inversion=inversion,
-        ...     cross_replace_steps=0.4,
-        ...     self_replace_steps=0.6,
-        ...     blend_words=("cat", "dog"),
+        ...     attention_control=pipe.PromptToPrompt(
+        ...         cross_replace_steps=0.4,
+        ...         self_replace_steps=0.6,
+        ...         local_blend=pipe.LocalBlend(("cat", "dog")),
+        ...     ),
         ... ).images[0]
         ```
 """
@@ -187,6 +187,27 @@ def guide_towards(latents: torch.Tensor, anchor: torch.Tensor, region: torch.Ten
     # ProxEdit §3.3 inversion guidance (anchor = z*_{t−1}) and App. B reconstruction guidance (anchor = z*_0):
     # z ← z − η·(z − anchor)·(1 − M), with ``region`` = 1 − M
     return latents - step_size * (latents - anchor) * region
+
+
+# =================================================================================================================
+# Inversion methods: how each inverts, and which unconditional embedding each kind of branch uses at edit time
+
+
+@dataclass(frozen=True)
+class InversionMethod:
+    """One row of `INVERSION_METHODS` (ALGORITHMS §1–§3). Unconditional embeddings are named by where they come
+    from: ``"source"`` E(source prompt), ``"empty"`` E(""), ``"null_text"`` NTI's optimised U[i]."""
+
+    optimises_null_text: bool  # NTI: DDIM inversion, then per-step unconditional embeddings fitted to it
+    uncond: str  # unconditional embedding of reconstructing and prompt-to-prompt branches
+    null: str  # the null embedding of synthesising branches (MasaCtrl's targets)
+
+
+INVERSION_METHODS = {
+    "npi": InversionMethod(optimises_null_text=False, uncond="source", null="empty"),  # Miyake et al. 2023
+    "nti": InversionMethod(optimises_null_text=True, uncond="null_text", null="null_text"),  # Mokady et al. 2023
+    "ddim": InversionMethod(optimises_null_text=False, uncond="empty", null="empty"),
+}
 
 
 # =================================================================================================================
@@ -355,21 +376,270 @@ class NegativePromptInversionPipelineOutput(BaseOutput):
 
 
 # =================================================================================================================
-# Batch layout
+# Editing techniques: small configuration objects. Each owns its settings and their validation (`check`), and
+# turns them into this call's attention rules and per-step hook (`prepare`); the pipeline lays out the batch,
+# installs the rules and runs the loop. A new attention edit is one such class (plus its rule in a leaf).
+
+
+@dataclass(frozen=True)
+class LocalBlend:
+    r"""Prompt-to-prompt's local editing (Hertz et al. 2022, §3.2): outside where the blend words attend, each target
+    keeps its source's latent.
+
+    Args:
+        words (`tuple` or `list`): One image: ``(source_words, target_words)`` (the target words apply to every
+            target) or ``[source_words, target_1_words, …]``; several images: one ``(source_words, target_words)``
+            pair per image. Words are a string or a list of strings.
+        threshold (`float`, defaults to 0.3): Threshold on the words' max-normalised attention.
+        start (`float`, defaults to 0.2): Fraction of the steps after which blending starts.
+    """
+
+    words: tuple | list
+    threshold: float = 0.3
+    start: float = 0.2
+
+    def check(self) -> None:
+        _check_number("LocalBlend.threshold", self.threshold, 0, 1)
+        _check_number("LocalBlend.start", self.start, 0, 1)
+
+    def prepare(self, plan: "EditPlan") -> "_LocalBlendStep":
+        words_of = _blend_words_per_branch(plan.branches, self.words, plan.num_images)
+        weights = torch.zeros(len(plan.branches), plan.tokenizer.model_max_length)
+        for k, (branch, words) in enumerate(zip(plan.branches, words_of)):
+            for word in words:
+                positions = find_word(branch.prompt, word, plan.tokenizer)
+                if not positions:
+                    role = "source" if branch.is_source else "target"
+                    raise ValueError(f"blend word {word!r} is not in the {role} prompt {branch.prompt!r}.")
+                weights[k, positions] = 1.0
+        return _LocalBlendStep(
+            weights.to(plan.device), _index(plan.targets, plan.device), _index(plan.sources, plan.device),
+            self.threshold, int(self.start * plan.num_steps),
+        )
 
 
 @dataclass
-class _Branch:
+class _LocalBlendStep:
+    """`LocalBlend` for one call: after step ``start``, ``z_tgt ← z_src + M·(z_tgt − z_src)`` with M where the blend
+    words of the target or of its source attend."""
+
+    weights: torch.Tensor  # (branches, tokens): 1 on each branch's blend words
+    targets: torch.Tensor
+    sources: torch.Tensor
+    threshold: float
+    start: int
+
+    def __call__(self, latents: torch.Tensor, step: int, store: AttentionStore) -> torch.Tensor:
+        if step < self.start:
+            return latents
+        mask = local_blend_mask(store.average(), self.weights, tuple(latents.shape[-2:]), self.threshold)
+        mask = (mask[self.targets] | mask[self.sources]).to(latents.dtype)
+        blended = latents[self.sources] + mask * (latents[self.targets] - latents[self.sources])
+        return latents.index_copy(0, self.targets, blended)
+
+
+@dataclass(frozen=True)
+class PromptToPrompt:
+    r"""Prompt-to-prompt attention control (Hertz et al. 2022) on real images: each target's cross-attention maps
+    follow its source's, so the edit keeps the source's layout. The source branch is never changed.
+
+    Args:
+        cross_replace_steps (`float`, `tuple` or `dict`, defaults to 0.4): Cross-attention replacement window: a
+            fraction f of the steps (``[0, f)``), a ``(start, end)`` pair, or ``{"default_": f, "word": (a, b)}``
+            giving target words their own windows.
+        self_replace_steps (`float` or `tuple`, defaults to 0.6): Self-attention replacement window (in every
+            layer below full latent resolution, the references' "≤ 32²" at 512 px).
+        edit_type (`str`, *optional*): ``"replace"`` (word swap, equal word counts) or ``"refine"`` (added or
+            removed words); `None` picks per target by word count.
+        reweight (`dict` or `list[dict]`, *optional*): ``{"word": factor}`` scaling target words' attention (one
+            dict for every target, or one per target).
+        local_blend (`LocalBlend`, *optional*): Keep the image outside the edited words' attention.
+    """
+
+    cross_replace_steps: float | tuple[float, float] | dict = 0.4
+    self_replace_steps: float | tuple[float, float] = 0.6
+    edit_type: str | None = None
+    reweight: dict[str, float] | list[dict[str, float]] | None = None
+    local_blend: LocalBlend | None = None
+
+    synthesises = False  # targets keep the inversion's unconditional embedding (ALGORITHMS §5)
+
+    @property
+    def needs_attention_maps(self) -> bool:
+        return self.local_blend is not None
+
+    def check(self, num_steps: int, layers: list["AttentionLayer"]) -> None:
+        _check_choice("PromptToPrompt.edit_type", self.edit_type, EDIT_TYPES, allow_none=True)
+        windows = self.cross_replace_steps
+        for window in windows.values() if isinstance(windows, dict) else [windows]:
+            check_window("PromptToPrompt.cross_replace_steps", window)
+        check_window("PromptToPrompt.self_replace_steps", self.self_replace_steps)
+        if self.local_blend is not None:
+            self.local_blend.check()
+
+    def prepare(self, plan: "EditPlan"):
+        targets, sources, tokenizer, device = plan.targets, plan.sources, plan.tokenizer, plan.device
+        weights = _per_target(self.reweight, len(targets), "reweight")
+        edits = [self.token_edit(plan.branches[k], w, tokenizer) for k, w in zip(targets, weights)]
+        prompts = [plan.branches[k].prompt for k in targets]
+        alpha = cross_attention_window(plan.num_steps, prompts, self.cross_replace_steps, tokenizer).to(device)
+        window = self_attention_window(plan.num_steps, self.self_replace_steps).to(device)
+        cond_rows, source_pos, target_pos = plan.cond_rows, _index(sources, device), _index(targets, device)
+        cross = CrossAttentionControl(
+            plan.step, cond_rows, source_pos, target_pos, stack_edits(edits).to(device), alpha, plan.store
+        )
+        self_replace = MutualSelfAttention(
+            plan.step, window, cond_rows[source_pos], cond_rows[target_pos], borrow=("query", "key")
+        )
+        rules = {layer.name: cross if layer.cross else self_replace for layer in plan.layers
+                 if layer.cross or layer.level >= 1}
+        return rules, None if self.local_blend is None else self.local_blend.prepare(plan)
+
+    def token_edit(self, branch: "Branch", weights: dict | None, tokenizer):
+        """The edit of one target's cross-attention maps: word swap for equal word counts, else refinement."""
+        source, target = branch.source_prompt, branch.prompt
+        edit_type = self.edit_type or ("replace" if len(source.split(" ")) == len(target.split(" ")) else "refine")
+        edit = (word_swap if edit_type == "replace" else refinement)(source, target, tokenizer)
+        return reweighting(edit, target, weights, tokenizer) if weights else edit
+
+
+@dataclass(frozen=True)
+class MasaCtrl:
+    r"""Mutual self-attention control (Cao et al. 2023): from ``start_step`` on, in the chosen self-attention layers,
+    each target's queries attend to its source's keys and values, so the target keeps the source's appearance while
+    its layout or pose follows the target prompt. The target is synthesised with the null embedding as its
+    unconditional embedding (ProxMasaCtrl, ALGORITHMS §6).
+
+    Args:
+        start_step (`int`, defaults to 4): First controlled step.
+        start_layer (`int`, *optional*): First controlled transformer block in call order (SD 1.x's reference value
+            is 10 of 16). Default: the decoder blocks at ≥ ½ of the latent resolution, which is that same set on
+            SD 1.x and stays meaningful at other resolutions and depths.
+    """
+
+    start_step: int = 4
+    start_layer: int | None = None
+
+    synthesises = True
+    needs_attention_maps = False
+
+    def check(self, num_steps: int, layers: list["AttentionLayer"]) -> None:
+        _check_number("MasaCtrl.start_step", self.start_step, 0, num_steps, integer=True)
+        if self.start_layer is not None:
+            blocks = sum(not layer.cross for layer in layers)
+            _check_number("MasaCtrl.start_layer", self.start_layer, 0, blocks - 1, integer=True)
+
+    def prepare(self, plan: "EditPlan"):
+        rows = plan.rows
+        pairs = [(rows.cond[s], rows.cond[t]) for s, t in zip(plan.sources, plan.targets)]
+        pairs += [(rows.uncond[s], rows.uncond[t]) for s, t in zip(plan.sources, plan.targets)
+                  if rows.uncond[t] != rows.cond[t]]
+        window = (torch.arange(plan.num_steps) >= self.start_step).to(plan.device)
+        rule = MutualSelfAttention(
+            plan.step, window, _index([s for s, _ in pairs], plan.device), _index([t for _, t in pairs], plan.device),
+            borrow=("key", "value"),
+        )
+        levels = 1 + max(layer.level for layer in plan.layers)
+        if self.start_layer is None:
+            chosen = [layer for layer in plan.layers if layer.decoder and layer.level <= min(1, levels - 1)]
+        else:
+            chosen = [layer for layer in plan.layers if layer.block >= self.start_layer]
+        return {layer.name: rule for layer in chosen if not layer.cross}, None
+
+
+@dataclass(frozen=True)
+class ProximalGuidance:
+    r"""Proximal guidance (ProxEdit, Han et al. 2023): threshold the guidance direction ε_c − ε_u of every edited
+    sample with a proximal operator, and pull the region it leaves unedited back toward the inversion.
+
+    Args:
+        mode (`str`, defaults to `"soft"`): ``"soft"`` (ℓ1 proximal operator) or ``"hard"`` (ℓ0).
+        quantile (`float`, defaults to 0.7): λ = this quantile of |ε_c − ε_u|, per edited sample. The reference
+            takes one quantile over the whole batch; with the NPI source sample in the batch (its direction is zero)
+            its q acts like ``2q − 1`` here (``((k+1)q − 1)/k`` for k targets).
+        threshold (`float`, *optional*): A fixed λ instead of the quantile.
+        inversion_guidance (`bool`, defaults to True): After each step with t < ``below_timestep``, pull the
+            unedited region of the latent toward the inversion trajectory (§3.3).
+        reconstruction_guidance (`bool`, defaults to False): The same pull on the predicted x0 toward z_0 (App. B).
+        step_size (`float`, defaults to 1.0): Step size η of both pulls (1 pins the region).
+        below_timestep (`int`, defaults to 400): The pulls apply while t < this.
+        mask_dilation (`int`, defaults to 1): Edit-mask dilation radius r (max-pool of 2r+1).
+    """
+
+    mode: str = "soft"
+    quantile: float = 0.7
+    threshold: float | None = None
+    inversion_guidance: bool = True
+    reconstruction_guidance: bool = False
+    step_size: float = 1.0
+    below_timestep: int = 400
+    mask_dilation: int = 1
+
+    def check(self) -> None:
+        _check_choice("ProximalGuidance.mode", self.mode, PROXIMAL_MODES)
+        _check_number("ProximalGuidance.quantile", self.quantile, 0, 1)
+        if self.threshold is not None:
+            _check_number("ProximalGuidance.threshold", self.threshold, 0)
+        _check_number("ProximalGuidance.step_size", self.step_size, 0)
+        _check_number("ProximalGuidance.below_timestep", self.below_timestep)
+        _check_number("ProximalGuidance.mask_dilation", self.mask_dilation, 0, integer=True)
+
+    def guide(self, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The thresholded direction of each edited sample and its edit mask M (ProxEdit §3.2–3.3)."""
+        direction, threshold = proximal_direction(direction, self.mode, self.quantile, self.threshold)
+        return direction, edit_region(direction, threshold, self.mask_dilation)
+
+    def pull(self, latents: torch.Tensor, anchor: torch.Tensor, edit_mask: torch.Tensor) -> torch.Tensor:
+        """Move the unedited region (1 − M) toward ``anchor``."""
+        return guide_towards(latents, anchor, 1 - edit_mask, self.step_size)
+
+
+ATTENTION_CONTROLS = {"p2p": PromptToPrompt, "masactrl": MasaCtrl}
+
+
+def _as_attention_control(value):
+    """``attention_control`` as a technique object; a name stands for that technique with its defaults."""
+    if isinstance(value, str):
+        _check_choice("attention_control", value, ATTENTION_CONTROLS)
+        return ATTENTION_CONTROLS[value]()
+    if value is not None and not all(hasattr(value, name) for name in ("check", "prepare", "synthesises")):
+        raise TypeError(
+            f"attention_control must be one of {list(ATTENTION_CONTROLS)}, a PromptToPrompt or MasaCtrl object, or"
+            f" None; got {type(value).__name__}."
+        )
+    return value
+
+
+def _as_proximal_guidance(value, default: str | None):
+    """``proximal_guidance`` as a `ProximalGuidance` or None: `None` takes the pipeline's flag, `False` none, and a
+    mode name that mode's defaults."""
+    value = default if value is None else value
+    if value is None or value is False:
+        return None
+    if isinstance(value, str):
+        _check_choice("proximal_guidance", value, PROXIMAL_MODES)
+        return ProximalGuidance(mode=value)
+    if not all(hasattr(value, name) for name in ("check", "guide", "pull")):
+        raise TypeError(
+            f"proximal_guidance must be one of {list(PROXIMAL_MODES)}, a ProximalGuidance, False or None; got {value!r}."
+        )
+    return value
+
+
+# =================================================================================================================
+# Batch layout
+
+
+@dataclass(frozen=True)
+class Branch:
     """One latent being denoised: a source (reconstruction that drives attention control) or a target."""
 
     image: int
     source_prompt: str
     prompt: str
     is_source: bool
-    uncond: Literal["source", "empty", "null_text"]  # E(source prompt), E(""), or NTI's U[i]
+    uncond: str  # where its unconditional embedding comes from (see InversionMethod)
     controlled: bool
-    cond_row: int = -1
-    uncond_row: int = -1
 
     def needs_uncond_row(self, guidance_scale: float) -> bool:
         # At w = 1 the unconditional prediction cancels; and when the unconditional pass would repeat the
@@ -378,61 +648,106 @@ class _Branch:
         return guidance_scale != 1 and not same_pass
 
 
-def _lay_out_rows(branches: list[_Branch], guidance_scale: float) -> int:
-    """Assign UNet batch rows: unconditional rows first, then one conditional row per branch. Returns the count."""
-    uncond = [branch for branch in branches if branch.needs_uncond_row(guidance_scale)]
-    for row, branch in enumerate(uncond):
-        branch.uncond_row = row
-    for row, branch in enumerate(branches, start=len(uncond)):
-        branch.cond_row = row
-        if branch.uncond_row < 0:
-            branch.uncond_row = row
-    return len(uncond) + len(branches)
+@dataclass(frozen=True)
+class RowLayout:
+    """The UNet batch rows of a call: unconditional rows first, then one conditional row per branch; a branch whose
+    unconditional pass is not needed (or is its conditional one) reads its conditional row for both."""
+
+    cond: tuple[int, ...]  # per branch
+    uncond: tuple[int, ...]  # per branch
+
+    @property
+    def num_rows(self) -> int:
+        return len(set(self.cond) | set(self.uncond))
+
+    def branch_of_row(self) -> list[int]:
+        """The branch whose latent each row denoises."""
+        owner = [0] * self.num_rows
+        for k, (cond, uncond) in enumerate(zip(self.cond, self.uncond)):
+            owner[cond] = owner[uncond] = k
+        return owner
 
 
-def _row_indices(branches: list[_Branch], num_rows: int, device):
-    """Index tensors: the branch each UNet row denoises, and each branch's conditional / unconditional row."""
-    row_branch = [0] * num_rows
-    for k, branch in enumerate(branches):
-        row_branch[branch.cond_row] = row_branch[branch.uncond_row] = k
-    cond_rows = _index([branch.cond_row for branch in branches], device)
-    uncond_rows = _index([branch.uncond_row for branch in branches], device)
-    return _index(row_branch, device), cond_rows, uncond_rows
+def lay_out_rows(branches: list[Branch], guidance_scale: float) -> RowLayout:
+    separate = [k for k, branch in enumerate(branches) if branch.needs_uncond_row(guidance_scale)]
+    cond = tuple(range(len(separate), len(separate) + len(branches)))
+    uncond = {k: row for row, k in enumerate(separate)}
+    return RowLayout(cond=cond, uncond=tuple(uncond.get(k, cond[k]) for k in range(len(branches))))
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention layer of the UNet, in call order, for a given latent size."""
+
+    name: str  # its key in ``unet.attn_processors``
+    cross: bool  # cross-attention (attn2) rather than self-attention (attn1)
+    decoder: bool  # in the up blocks
+    level: int  # number of 2× downsamplings above it
+    size: tuple[int, int]  # its attention map's (height, width)
+    block: int  # index of its transformer block among all, in call order
+
+
+@dataclass
+class EditPlan:
+    """What an attention control reads to build one call's rules."""
+
+    branches: list[Branch]
+    rows: RowLayout
+    layers: list[AttentionLayer]
+    num_steps: int
+    step: torch.Tensor  # 0-dim device step index every rule reads its per-step switches with
+    store: AttentionStore | None
+    tokenizer: CLIPTokenizer
+    device: torch.device
+
+    @property
+    def num_images(self) -> int:
+        return 1 + max(branch.image for branch in self.branches)
+
+    @property
+    def targets(self) -> list[int]:
+        return [k for k, branch in enumerate(self.branches) if not branch.is_source]
+
+    @property
+    def sources(self) -> list[int]:
+        """The source branch of each target (the target itself when its image has none)."""
+        source_of = {branch.image: k for k, branch in enumerate(self.branches) if branch.is_source}
+        return [source_of.get(self.branches[k].image, k) for k in self.targets]
+
+    @property
+    def cond_rows(self) -> torch.Tensor:
+        return _index(self.rows.cond, self.device)
 
 
 @dataclass
 class _Control:
     """One call's attention control. ``processors`` (by layer name), ``step`` and ``store`` are what the UNet reads,
-    so captured graphs hold on to them; ``blend`` (local blend settings) is read by the denoising loop."""
+    so captured graphs hold on to them; ``hooks`` run after each denoising step (local blend)."""
 
     processors: dict = field(default_factory=dict)
-    step: torch.Tensor | None = None  # 0-dim step index the rules read their per-step switches with
+    step: torch.Tensor | None = None
     store: AttentionStore | None = None
-    blend: dict | None = None
+    hooks: list = field(default_factory=list)
 
     def state(self) -> tuple[tuple, list[torch.Tensor]]:
-        """``(structure, tensors)``: two controls of equal structure differ only in their tensors' values."""
-        tensors, seen = [], {}
+        """``(structure, tensors)`` from each rule's explicit `structure()` and `tensors()`: two controls of equal
+        structure compute the same way and differ only in their tensors' values."""
+        rules = list({id(processor.rule): processor.rule for processor in self.processors.values()}.values())
+        position = {id(rule): k for k, rule in enumerate(rules)}
+        layout = tuple((name, position[id(processor.rule)]) for name, processor in self.processors.items())
+        step = [] if self.step is None else [self.step]
+        tensors = [*step, *(tensor for rule in rules for tensor in rule.tensors())]
+        specs = tuple((tuple(t.shape), t.dtype, str(t.device)) for t in tensors)
+        return (layout, tuple(rule.structure() for rule in rules), specs), tensors
 
-        def walk(value):
-            if id(value) in seen:
-                return ("same as", seen[id(value)][0])
-            if value is None or isinstance(value, (bool, int, float, str)):
-                return value
-            seen[id(value)] = (len(seen), value)  # keeps temporaries alive, so ids stay unique
-            if isinstance(value, torch.Tensor):
-                tensors.append(value)
-                return ("tensor", tuple(value.shape), value.dtype, str(value.device))
-            if isinstance(value, dict):
-                return tuple((key, walk(item)) for key, item in value.items())
-            if isinstance(value, (list, tuple)):
-                return tuple(walk(item) for item in value)
-            if inspect.isroutine(value):
-                return value.__module__, value.__qualname__
-            return type(value).__qualname__, walk(vars(value))
 
-        structure = walk({"processors": self.processors, "step": self.step, "store": self.store})
-        return structure, tensors
+@dataclass
+class UNetCallLog:
+    """What `NegativePromptInversionPipeline.count_unet_calls` saw: each UNet evaluation's ``(batch size, with
+    gradient)``, and how many of them captured a CUDA graph (an eager warm-up, a capture, and a replay)."""
+
+    calls: list[tuple[int, bool]] = field(default_factory=list)
+    captures: int = 0
 
 
 class _CUDAGraphUNet:
@@ -452,6 +767,7 @@ class _CUDAGraphUNet:
         # dynamic=False: one static kernel set per batch size instead of a slower dynamic-shape one
         self.forward = torch.compile(unet, dynamic=False) if compile else unet
         self.graphs = OrderedDict()
+        self.captures = 0
         self.controls = {}  # structure -> (control, its tensors)
         self.key = None
 
@@ -462,7 +778,7 @@ class _CUDAGraphUNet:
         if kept is not control:
             for mine, theirs in zip(kept_tensors, tensors):
                 mine.copy_(theirs)
-            kept.blend = control.blend
+            kept.hooks = control.hooks
         return kept
 
     def refresh_key(self) -> None:
@@ -496,6 +812,7 @@ class _CUDAGraphUNet:
         with torch.cuda.graph(graph):
             static["output"] = self._forward(self.forward, static["latents"], static["timestep"], static["embeds"])
         self.graphs[key] = (graph, static)
+        self.captures += 1
         if len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
         return output
@@ -552,6 +869,10 @@ class NegativePromptInversionPipeline(
             (ProxEdit); `None` for plain guidance.
     """
 
+    # The editing techniques, reachable from any loaded pipeline as ``pipe.PromptToPrompt(...)``: a file loaded by
+    # diffusers as a custom pipeline offers no module to import them from.
+    PromptToPrompt, MasaCtrl, LocalBlend, ProximalGuidance = PromptToPrompt, MasaCtrl, LocalBlend, ProximalGuidance
+
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["safety_checker", "feature_extractor"]
     _exclude_from_cpu_offload = ["safety_checker"]
@@ -566,7 +887,6 @@ class NegativePromptInversionPipeline(
         scheduler: KarrasDiffusionSchedulers,
         safety_checker: StableDiffusionSafetyChecker | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
-        requires_safety_checker: bool = False,
         inversion_method: str = "npi",
         null_text_inner_steps: int = 10,
         null_text_early_stop: float = 1e-5,
@@ -598,7 +918,6 @@ class NegativePromptInversionPipeline(
             feature_extractor=feature_extractor,
         )
         self.register_to_config(
-            requires_safety_checker=requires_safety_checker,
             inversion_method=inversion_method,
             null_text_inner_steps=null_text_inner_steps,
             null_text_early_stop=null_text_early_stop,
@@ -766,11 +1085,27 @@ class NegativePromptInversionPipeline(
             if control.processors:
                 self.unet.set_attn_processor(saved)
 
+    @contextmanager
+    def count_unet_calls(self):
+        """Record every UNet evaluation inside the ``with`` block (eager, replayed as a CUDA graph, or with
+        gradients for NTI) into the yielded `UNetCallLog`. Benchmarks and tests read it; it costs nothing when off."""
+        log = self._unet_call_log = UNetCallLog()
+        try:
+            yield log
+        finally:
+            self._unet_call_log = None
+
     def predict_noise(self, latents, timestep, embeds, alpha) -> torch.Tensor:
         """ε(z, t, c) in float32, converted from v-prediction when the model predicts v."""
         runner = getattr(self, "_cuda_graphs", None)
+        log = getattr(self, "_unet_call_log", None)
+        if log is not None:
+            log.calls.append((latents.shape[0], torch.is_grad_enabled()))
         if runner is not None and not torch.is_grad_enabled():
+            captures = runner.captures
             output = runner(latents.to(self.unet.dtype), timestep, embeds)
+            if log is not None:
+                log.captures += runner.captures - captures
         else:
             output = self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=embeds, return_dict=False)[0]
         output = output.float()
@@ -840,17 +1175,14 @@ class NegativePromptInversionPipeline(
             for parameter, flag in zip(self.unet.parameters(), flags):
                 parameter.requires_grad_(flag)
 
-    def attention_layers(self, latent_size: tuple[int, int]) -> list[dict]:
-        """The UNet's attention layers in call order with their map size for a latent of ``latent_size``.
-
-        Each entry: ``name``, ``cross`` (bool), ``level`` (number of 2× downsamplings), ``size`` (h, w) and
-        ``block`` (index among the transformer blocks, in call order).
-        """
+    def attention_layers(self, latent_size: tuple[int, int]) -> list[AttentionLayer]:
+        """The UNet's attention layers in call order (down → mid → up; self before cross within a block), with their
+        map sizes for a latent of ``latent_size``."""
         levels = len(self.unet.config.down_block_types)
         sizes = [tuple(latent_size)]
         for _ in range(levels - 1):
             sizes.append(tuple(math.ceil(s / 2) for s in sizes[-1]))
-        layers = []
+        placed = []
         for name in self.unet.attn_processors:
             parts = name.split(".")
             if parts[0] == "down_blocks":
@@ -860,13 +1192,13 @@ class NegativePromptInversionPipeline(
             else:
                 stage, level, rest = 2, levels - 1 - int(parts[1]), parts[2:]
             order = (stage, int(parts[1]) if stage != 1 else 0, *[int(p) for p in rest if p.isdigit()], rest[-2])
-            layers.append({"name": name, "cross": rest[-2] == "attn2", "level": level, "size": sizes[level], "order": order})
-        layers.sort(key=lambda layer: layer["order"])
-        block = -1
-        for layer in layers:
-            block += not layer["cross"]
-            layer["block"] = block
-        return layers
+            placed.append((order, name, rest[-2] == "attn2", stage == 2, level))
+        placed.sort()
+        blocks = itertools.accumulate(not cross for _, _, cross, _, _ in placed)
+        return [
+            AttentionLayer(name, cross, decoder, level, sizes[level], block - 1)
+            for (_, name, cross, decoder, level), block in zip(placed, blocks)
+        ]
 
     # -------------------------------------------------------------------------------------------------------------
     # Inversion
@@ -942,7 +1274,7 @@ class NegativePromptInversionPipeline(
             trajectory = self.ddim_inversion(latents, prompt_embeds, timesteps, alphas, alphas_next)
 
             # 4. Null-text optimisation around the trajectory
-            if method == "nti":
+            if INVERSION_METHODS[method].optimises_null_text:
                 start = self.encode_text([""], device).expand_as(prompt_embeds) if init == "null" else prompt_embeds
                 null_embeds, losses = self.null_text_optimization(
                     trajectory, prompt_embeds, start, timesteps, alphas, alphas_next, guidance_scale, inner_steps,
@@ -1033,69 +1365,36 @@ class NegativePromptInversionPipeline(
         guidance_scale,
         attention_control,
         proximal_guidance,
-        proximal_quantile,
-        proximal_threshold,
-        guidance_step_size,
-        guidance_below_timestep,
-        mask_dilation,
-        blend_threshold,
-        blend_start,
-        masactrl_start_step,
-        masactrl_start_layer,
         output_type,
         callback_on_step_end_tensor_inputs,
     ):
         self.check_inversion(inversion, num_inference_steps)
         _check_guidance(guidance_scale, inversion.method)
-        _check_choice("attention_control", attention_control, ATTENTION_CONTROLS, allow_none=True)
-        _check_choice("proximal_guidance", proximal_guidance, PROXIMAL_MODES, allow_none=True)
-        if proximal_threshold is not None:
-            _check_number("proximal_threshold", proximal_threshold, 0)
-        _check_number("proximal_quantile", proximal_quantile, 0, 1)
-        _check_number("guidance_step_size", guidance_step_size, 0)
-        _check_number("guidance_below_timestep", guidance_below_timestep)
-        _check_number("mask_dilation", mask_dilation, 0, integer=True)
-        _check_number("blend_threshold", blend_threshold, 0, 1)
-        _check_number("blend_start", blend_start, 0, 1)
-        if attention_control == "masactrl":
-            _check_number("masactrl_start_step", masactrl_start_step, 0, inversion.num_inference_steps, integer=True)
-            if masactrl_start_layer is not None:
-                blocks = sum(1 for name in self.unet.attn_processors if name.endswith("attn1.processor"))
-                _check_number("masactrl_start_layer", masactrl_start_layer, 0, blocks - 1, integer=True)
+        if attention_control is not None:
+            layers = self.attention_layers(tuple(inversion.latents.shape[-2:]))
+            attention_control.check(inversion.num_inference_steps, layers)
+        if proximal_guidance is not None:
+            proximal_guidance.check()
         _check_choice("output_type", output_type, ("pil", "np", "pt", "latent"))
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}.")
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}."
+            )
 
     @_one_call_at_a_time
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] | list[list[str]] | None = None,
         inversion: InversionResult | None = None,
         guidance_scale: float = 7.5,
         num_inference_steps: int | None = None,
-        attention_control: str | None = None,
-        edit_type: str | None = None,
-        cross_replace_steps: float | tuple[float, float] | dict | None = None,
-        self_replace_steps: float | tuple[float, float] | None = None,
-        reweight: dict[str, float] | list[dict[str, float]] | None = None,
-        blend_words: tuple | list | None = None,
-        blend_threshold: float = 0.3,
-        blend_start: float = 0.2,
-        masactrl_start_step: int = 4,
-        masactrl_start_layer: int | None = None,
-        proximal_guidance: str | bool | None = None,
-        proximal_quantile: float = 0.7,
-        proximal_threshold: float | None = None,
-        inversion_guidance: bool = True,
-        reconstruction_guidance: bool = False,
-        guidance_step_size: float = 1.0,
-        guidance_below_timestep: int = 400,
-        mask_dilation: int = 1,
+        attention_control: str | PromptToPrompt | MasaCtrl | None = None,
+        proximal_guidance: str | ProximalGuidance | bool | None = None,
         return_edit_mask: bool = False,
         return_attention_maps: bool = False,
-        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -1112,40 +1411,15 @@ class NegativePromptInversionPipeline(
             guidance_scale (`float`, defaults to 7.5): Classifier-free guidance scale w. The unconditional
                 embedding is E(source) for NPI, U[i] for NTI and E("") for DDIM.
             num_inference_steps (`int`, *optional*): Must equal the inversion's step count if given.
-            attention_control (`str`, *optional*): ``"p2p"`` (prompt-to-prompt) or ``"masactrl"`` (mutual
-                self-attention). Defaults to ``"p2p"`` when any prompt-to-prompt argument is given, else none.
-            edit_type (`str`, *optional*): ``"replace"`` (word swap, equal word counts) or ``"refine"`` (added or
-                removed words); `None` picks per target.
-            cross_replace_steps (`float`, `tuple` or `dict`, defaults to 0.4): Cross-attention replacement window
-                as a fraction of the steps, a ``(start, end)`` pair, or ``{"default_": f, "word": (a, b)}``.
-            self_replace_steps (`float` or `tuple`, defaults to 0.6): Self-attention replacement window.
-            reweight (`dict` or `list[dict]`, *optional*): ``{"word": factor}`` scaling target words' attention
-                (one dict for every target, or one per target).
-            blend_words (`tuple` or `list`, *optional*): Local blend words. One image: ``(source_words,
-                target_words)`` (target words apply to every target) or ``[source_words, target_1_words, …]``;
-                several images: one ``(source_words, target_words)`` pair per image. Words: a string or a list.
-            blend_threshold (`float`, defaults to 0.3), blend_start (`float`, defaults to 0.2): Local blend mask
-                threshold and the fraction of steps after which blending starts.
-            masactrl_start_step (`int`, defaults to 4): First step of mutual self-attention.
-            masactrl_start_layer (`int`, *optional*): First controlled transformer block in call order (SD 1.x's
-                reference value is 10 of 16). Default: the decoder blocks at ≥ ½ of the latent resolution, which is
-                that same set on SD 1.x and stays meaningful at other resolutions and depths.
-            proximal_guidance (`str` or `bool`, *optional*): ``"soft"``/``"hard"`` thresholding of the guidance
-                direction of edited samples, `False` for none; `None` uses the pipeline's flag.
-            proximal_quantile (`float`, defaults to 0.7): λ = this quantile of |ε_c − ε_u|, per edited sample.
-                The reference takes one quantile over the whole batch; with the NPI source sample in the batch
-                (its direction is zero) its q acts like ``2q − 1`` here (``((k+1)q − 1)/k`` for k targets).
-            proximal_threshold (`float`, *optional*): A fixed λ instead of the quantile.
-            inversion_guidance (`bool`, defaults to True): After each step with t < ``guidance_below_timestep``,
-                pull the unedited region of the latent toward the inversion trajectory (ProxEdit §3.3).
-            reconstruction_guidance (`bool`, defaults to False): The same pull on the predicted x0 toward z_0
-                (ProxEdit App. B).
-            guidance_step_size (`float`, defaults to 1.0): Step size η of both guidances (1 pins the region).
-            guidance_below_timestep (`int`, defaults to 400): Guidances apply while t < this.
-            mask_dilation (`int`, defaults to 1): Edit-mask dilation radius r (max-pool of 2r+1).
+            attention_control (`str`, `PromptToPrompt` or `MasaCtrl`, *optional*): How targets follow their source:
+                prompt-to-prompt (word swap, refinement, re-weighting, local blend) or mutual self-attention. The
+                names ``"p2p"`` and ``"masactrl"`` stand for those techniques with their default settings.
+            proximal_guidance (`str`, `ProximalGuidance` or `bool`, *optional*): Proximal guidance of the edited
+                samples; ``"soft"``/``"hard"`` for that mode's defaults, `False` for none, `None` for the pipeline's
+                ``proximal_guidance`` flag.
             return_edit_mask (`bool`, defaults to False): Return proximal guidance's edit masks as images.
-            return_attention_maps (`bool`, defaults to False): Return average cross-attention maps of each output.
-            generator: Accepted for API compatibility; DDIM with η = 0 draws no noise.
+            return_attention_maps (`bool`, defaults to False): Return the average cross-attention maps of each output
+                (`attention_heat_maps` draws them).
             output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict (`bool`, defaults to True): Return a `NegativePromptInversionPipelineOutput`, else a tuple.
             callback_on_step_end, callback_on_step_end_tensor_inputs: As in diffusers' pipelines. ``latents``
@@ -1157,57 +1431,44 @@ class NegativePromptInversionPipeline(
         Returns:
             `NegativePromptInversionPipelineOutput` or `tuple`.
         """
-        # 1. Check inputs (everything that can fail does so here, before any model runs)
-        p2p_arguments = any(
-            value is not None for value in (edit_type, cross_replace_steps, self_replace_steps, reweight, blend_words)
-        )
-        if attention_control is None and p2p_arguments:
-            attention_control = "p2p"
-        if proximal_guidance is None:
-            proximal_guidance = self.config.proximal_guidance
-        proximal_guidance = proximal_guidance or None
+        # 1. Check inputs (everything that can fail does so here or in step 3, before any model runs)
+        attention_control = _as_attention_control(attention_control)
+        proximal_guidance = _as_proximal_guidance(proximal_guidance, self.config.proximal_guidance)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
-            inversion, num_inference_steps, guidance_scale, attention_control, proximal_guidance, proximal_quantile,
-            proximal_threshold, guidance_step_size, guidance_below_timestep, mask_dilation, blend_threshold,
-            blend_start, masactrl_start_step, masactrl_start_layer, output_type, callback_on_step_end_tensor_inputs,
+            inversion, num_inference_steps, guidance_scale, attention_control, proximal_guidance, output_type,
+            callback_on_step_end_tensor_inputs,
         )
         targets = _targets_per_image(prompt, inversion.source_prompts)
         self.check_target_prompts(targets, inversion.source_prompts)
-        if attention_control != "p2p" and p2p_arguments:
-            raise ValueError("edit_type, *_replace_steps, reweight and blend_words need attention_control='p2p'.")
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device
         steps = inversion.num_inference_steps
 
         # 2. Lay out the branches (latents) and the UNet batch rows that serve them
-        branches = self.plan_branches(inversion, targets, attention_control)
-        num_rows = _lay_out_rows(branches, guidance_scale)
-        latent_size = tuple(inversion.latents.shape[-2:])
+        branches = plan_branches(inversion, targets, attention_control)
+        rows = lay_out_rows(branches, guidance_scale)
 
         # 3. Prepare attention control (text-side mapping raises here, before any UNet work)
-        control = self.prepare_attention_control(
-            branches, steps, latent_size, attention_control, edit_type,
-            0.4 if cross_replace_steps is None else cross_replace_steps,
-            0.6 if self_replace_steps is None else self_replace_steps,
-            reweight, blend_words, blend_threshold, blend_start, masactrl_start_step, masactrl_start_layer,
-            return_attention_maps, device,
+        control = self.prepare_control(
+            attention_control, branches, rows, steps, tuple(inversion.latents.shape[-2:]), return_attention_maps, device
         )
 
         # 4. Embeddings of every row at every step
-        row_embeds = self.row_embeddings(branches, num_rows, inversion, device)
+        row_embeds = self.row_embeddings(branches, rows, inversion, device)
 
         # 5. Controlled denoising from z_T
         timesteps, alphas, alphas_next = self.ddim_schedule(steps, device)
-        guided_steps = [t < guidance_below_timestep for t in timesteps.tolist()]
         images_of = _index([branch.image for branch in branches], device)
         trajectory = inversion.latents.to(device)[images_of]  # (branches, N+1, …): anchors for the guidances
         latents = trajectory[:, steps].clone()
-        row_branch, cond_rows, uncond_rows = _row_indices(branches, num_rows, device)
+        row_branch, cond_rows, uncond_rows = (_index(r, device) for r in (rows.branch_of_row(), rows.cond, rows.uncond))
         edited = _index([k for k, branch in enumerate(branches) if not branch.is_source], device)
-        edit_fraction = torch.zeros(len(edited), 1, *latent_size, device=device)
+        if proximal_guidance is not None:
+            pulled_steps = [t < proximal_guidance.below_timestep for t in timesteps.tolist()]
+            edit_fraction = torch.zeros(len(edited), 1, *latents.shape[-2:], device=device)
         self._num_timesteps = steps
 
         with self._controlled_unet(control) as control, self.progress_bar(total=steps) as progress_bar:
@@ -1219,25 +1480,20 @@ class NegativePromptInversionPipeline(
                 noise_uncond, direction = noise[uncond_rows], noise[cond_rows] - noise[uncond_rows]
                 edit_mask = None
                 if proximal_guidance is not None:
-                    prox_direction, threshold = proximal_direction(
-                        direction[edited], proximal_guidance, proximal_quantile, proximal_threshold
-                    )
-                    edit_mask = edit_region(prox_direction, threshold, mask_dilation)
+                    prox_direction, edit_mask = proximal_guidance.guide(direction[edited])
                     direction = direction.index_copy(0, edited, prox_direction)
                     edit_fraction += edit_mask.mean(dim=1, keepdim=True)
                 noise = classifier_free_guidance(noise_uncond, direction, guidance_scale)
 
                 x0 = predict_x0(latents, noise, alphas[i])
-                if edit_mask is not None and reconstruction_guidance and guided_steps[i]:
-                    pulled = guide_towards(x0[edited], trajectory[edited, 0], 1 - edit_mask, guidance_step_size)
-                    x0 = x0.index_copy(0, edited, pulled)
+                if edit_mask is not None and proximal_guidance.reconstruction_guidance and pulled_steps[i]:
+                    x0 = x0.index_copy(0, edited, proximal_guidance.pull(x0[edited], trajectory[edited, 0], edit_mask))
                 latents = renoise(x0, noise, alphas_next[i])
-                if edit_mask is not None and inversion_guidance and guided_steps[i]:
+                if edit_mask is not None and proximal_guidance.inversion_guidance and pulled_steps[i]:
                     anchor = trajectory[edited, steps - i - 1]
-                    pulled = guide_towards(latents[edited], anchor, 1 - edit_mask, guidance_step_size)
-                    latents = latents.index_copy(0, edited, pulled)
-                if control.blend is not None and i >= control.blend["start"]:
-                    latents = self.local_blend(latents, control)
+                    latents = latents.index_copy(0, edited, proximal_guidance.pull(latents[edited], anchor, edit_mask))
+                for hook in control.hooks:
+                    latents = hook(latents, i, control.store)
 
                 if callback_on_step_end is not None:
                     step_tensors = {"latents": latents, "edit_mask": edit_mask}
@@ -1273,157 +1529,59 @@ class NegativePromptInversionPipeline(
     # -------------------------------------------------------------------------------------------------------------
     # Editing: building blocks
 
-    def plan_branches(self, inversion: InversionResult, targets: list[list[str]], attention_control) -> list[_Branch]:
-        """One branch per target, plus a source branch per image when attention control needs the source's
-        attention. Unconditional embeddings follow ALGORITHMS §2–§6: E(src) for NPI (its "null" is E("")), U[i] for
-        NTI, E("") for DDIM; MasaCtrl's synthesis branch uses the null embedding (ProxMasaCtrl)."""
-        method = inversion.method
-        base = {"npi": "source", "nti": "null_text", "ddim": "empty"}[method]
-        null = {"npi": "empty", "nti": "null_text", "ddim": "empty"}[method]
-        target_uncond = null if attention_control == "masactrl" else base
-        controlled = attention_control is not None
-        branches = []
-        for image, (source, prompts) in enumerate(zip(inversion.source_prompts, targets)):
-            if controlled:
-                branches.append(_Branch(image, source, source, True, base, controlled=False))
-            branches += [_Branch(image, source, prompt, False, target_uncond, controlled) for prompt in prompts]
-        return branches
-
-    def row_embeddings(self, branches: list[_Branch], num_rows: int, inversion: InversionResult, device):
+    def row_embeddings(self, branches: list[Branch], rows: RowLayout, inversion: InversionResult, device):
         """``(steps, rows, tokens, dim)`` text embeddings; only NTI's rows change from step to step."""
         source = inversion.prompt_embeds.to(device=device, dtype=self.unet.dtype)
         needed = [b.prompt for b in branches if b.prompt != b.source_prompt]
         texts = self._encode_unique(needed + [""] * any(b.uncond == "empty" for b in branches), device)
         null_text = None if inversion.null_embeds is None else inversion.null_embeds.to(device=device, dtype=self.unet.dtype)
-
-        def cond(branch):
-            return source[branch.image] if branch.prompt == branch.source_prompt else texts[branch.prompt]
-
-        def uncond(branch):
-            if branch.uncond == "source":
-                return source[branch.image]
-            return texts[""] if branch.uncond == "empty" else null_text[branch.image]
-
-        rows = [None] * num_rows
-        for branch in branches:
-            rows[branch.cond_row] = cond(branch)
-            if branch.uncond_row != branch.cond_row:
-                rows[branch.uncond_row] = uncond(branch)
+        embedding = {  # by where an embedding comes from (see InversionMethod)
+            "source": lambda branch: source[branch.image],
+            "empty": lambda branch: texts[""],
+            "null_text": lambda branch: null_text[branch.image],
+            "prompt": lambda branch: texts[branch.prompt],
+        }
+        embeds = [None] * rows.num_rows
+        for branch, cond, uncond in zip(branches, rows.cond, rows.uncond):
+            embeds[cond] = embedding["source" if branch.prompt == branch.source_prompt else "prompt"](branch)
+            if uncond != cond:
+                embeds[uncond] = embedding[branch.uncond](branch)
         steps = inversion.num_inference_steps
-        if all(row.dim() == 2 for row in rows):
-            return torch.stack(rows)[None].expand(steps, -1, -1, -1)
-        return torch.stack([row.expand(steps, -1, -1) if row.dim() == 2 else row for row in rows], dim=1)
+        if all(row.dim() == 2 for row in embeds):
+            return torch.stack(embeds)[None].expand(steps, -1, -1, -1)
+        return torch.stack([row.expand(steps, -1, -1) if row.dim() == 2 else row for row in embeds], dim=1)
 
-    def token_edit(self, source: str, target: str, edit_type: str | None, weights: dict | None):
-        """The prompt-to-prompt edit of one target: word swap for equal word counts, else refinement."""
-        if edit_type is None:
-            edit_type = "replace" if len(source.split(" ")) == len(target.split(" ")) else "refine"
-        edit = (word_swap if edit_type == "replace" else refinement)(source, target, self.tokenizer)
-        return reweighting(edit, target, weights, self.tokenizer) if weights else edit
-
-    def _map_level(self, layers: list[dict]) -> tuple[int, tuple[int, int]]:
+    def _map_level(self, layers: list[AttentionLayer]) -> tuple[int, tuple[int, int]]:
         """Cross-attention map size read by local blend and visualisation: ¼ of the latent (16×16 at 512 px, as
         the references), but not coarser than 8 tokens on the short side when the latent is small."""
-        sizes = {layer["level"]: layer["size"] for layer in layers if layer["cross"]}
+        sizes = {layer.level: layer.size for layer in layers if layer.cross}
         wanted = max([level for level, size in sizes.items() if min(size) >= 8 and level <= 2], default=min(sizes))
         height, width = sizes[wanted]
         return height * width, (height, width)
 
-    def prepare_attention_control(
-        self, branches, steps, latent_size, attention_control, edit_type, cross_replace_steps,
-        self_replace_steps, reweight, blend_words, blend_threshold, blend_start, masactrl_start_step,
-        masactrl_start_layer, return_attention_maps, device,
+    def prepare_control(
+        self, attention_control, branches, rows, steps, latent_size, return_attention_maps, device
     ) -> _Control:
-        """Build the processors (by layer name) for this call. All text-side validation happens here."""
-        step = torch.zeros((), dtype=torch.long, device=device)
-        if attention_control is None and not return_attention_maps:
-            return _Control(step=step)
-        _check_choice("edit_type", edit_type, EDIT_TYPES, allow_none=True)
+        """This call's processors (by layer name), attention store and per-step hooks. All text-side validation
+        (words missing from prompts, edits of different word counts) raises here."""
+        control = _Control(step=torch.zeros((), dtype=torch.long, device=device))
+        needs_maps = return_attention_maps or getattr(attention_control, "needs_attention_maps", False)
+        if attention_control is None and not needs_maps:
+            return control
         layers = self.attention_layers(latent_size)
-        source_of = {branch.image: k for k, branch in enumerate(branches) if branch.is_source}
-        targets = [k for k, branch in enumerate(branches) if not branch.is_source]
-        sources = [source_of.get(branches[k].image, k) for k in targets]
-        cond_rows = _index([branch.cond_row for branch in branches], device)
-        control = _Control(step=step)
-        if return_attention_maps or blend_words is not None:
+        if needs_maps:
             length, size = self._map_level(layers)
             control.store = AttentionStore(length, size, len(branches), self.tokenizer.model_max_length, device)
-
-        if attention_control == "p2p":
-            prompts = [branches[k].prompt for k in targets]
-            weights = _per_target(reweight, len(targets), "reweight")
-            edits = [
-                self.token_edit(branches[k].source_prompt, branches[k].prompt, edit_type, w)
-                for k, w in zip(targets, weights)
-            ]
-            alpha = cross_attention_window(steps, prompts, cross_replace_steps, self.tokenizer).to(device)
-            window = self_attention_window(steps, self_replace_steps).to(device)
-            source_pos, target_pos = _index(sources, device), _index(targets, device)
-            cross = ControlledAttnProcessor(
-                CrossAttentionControl(step, cond_rows, source_pos, target_pos, stack_edits(edits).to(device), alpha, control.store)
-            )
-            self_replace = ControlledAttnProcessor(
-                SelfAttentionReplace(step, window, cond_rows[source_pos], cond_rows[target_pos])
-            )
-            for layer in layers:
-                # Self-attention replacement skips the full-resolution layers (the references' "≤ 32²" at 512 px).
-                if layer["cross"] or layer["level"] >= 1:
-                    control.processors[layer["name"]] = cross if layer["cross"] else self_replace
-        elif control.store is not None:
+        plan = EditPlan(branches, rows, layers, steps, control.step, control.store, self.tokenizer, device)
+        rules, hook = attention_control.prepare(plan) if attention_control is not None else ({}, None)
+        if control.store is not None:  # record the maps of cross-attention layers the control leaves alone
             empty = _index([], device)
-            recorder = ControlledAttnProcessor(CrossAttentionControl(step, cond_rows, empty, empty, store=control.store))
-            control.processors.update({layer["name"]: recorder for layer in layers if layer["cross"]})
-
-        if attention_control == "masactrl":
-            pairs = [(branches[s].cond_row, branches[t].cond_row) for s, t in zip(sources, targets)]
-            pairs += [
-                (branches[s].uncond_row, branches[t].uncond_row)
-                for s, t in zip(sources, targets)
-                if branches[t].uncond_row != branches[t].cond_row
-            ]
-            start = torch.tensor(masactrl_start_step, device=device)  # a tensor: changing it reuses captured graphs
-            rule = MutualSelfAttention(
-                step, start, _index([s for s, _ in pairs], device), _index([t for _, t in pairs], device)
-            )
-            levels = len(self.unet.config.down_block_types)
-            for layer in layers:
-                decoder_fine = layer["order"][0] == 2 and layer["level"] <= min(1, levels - 1)
-                chosen = decoder_fine if masactrl_start_layer is None else layer["block"] >= masactrl_start_layer
-                if not layer["cross"] and chosen:
-                    control.processors[layer["name"]] = ControlledAttnProcessor(rule)
-
-        if blend_words is not None:
-            control.blend = {
-                "weights": self._blend_weights(branches, blend_words, len(source_of)).to(device),
-                "targets": _index(targets, device),
-                "sources": _index(sources, device),
-                "threshold": blend_threshold,
-                "start": int(blend_start * steps),
-            }
+            recorder = CrossAttentionControl(control.step, plan.cond_rows, empty, empty, store=control.store)
+            rules = {**{layer.name: recorder for layer in layers if layer.cross}, **rules}
+        processors = {id(rule): ControlledAttnProcessor(rule) for rule in rules.values()}
+        control.processors = {name: processors[id(rule)] for name, rule in rules.items()}
+        control.hooks = [hook] if hook is not None else []
         return control
-
-    def _blend_weights(self, branches: list[_Branch], blend_words, num_images: int) -> torch.Tensor:
-        """``(branches, tokens)``: 1 on each branch's blend-word tokens."""
-        words_of = _blend_words_per_branch(branches, blend_words, num_images)
-        weights = torch.zeros(len(branches), self.tokenizer.model_max_length)
-        for k, (branch, words) in enumerate(zip(branches, words_of)):
-            for word in words:
-                positions = find_word(branch.prompt, word, self.tokenizer)
-                if not positions:
-                    role = "source" if branch.is_source else "target"
-                    raise ValueError(f"blend word {word!r} is not in the {role} prompt {branch.prompt!r}.")
-                weights[k, positions] = 1.0
-        return weights
-
-    def local_blend(self, latents: torch.Tensor, control: _Control) -> torch.Tensor:
-        """P2P local blend: outside the blend words' attention, each target keeps its source's latent."""
-        blend = control.blend
-        maps = control.store.average()
-        mask = local_blend_mask(maps, blend["weights"], tuple(latents.shape[-2:]), blend["threshold"])
-        targets, sources = blend["targets"], blend["sources"]
-        mask = (mask[targets] | mask[sources]).to(latents.dtype)
-        blended = latents[sources] + mask * (latents[targets] - latents[sources])
-        return latents.index_copy(0, targets, blended)
 
     def attention_heat_maps(self, maps: torch.Tensor, prompt: str, image: PIL.Image.Image | None = None):
         """A PIL grid of one prompt's cross-attention maps (``output.attention_maps[k]``), one tile per token."""
@@ -1436,6 +1594,21 @@ class NegativePromptInversionPipeline(
             return image, None
         features = self.feature_extractor(self.image_processor.postprocess(image, output_type="pil"), return_tensors="pt")
         return self.safety_checker(images=image, clip_input=features.pixel_values.to(device=device, dtype=dtype))
+
+
+def plan_branches(inversion: InversionResult, targets: list[list[str]], attention_control) -> list[Branch]:
+    """One branch per target, plus a source branch per image when attention control needs the source's attention.
+    Unconditional embeddings follow the inversion method (`INVERSION_METHODS`); a synthesising control (MasaCtrl)
+    gives its targets the method's null embedding instead."""
+    method = INVERSION_METHODS[inversion.method]
+    controlled = attention_control is not None
+    target_uncond = method.null if controlled and attention_control.synthesises else method.uncond
+    branches = []
+    for image, (source, prompts) in enumerate(zip(inversion.source_prompts, targets)):
+        if controlled:
+            branches.append(Branch(image, source, source, True, method.uncond, controlled=False))
+        branches += [Branch(image, source, prompt, False, target_uncond, controlled) for prompt in prompts]
+    return branches
 
 
 # =================================================================================================================
@@ -1496,7 +1669,7 @@ def _check_steps(num_inference_steps, num_train_timesteps: int) -> None:
 
 def _check_guidance(guidance_scale, method: str) -> None:
     _check_number("guidance_scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
-    if method == "nti" and guidance_scale < 1:
+    if INVERSION_METHODS[method].optimises_null_text and guidance_scale < 1:
         raise ValueError(f"guidance_scale must be >= 1 with null-text inversion, got {guidance_scale!r}.")
 
 
@@ -1528,7 +1701,7 @@ def _targets_per_image(prompt, sources: list[str]) -> list[list[str]]:
     return [[p] for p in prompts]
 
 
-def _blend_words_per_branch(branches: list[_Branch], blend_words, num_images: int) -> list[list[str]]:
+def _blend_words_per_branch(branches: list[Branch], blend_words, num_images: int) -> list[list[str]]:
     """Spread ``blend_words`` over the branches.
 
     One image: ``(source_words, target_words)`` (target words for every target) or ``[source_words,

@@ -189,7 +189,7 @@ def reweighting(edit: TokenEdit, target: str, weights: dict[str, float], tokeniz
 # Time windows
 
 
-def _check_window(name: str, window) -> tuple[float, float]:
+def check_window(name: str, window) -> tuple[float, float]:
     is_number = lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool)  # noqa: E731
     pair = (0.0, window) if is_number(window) else tuple(window) if isinstance(window, (tuple, list)) else ()
     if not (len(pair) == 2 and all(map(is_number, pair)) and 0.0 <= pair[0] <= pair[1] <= 1.0):
@@ -209,7 +209,7 @@ def cross_attention_window(num_steps: int, targets: list[str], cross_replace_ste
     alpha = torch.zeros(rows, len(targets), tokenizer.model_max_length)
 
     def fill(window, target_index, positions=slice(None)):
-        start, end = _check_window("cross_replace_steps", window)
+        start, end = check_window("cross_replace_steps", window)
         alpha[:, target_index, positions] = 0.0
         alpha[int(start * rows) : int(end * rows), target_index, positions] = 1.0
 
@@ -227,14 +227,15 @@ def cross_attention_window(num_steps: int, targets: list[str], cross_replace_ste
 
 def self_attention_window(num_steps: int, self_replace_steps) -> torch.Tensor:
     """Boolean ``(num_steps,)``: steps ``[int(N·start), int(N·end))`` replace the target's self-attention."""
-    start, end = _check_window("self_replace_steps", self_replace_steps)
+    start, end = check_window("self_replace_steps", self_replace_steps)
     on = torch.zeros(num_steps, dtype=torch.bool)
     on[int(num_steps * start) : int(num_steps * end)] = True
     return on
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Attention rules (see npi_controlled_attention.ControlledAttnProcessor)
+# Attention rule (see npi_controlled_attention.ControlledAttnProcessor; self-attention replacement is
+# npi_mutual_self_attention.MutualSelfAttention with borrow=("query", "key"))
 
 
 def at_step(table: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -259,6 +260,17 @@ class CrossAttentionControl:
     def __init__(self, step, rows, sources, targets, edits: TokenEdit | None = None, alpha=None, store=None):
         self.step, self.rows, self.sources, self.targets = step, rows, sources, targets
         self.edits, self.alpha, self.store = edits, alpha, store
+
+    def structure(self) -> tuple:
+        """Everything but the tensors' values that shapes the computation (a CUDA-graph key)."""
+        store = None if self.store is None else (self.store.length, self.store.size)
+        return (type(self).__name__, self.edits is not None, store)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors the rule reads or writes (captured graphs use them in place)."""
+        edits = [] if self.edits is None else [self.edits.matrix, self.edits.keep, self.edits.scale, self.alpha]
+        store = [] if self.store is None else [self.store.sums]
+        return [self.step, self.rows, self.sources, self.targets, *edits, *store]
 
     def __call__(self, query, key, value, attn_mask, scale):
         edited = len(self.targets) > 0
@@ -291,18 +303,3 @@ class CrossAttentionControl:
             return probs
         base, own = probs[self.sources], probs[self.targets]
         return probs.index_copy(0, self.targets, alpha * self.edits(base, own) + (1 - alpha) * own)
-
-
-class SelfAttentionReplace:
-    """Inside the window a target's self-attention map becomes its source's: ``softmax(Q_s K_sᵀ) V_t`` (fused)."""
-
-    def __init__(self, step, window, source_rows, target_rows):
-        self.step, self.window = step, window
-        self.source_rows, self.target_rows = source_rows, target_rows
-
-    def __call__(self, query, key, value, attn_mask, scale):
-        on = at_step(self.window, self.step)
-        src, tgt = self.source_rows, self.target_rows
-        query = query.index_copy(0, tgt, torch.where(on, query[src], query[tgt]))
-        key = key.index_copy(0, tgt, torch.where(on, key[src], key[tgt]))
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)

@@ -6,8 +6,8 @@
 Everything runs in ONE process on RANDOM weights built from configs written out below (no downloads): the
 SD 1.5 UNet (860M), the SD VAE, the CLIP ViT-L/14 text encoder, an offline CLIP BPE tokenizer and SD's DDIM
 schedule. Timings do not depend on the weights' values, only on the architecture, dtype, resolution and the
-number and batch size of the UNet calls (which every row reports: a forward pre-hook on the UNet plus a wrapper
-around the pipeline's CUDA-graph runner, since graph replays bypass module hooks).
+number and batch size of the UNet calls (which every row reports: ``pipe.count_unet_calls()`` for ours, which also
+sees CUDA-graph replays; a forward pre-hook on the UNet for the peers).
 
 Rows (each a median of the timed runs after ``--warmup`` untimed runs; torch.cuda.synchronize around each):
 
@@ -37,6 +37,8 @@ one SD 1.5 UNet forward takes tens of seconds on a small CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -69,8 +71,13 @@ from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler,
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-import pipeline_negative_prompt_inversion as npi_module  # noqa: E402
-from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline  # noqa: E402
+from pipeline_negative_prompt_inversion import (  # noqa: E402
+    LocalBlend,
+    MasaCtrl,
+    NegativePromptInversionPipeline,
+    PromptToPrompt,
+    UNetCallLog,
+)
 
 # =================================================================================================================
 # Configs
@@ -210,77 +217,43 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class UNetCalls:
-    """Counts UNet calls, their batch sizes and whether they ran with autograd on.
+@contextlib.contextmanager
+def hooked_unet_calls(unet):
+    """UNet calls of the peers, which run the UNet outside our pipeline (ours count with
+    ``pipe.count_unet_calls()``, which also sees CUDA-graph replays): a forward pre-hook sees every eager forward."""
+    log = UNetCallLog()
 
-    A forward pre-hook sees every eager forward. CUDA-graph replays never run the module (so never call hooks);
-    the pipeline's graph runner is therefore wrapped too: each of its calls is one logical UNet call, and the
-    eager forwards it makes to warm up and capture a graph are counted as captures instead.
-    """
+    def record(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        log.calls.append((int(sample.shape[0]), torch.is_grad_enabled()))
 
-    def __init__(self, unet):
-        self.calls = None
-        self.captures = 0
-        self.inside_runner = 0
-        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
-        self.wraps_graph_runner = self._wrap_graph_runner()
-
-    def _hook(self, module, args, kwargs):
-        if self.calls is not None and not self.inside_runner:
-            sample = args[0] if args else kwargs.get("sample")
-            self.calls.append((int(sample.shape[0]), torch.is_grad_enabled()))
-
-    def _wrap_graph_runner(self) -> bool:
-        runner = getattr(npi_module, "_CUDAGraphUNet", None)
-        if runner is None or getattr(runner.__call__, "_counted", False):
-            return runner is not None
-        original, counter = runner.__call__, self
-
-        def counted(runner_self, latents, *args, **kwargs):
-            if counter.calls is not None:
-                counter.calls.append((int(latents.shape[0]), torch.is_grad_enabled()))
-            before = len(getattr(runner_self, "graphs", {}))
-            counter.inside_runner += 1
-            try:
-                return original(runner_self, latents, *args, **kwargs)
-            finally:
-                counter.inside_runner -= 1
-                if counter.calls is not None:
-                    counter.captures += len(getattr(runner_self, "graphs", {})) - before
-
-        counted._counted = True
-        runner.__call__ = counted
-        return True
-
-    def start(self):
-        self.calls, self.captures = [], 0
-
-    def stop(self) -> dict:
-        calls, self.calls = self.calls, None
-        return {"calls": calls, "captures": self.captures}
+    handle = unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield log
+    finally:
+        handle.remove()
 
 
-def measure(fn, repeats: int, warmup: int, device: torch.device, counter: UNetCalls | None = None,
+def measure(fn, repeats: int, warmup: int, device: torch.device, count_calls=None,
             deadline: float | None = None) -> dict:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and peak GPU memory.
 
-    The UNet calls of the first run (warm-up or timed) are counted. Timed runs stop early past ``deadline``
-    (a ``time.perf_counter`` value), keeping at least one.
+    The UNet calls of the first run (warm-up or timed) are counted with ``count_calls()``, a context manager
+    yielding a `UNetCallLog`. Timed runs stop early past ``deadline`` (a ``time.perf_counter`` value), keeping at
+    least one.
     """
     counts = None
 
     def timed_run():
         """One synchronised run of ``fn``; the UNet calls of the very first run are counted."""
         nonlocal counts
-        counting = counter is not None and counts is None
-        if counting:
-            counter.start()
-        start = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        if counting:
-            counts = counter.stop()
+        counting = count_calls if count_calls is not None and counts is None else contextlib.nullcontext
+        with counting() as log:
+            start = time.perf_counter()
+            result = fn()
+            synchronize(device)
+            seconds = time.perf_counter() - start
+        counts = counts or log
         return result, seconds
 
     warmup_times = []
@@ -309,16 +282,16 @@ def measure(fn, repeats: int, warmup: int, device: torch.device, counter: UNetCa
     }
 
 
-def summarize_calls(counts: dict | None) -> dict:
-    if not counts or counts.get("calls") is None:
+def summarize_calls(log: UNetCallLog | None) -> dict:
+    if log is None:
         return {"unet_calls": None, "unet_samples": None, "samples_per_call": None, "unet_calls_with_grad": None}
-    sizes = Counter(size for size, _ in counts["calls"])
+    sizes = Counter(size for size, _ in log.calls)
     return {
-        "unet_calls": len(counts["calls"]),
-        "unet_samples": sum(size for size, _ in counts["calls"]),
+        "unet_calls": len(log.calls),
+        "unet_samples": sum(size for size, _ in log.calls),
         "samples_per_call": {str(size): sizes[size] for size in sorted(sizes)},
-        "unet_calls_with_grad": sum(1 for _, grad in counts["calls"] if grad),
-        "graph_captures": counts.get("captures", 0),
+        "unet_calls_with_grad": sum(1 for _, grad in log.calls if grad),
+        "graph_captures": log.captures,
     }
 
 
@@ -557,25 +530,249 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
-    deadline = T0 + args.time_budget
-    diffusers_logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
+class Benchmark:
+    """One process's run: the models, the pipeline, the rows measured so far and what rows share (inversions, the
+    current mode). Each row group is one method; ``main`` calls them in order."""
 
+    def __init__(self, args):
+        self.args = args
+        self.device, self.dtype = torch.device(args.device), getattr(torch, args.dtype)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.deadline = T0 + args.time_budget
+        self.meta = run_metadata(args, self.device)
+        self.rows: list[dict] = []
+        self.state: dict = {}  # results shared between rows (inversions)
+        self.mode = None
+        log(f"device {self.meta['device_name']}, torch {self.meta['torch']}, diffusers {self.meta['diffusers']}, "
+            f"transformers {self.meta['transformers']}; model {args.model}, {args.dtype}, {args.size}px, "
+            f"{args.steps} steps")
+
+        start = time.perf_counter()
+        self.components = build_components(args.model, self.device, self.dtype, Path(tempfile.mkdtemp(prefix="npi-speed-")))
+        synchronize(self.device)
+        self.meta["params_m"] = {
+            name: round(sum(p.numel() for p in self.components[name].parameters()) / 1e6, 1)
+            for name in ("unet", "vae", "text_encoder")
+        }
+        self.meta["build_s"] = time.perf_counter() - start
+        self.meta["weights_gib"] = torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        log(f"built models in {self.meta['build_s']:.1f}s: {self.meta['params_m']} M params")
+        self.pipe = NegativePromptInversionPipeline(**self.components, safety_checker=None, feature_extractor=None)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.default_processors = dict(self.components["unet"].attn_processors)
+        self.image = random_image(args.size)
+        write_outputs(args.out, self.meta, self.rows)
+
+    # ---- shared by the rows ----------------------------------------------------------------------------------------
+
+    def invert(self, **kwargs):
+        args = self.args
+        return self.pipe.invert(self.image, SOURCE, num_inference_steps=args.steps, height=args.size, width=args.size,
+                                **kwargs)
+
+    def inversion(self, key: str, **kwargs):
+        """The inversion an edit row starts from: the one the invert row produced, else made now (untimed)."""
+        if key not in self.state:
+            self.state[key] = self.invert(**kwargs)
+        return self.state[key]
+
+    def set_mode(self, mode: str) -> None:
+        """eager; cuda_graphs (``enable_cuda_graphs()``); compiled (channels-last UNet +
+        ``enable_cuda_graphs(compile=True)``). Graphs and compiled code persist across rows of one mode, as they do
+        across a user's calls."""
+        if mode == self.mode:
+            return
+        self.pipe.disable_cuda_graphs()
+        memory_format = torch.channels_last if mode == "compiled" else torch.contiguous_format
+        self.components["unet"].to(memory_format=memory_format)
+        if mode != "eager":
+            self.pipe.enable_cuda_graphs(compile=mode == "compiled")
+        self.mode = mode
+
+    def run_row(self, name: str, group: str, mode: str, fn, repeats: int, warmup: int, note: str = "",
+                keep: str | None = None, annotate=None, setup=None, ours: bool = True):
+        args, device = self.args, self.device
+        if args.only and not re.search(args.only, name):
+            return
+        row = {"name": name, "group": group, "mode": mode, "note": note, "median_s": None, "error": None}
+        if time.perf_counter() > self.deadline:
+            row["error"] = f"skipped: time budget of {args.time_budget:.0f}s spent"
+            self.rows.append(row)
+            log(f"{name} [{mode}]: skipped (time budget)")
+            write_outputs(args.out, self.meta, self.rows)
+            return
+        started = time.perf_counter()
+        log(f"{name} [{mode}] ...")
+        try:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.set_mode(mode)
+            if setup is not None:
+                setup()
+            count_calls = self.pipe.count_unet_calls if ours else lambda: hooked_unet_calls(self.components["unet"])
+            stats = measure(fn, repeats, warmup, device, count_calls, self.deadline)
+            result = stats.pop("result")
+            row.update(stats)
+            row["repeats_requested"], row["warmup"] = repeats, warmup
+            row.update(summarize_calls(row.pop("counts")))
+            graphs = self.pipe._cuda_graphs
+            if mode != "eager" and device.type == "cuda" and not row.get("graph_captures") and not (graphs and graphs.graphs):
+                row["note"] = "; ".join(filter(None, [row["note"], "WARNING: no CUDA graph was captured"]))
+            if keep:
+                self.state[keep] = result
+            if annotate is not None:
+                row["note"] = "; ".join(filter(None, [row["note"], annotate(result)]))
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"{type(error).__name__}: {error}"
+            row["traceback"] = traceback.format_exc()
+            log(f"  FAILED: {row['error']}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row["row_elapsed_s"] = time.perf_counter() - started
+        self.rows.append(row)
+        if row["median_s"] is not None:
+            peak = f", peak {row['peak_mem_gib']:.2f} GiB" if row.get("peak_mem_gib") is not None else ""
+            log(f"  median {row['median_s']:.3f}s over {len(row['times_s'])} run(s){peak}, "
+                f"UNet calls {row.get('unet_calls')} ({format_per_call(row.get('samples_per_call'))}/call); "
+                f"row took {row['row_elapsed_s']:.1f}s")
+        write_outputs(args.out, self.meta, self.rows)
+
+    # ---- row groups ------------------------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Kernels, allocator, cuBLAS/cuDNN handles: two plain UNet forwards before anything is timed."""
+        unet, size = self.components["unet"], self.args.size
+        try:
+            with torch.no_grad():
+                latent = torch.randn(2, 4, size // 8, size // 8, device=self.device, dtype=self.dtype)
+                embeds = torch.randn(2, 77, unet.config.cross_attention_dim, device=self.device, dtype=self.dtype)
+                for _ in range(2):
+                    unet(latent, 500, encoder_hidden_states=embeds)
+            synchronize(self.device)
+            log("warm-up forwards done")
+        except Exception as error:  # noqa: BLE001
+            log(f"warm-up failed: {type(error).__name__}: {error}")
+
+    def npi_rows(self) -> None:
+        """Ours with NPI, in every mode: invert, reconstruct, the edits, and the headline invert + edit."""
+        args, pipe = self.args, self.pipe
+        p2p = PromptToPrompt(cross_replace_steps=0.4, self_replace_steps=0.6,
+                             local_blend=LocalBlend((SOURCE_WORD, TARGET_WORDS[0])))
+        p2p_four = PromptToPrompt(cross_replace_steps=0.4, self_replace_steps=0.6,
+                                  local_blend=LocalBlend([SOURCE_WORD, *TARGET_WORDS]))
+        npi = lambda: self.inversion("npi")  # noqa: E731
+
+        def headline():
+            return pipe(prompt=TARGETS[0], inversion=self.invert(), attention_control=p2p, output_type="pil")
+
+        rows = [
+            ("NPI invert", self.invert, "incl. text + VAE encode"),
+            ("NPI reconstruction", lambda: pipe(inversion=npi(), output_type="pil"), "incl. VAE decode"),
+            ("NPI P2P edit, 1 target",
+             lambda: pipe(prompt=TARGETS[0], inversion=npi(), attention_control=p2p, output_type="pil"),
+             "word swap + local blend; incl. VAE decode"),
+            ("NPI P2P edit, 4 targets",
+             lambda: pipe(prompt=TARGETS, inversion=npi(), attention_control=p2p_four, output_type="pil"),
+             "one inversion, 4 outputs; incl. VAE decode"),
+            ("ProxNPI edit (soft)",
+             lambda: pipe(prompt=TARGETS[0], inversion=npi(), proximal_guidance="soft", output_type="pil"),
+             "incl. VAE decode"),
+            ("NPI MasaCtrl edit",
+             lambda: pipe(prompt=TARGETS[0], inversion=npi(), attention_control=MasaCtrl(), output_type="pil"),
+             "incl. VAE decode"),
+            (HEADLINE, headline, "image in → edited PIL out"),
+        ]
+        modes = ["eager", "cuda_graphs"] + (["compiled"] if self.device.type == "cuda" and not args.no_compile else [])
+        for mode in modes:
+            for name, fn, note in rows:
+                if mode == "compiled" and name not in COMPILED_ROWS:
+                    continue  # each new batch size / control kind costs a compilation (~1.5 min)
+                self.run_row(name, "ours-npi", mode, fn, args.eager_repeats if mode == "eager" else args.repeats,
+                             args.warmup, note=note, keep="npi" if name == "NPI invert" else None,
+                             setup=None if name == "NPI invert" else npi)
+
+    def peer_rows(self) -> None:
+        """What users would pick instead: a hand-written CFG loop and core diffusers' LEDITS++, eagerly."""
+        args, components = self.args, self.components
+        self.run_row("plain CFG loop (hand-written)", "peer", "eager",
+                     lambda: plain_cfg_loop(components, TARGETS[0], args.steps, args.size), args.eager_repeats,
+                     args.warmup, note="text encode + DDIM, batch 2 + VAE decode", ours=False)
+        ledits = functools.cache(lambda: ledits_pipeline(components))
+        generator = lambda: torch.Generator(self.device).manual_seed(0)  # noqa: E731
+
+        def ledits_both():
+            ledits().invert(image=self.image, source_prompt=SOURCE, num_inversion_steps=args.steps, height=args.size,
+                            width=args.size, generator=generator())
+            return ledits()(
+                editing_prompt=[SOURCE_WORD, TARGET_WORDS[0]], reverse_editing_direction=[True, False],
+                edit_guidance_scale=[5.0, 10.0], edit_threshold=[0.9, 0.85], generator=generator(), output_type="pil",
+            )
+
+        note = (f"image in → edited PIL out; DPM-Solver++ SDE, source_guidance_scale 3.5, skip 0.15; edit: remove "
+                f"'{SOURCE_WORD}' + add '{TARGET_WORDS[0]}'")
+        try:
+            self.run_row("LEDITS++ invert + edit", "peer", "eager", ledits_both, args.peer_repeats, args.warmup,
+                         note=note, setup=ledits, ours=False)
+        finally:
+            # LEDITS++ installs its own (non-SDPA) attention processors on the shared UNet; put the defaults back.
+            components["unet"].set_attn_processor(self.default_processors)
+
+    def nti_rows(self) -> None:
+        """Ours with NTI, graphed: the default inversion, an edit from it, and the paper's initialisation."""
+        args, pipe = self.args, self.pipe
+        nti = {"inversion_method": "nti"}
+        if args.nti_inner_steps is not None:
+            nti["null_text_inner_steps"] = args.nti_inner_steps
+        inner = pipe.config.null_text_inner_steps if args.nti_inner_steps is None else args.nti_inner_steps
+
+        def warm_up():  # untimed: the backward kernels and the optimiser, with a 2-step, 1-inner-step NTI
+            pipe.invert(self.image, SOURCE, num_inference_steps=2, height=args.size, width=args.size,
+                        inversion_method="nti", null_text_inner_steps=1)
+
+        def inner_used(result) -> str:
+            if result is None or result.null_text_losses is None:
+                return ""
+            return f"inner steps used {int(torch.isfinite(result.null_text_losses).sum())}/{args.steps * inner}"
+
+        self.run_row("NTI invert", "ours-nti", "cuda_graphs", lambda: self.invert(**nti), args.nti_repeats, 0,
+                     note=f"{inner} inner steps, early stop {pipe.config.null_text_early_stop:g}, init "
+                          f"'{pipe.config.null_text_init}' (the pipeline's defaults)",
+                     keep="nti", annotate=inner_used, setup=warm_up)
+        p2p = PromptToPrompt(cross_replace_steps=0.4, self_replace_steps=0.6,
+                             local_blend=LocalBlend((SOURCE_WORD, TARGET_WORDS[0])))
+        self.run_row("NTI P2P edit, 1 target", "ours-nti", "cuda_graphs",
+                     lambda: pipe(prompt=TARGETS[0], inversion=self.inversion("nti", **nti), attention_control=p2p,
+                                  output_type="pil"),
+                     args.peer_repeats, args.warmup, note="from the NTI inversion; incl. VAE decode",
+                     setup=lambda: self.inversion("nti", **nti))
+        self.run_row("NTI invert, null_text_init='null'", "ours-nti", "cuda_graphs",
+                     lambda: self.invert(null_text_init="null", **nti), 1, 0,
+                     note=f"{inner} inner steps from the empty prompt's embedding, as the paper",
+                     annotate=inner_used, setup=warm_up)
+
+    def finish(self) -> int:
+        self.meta["total_s"] = time.perf_counter() - T0
+        table = write_outputs(self.args.out, self.meta, self.rows)
+        failed = [row["name"] + f" [{row['mode']}]" for row in self.rows if row.get("error")]
+        log(f"done in {self.meta['total_s']:.1f}s; {len(self.rows)} rows, {len(failed)} failed"
+            f"{': ' + ', '.join(failed) if failed else ''}")
+        log(f"wrote {self.args.out / 'speed.json'} and {self.args.out / 'speed.md'}")
+        print(flush=True)
+        print(table, flush=True)
+        return 0
+
+
+def run_metadata(args, device: torch.device) -> dict:
     try:
         commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
     except Exception:  # noqa: BLE001
         commit = None
-    meta = {
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "device": str(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
@@ -600,243 +797,23 @@ def main(argv=None) -> int:
         "argv": sys.argv,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    rows: list[dict] = []
-    log(f"device {meta['device_name']}, torch {meta['torch']}, diffusers {meta['diffusers']}, "
-        f"transformers {meta['transformers']}; model {args.model}, {args.dtype}, {args.size}px, {args.steps} steps")
 
-    # ---- models ---------------------------------------------------------------------------------------------------
-    start = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="npi-speed-"))
-    components = build_components(args.model, device, dtype, workdir)
-    synchronize(device)
-    meta["params_m"] = {
-        name: round(sum(p.numel() for p in components[name].parameters()) / 1e6, 1)
-        for name in ("unet", "vae", "text_encoder")
-    }
-    meta["build_s"] = time.perf_counter() - start
-    meta["weights_gib"] = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    log(f"built models in {meta['build_s']:.1f}s: {meta['params_m']} M params")
-    pipe = NegativePromptInversionPipeline(**components, safety_checker=None, feature_extractor=None)
-    pipe.set_progress_bar_config(disable=True)
-    counter = UNetCalls(components["unet"])
-    default_processors = dict(components["unet"].attn_processors)
-    image = random_image(args.size)
-    steps, size = args.steps, args.size
-    state: dict = {}  # results shared between rows (inversions)
-    write_outputs(args.out, meta, rows)
 
-    def inversion(key: str, **kwargs):
-        """The inversion an edit row starts from: the one the invert row produced, else made now (untimed)."""
-        if key not in state:
-            state[key] = pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size, **kwargs)
-        return state[key]
-
-    current = {"mode": None}
-
-    def set_mode(mode: str) -> None:
-        """eager; cuda_graphs (``enable_cuda_graphs()``); compiled (channels-last UNet +
-        ``enable_cuda_graphs(compile=True)``). Graphs and compiled code persist across rows of one mode, as they do
-        across a user's calls."""
-        if mode == current["mode"]:
-            return
-        pipe.disable_cuda_graphs()
-        memory_format = torch.channels_last if mode == "compiled" else torch.contiguous_format
-        components["unet"].to(memory_format=memory_format)
-        if mode != "eager":
-            pipe.enable_cuda_graphs(compile=mode == "compiled")
-        current["mode"] = mode
-
-    def run_row(name: str, group: str, mode: str, fn, repeats: int, warmup: int, note: str = "",
-                keep: str | None = None, annotate=None, setup=None):
-        if args.only and not re.search(args.only, name):
-            return
-        row = {"name": name, "group": group, "mode": mode, "note": note, "median_s": None, "error": None}
-        if time.perf_counter() > deadline:
-            row["error"] = f"skipped: time budget of {args.time_budget:.0f}s spent"
-            rows.append(row)
-            log(f"{name} [{mode}]: skipped (time budget)")
-            write_outputs(args.out, meta, rows)
-            return
-        started = time.perf_counter()
-        log(f"{name} [{mode}] ...")
-        try:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            set_mode(mode)
-            if setup is not None:
-                setup()
-            stats = measure(fn, repeats, warmup, device, counter, deadline)
-            result = stats.pop("result")
-            counts = stats.pop("counts")
-            row.update(stats)
-            row["repeats_requested"], row["warmup"] = repeats, warmup
-            row.update(summarize_calls(counts))
-            row["counts_from"] = "this run"
-            if mode != "eager" and device.type == "cuda" and not counter.wraps_graph_runner:
-                # Without the runner wrapper the hook sees only the warm-up/capture forwards of a graphed run;
-                # report the eager row's counts instead.
-                row["hook_calls_in_graphed_run"] = row.get("unet_calls")
-                eager = next((r for r in rows if r["name"] == name and r["mode"] == "eager" and r.get("unet_calls")), None)
-                keys = ("unet_calls", "unet_samples", "samples_per_call", "unet_calls_with_grad")
-                row.update({k: eager[k] if eager else None for k in keys})
-                row["counts_from"] = "eager run"
-            if mode != "eager" and device.type == "cuda" and counter.wraps_graph_runner and not row.get("graph_captures") \
-                    and not (pipe._cuda_graphs and pipe._cuda_graphs.graphs):
-                row["note"] = "; ".join(filter(None, [row["note"], "WARNING: no CUDA graph was captured"]))
-            if keep:
-                state[keep] = result
-            if annotate is not None:
-                extra = annotate(result)
-                row["note"] = "; ".join(filter(None, [row["note"], extra]))
-        except Exception as error:  # noqa: BLE001
-            row["error"] = f"{type(error).__name__}: {error}"
-            row["traceback"] = traceback.format_exc()
-            log(f"  FAILED: {row['error']}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        row["row_elapsed_s"] = time.perf_counter() - started
-        rows.append(row)
-        if row["median_s"] is not None:
-            peak = f", peak {row['peak_mem_gib']:.2f} GiB" if row.get("peak_mem_gib") is not None else ""
-            log(f"  median {row['median_s']:.3f}s over {len(row['times_s'])} run(s){peak}, "
-                f"UNet calls {row.get('unet_calls')} ({format_per_call(row.get('samples_per_call'))}/call); "
-                f"row took {row['row_elapsed_s']:.1f}s")
-        write_outputs(args.out, meta, rows)
-
-    # ---- warm-up: kernels, allocator, cuBLAS/cuDNN handles ----------------------------------------------------------
-    try:
-        with torch.no_grad():
-            latent = torch.randn(2, 4, size // 8, size // 8, device=device, dtype=dtype)
-            embeds = torch.randn(2, 77, components["unet"].config.cross_attention_dim, device=device, dtype=dtype)
-            for _ in range(2):
-                components["unet"](latent, 500, encoder_hidden_states=embeds)
-        synchronize(device)
-        log("warm-up forwards done")
-    except Exception as error:  # noqa: BLE001
-        log(f"warm-up failed: {type(error).__name__}: {error}")
-
-    # ---- ours: NPI ------------------------------------------------------------------------------------------------
-    call = dict(output_type="pil")
-    p2p = dict(cross_replace_steps=0.4, self_replace_steps=0.6)
-    rep, warm = args.repeats, args.warmup
-
-    def need_npi():  # edit rows start from an inversion made before the row (untimed)
-        inversion("npi")
-
-    def headline():
-        inv = pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size)
-        return pipe(prompt=TARGETS[0], inversion=inv, blend_words=(SOURCE_WORD, TARGET_WORDS[0]), **p2p, **call)
-
-    npi_rows = [
-        ("NPI invert", lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size),
-         "incl. text + VAE encode"),
-        ("NPI reconstruction", lambda: pipe(inversion=inversion("npi"), **call), "incl. VAE decode"),
-        ("NPI P2P edit, 1 target",
-         lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), blend_words=(SOURCE_WORD, TARGET_WORDS[0]),
-                      **p2p, **call),
-         "word swap + local blend; incl. VAE decode"),
-        ("NPI P2P edit, 4 targets",
-         lambda: pipe(prompt=TARGETS, inversion=inversion("npi"), blend_words=[SOURCE_WORD, *TARGET_WORDS],
-                      **p2p, **call),
-         "one inversion, 4 outputs; incl. VAE decode"),
-        ("ProxNPI edit (soft)",
-         lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), proximal_guidance="soft", **call),
-         "incl. VAE decode"),
-        ("NPI MasaCtrl edit",
-         lambda: pipe(prompt=TARGETS[0], inversion=inversion("npi"), attention_control="masactrl", **call),
-         "incl. VAE decode"),
-        (HEADLINE, headline, "image in → edited PIL out"),
-    ]
-    modes = ["eager", "cuda_graphs"] + (["compiled"] if device.type == "cuda" and not args.no_compile else [])
-    for mode in modes:
-        for name, fn, note in npi_rows:
-            if mode == "compiled" and name not in COMPILED_ROWS:
-                continue  # each new batch size / control kind costs a compilation (~1.5 min)
-            run_row(name, "ours-npi", mode, fn, args.eager_repeats if mode == "eager" else rep, warm, note=note,
-                    keep="npi" if name == "NPI invert" else None, setup=None if name == "NPI invert" else need_npi)
-
-    # ---- peers ----------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    diffusers_logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    bench = Benchmark(args)
+    bench.warm_up()
+    bench.npi_rows()
     if not args.no_peers:
-        run_row("plain CFG loop (hand-written)", "peer", "eager",
-                lambda: plain_cfg_loop(components, TARGETS[0], steps, size), args.eager_repeats, warm,
-                note="text encode + DDIM, batch 2 + VAE decode")
-
-        ledits_state: dict = {}
-
-        def ledits():
-            if "pipe" not in ledits_state:
-                ledits_state["pipe"] = ledits_pipeline(components)
-            return ledits_state["pipe"]
-
-        def ledits_invert():
-            return ledits().invert(image=image, source_prompt=SOURCE, num_inversion_steps=steps, height=size,
-                                   width=size, generator=torch.Generator(device).manual_seed(0))
-
-        def ledits_edit():
-            return ledits()(
-                editing_prompt=[SOURCE_WORD, TARGET_WORDS[0]], reverse_editing_direction=[True, False],
-                edit_guidance_scale=[5.0, 10.0], edit_threshold=[0.9, 0.85],
-                generator=torch.Generator(device).manual_seed(0), output_type="pil",
-            )
-
-        def ledits_both():
-            ledits_invert()
-            return ledits_edit()
-
-        ledits_note = ("DPM-Solver++ SDE, source_guidance_scale 3.5, skip 0.15; edit: remove "
-                       f"'{SOURCE_WORD}' + add '{TARGET_WORDS[0]}'")
-        try:
-            run_row("LEDITS++ invert + edit", "peer", "eager", ledits_both, args.peer_repeats, warm,
-                    note=f"image in → edited PIL out; {ledits_note}", setup=ledits)
-        finally:
-            # LEDITS++ installs its own (non-SDPA) attention processors on the shared UNet; put the defaults back.
-            components["unet"].set_attn_processor(default_processors)
-
-    # ---- ours: NTI ------------------------------------------------------------------------------------------------
+        bench.peer_rows()
     if not args.no_nti:
-        nti = {"inversion_method": "nti"}
-        if args.nti_inner_steps is not None:
-            nti["null_text_inner_steps"] = args.nti_inner_steps
-        inner = pipe.config.null_text_inner_steps if args.nti_inner_steps is None else args.nti_inner_steps
-
-        def nti_warmup():
-            # Untimed: warms the backward kernels and the optimiser with a 2-step, 1-inner-step NTI.
-            pipe.invert(image, SOURCE, num_inference_steps=2, height=size, width=size, inversion_method="nti",
-                        null_text_inner_steps=1)
-
-        def inner_used(result) -> str:
-            if result is None or result.null_text_losses is None:
-                return ""
-            used = int(torch.isfinite(result.null_text_losses).sum())
-            return f"inner steps used {used}/{steps * inner}"
-
-        run_row("NTI invert", "ours-nti", "cuda_graphs",
-                lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size, **nti),
-                args.nti_repeats, 0,
-                note=f"{inner} inner steps, early stop {pipe.config.null_text_early_stop:g}, init "
-                     f"'{pipe.config.null_text_init}' (the pipeline's defaults)",
-                keep="nti", annotate=inner_used, setup=nti_warmup)
-        run_row("NTI P2P edit, 1 target", "ours-nti", "cuda_graphs",
-                lambda: pipe(prompt=TARGETS[0], inversion=inversion("nti", **nti),
-                             blend_words=(SOURCE_WORD, TARGET_WORDS[0]), **p2p, **call),
-                args.peer_repeats, warm, note="from the NTI inversion; incl. VAE decode",
-                setup=lambda: inversion("nti", **nti))
-        run_row("NTI invert, null_text_init='null'", "ours-nti", "cuda_graphs",
-                lambda: pipe.invert(image, SOURCE, num_inference_steps=steps, height=size, width=size,
-                                    null_text_init="null", **nti),
-                1, 0, note=f"{inner} inner steps from the empty prompt's embedding, as the paper", annotate=inner_used,
-                setup=nti_warmup)
-
-    counter.handle.remove()
-    meta["total_s"] = time.perf_counter() - T0
-    table = write_outputs(args.out, meta, rows)
-    failed = [row["name"] + f" [{row['mode']}]" for row in rows if row.get("error")]
-    log(f"done in {meta['total_s']:.1f}s; {len(rows)} rows, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
-    log(f"wrote {args.out / 'speed.json'} and {args.out / 'speed.md'}")
-    print(flush=True)
-    print(table, flush=True)
-    return 0
+        bench.nti_rows()
+    return bench.finish()
 
 
 if __name__ == "__main__":

@@ -15,8 +15,14 @@ import torch
 from diffusers import AutoencoderTiny
 from diffusers.utils import logging as diffusers_logging
 
-from conftest import ROOT, UNetCalls, scene_image
-from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+from conftest import ROOT, scene_image
+from pipeline_negative_prompt_inversion import (
+    LocalBlend,
+    MasaCtrl,
+    NegativePromptInversionPipeline,
+    PromptToPrompt,
+    ProximalGuidance,
+)
 
 SOURCE = "a red circle on a white background"
 TARGET = "a blue circle on a white background"
@@ -86,18 +92,23 @@ def test_bad_invert_input_fails_before_any_model_pass(pipe, call, message):
     "kwargs, message",
     [
         (dict(guidance_scale=1e30), "guidance_scale must lie in"),
-        (dict(cross_replace_steps="abc"), r"cross_replace_steps must lie in \[0, 1\]"),
-        (dict(cross_replace_steps=(0.1, "x")), r"cross_replace_steps must lie in \[0, 1\]"),
-        (dict(self_replace_steps=True), r"self_replace_steps must lie in \[0, 1\]"),
-        (dict(reweight={"blue": math.nan}), "reweight factor of 'blue' must be a finite number"),
-        (dict(proximal_guidance="soft", guidance_step_size=math.nan), "guidance_step_size must be a number >= 0"),
-        (dict(proximal_guidance="soft", guidance_below_timestep="late"), "guidance_below_timestep must be"),
-        (dict(blend_words=("circle", "circle"), blend_threshold="high"), r"blend_threshold must lie in \[0, 1\]"),
-        (dict(proximal_guidance="soft", mask_dilation=1.5), "mask_dilation must be an integer"),
+        (dict(attention_control=PromptToPrompt(cross_replace_steps="abc")), r"cross_replace_steps must lie in \[0, 1\]"),
+        (dict(attention_control=PromptToPrompt(cross_replace_steps=(0.1, "x"))), r"cross_replace_steps must lie in"),
+        (dict(attention_control=PromptToPrompt(cross_replace_steps={"blue": "x"})), r"cross_replace_steps must lie in"),
+        (dict(attention_control=PromptToPrompt(self_replace_steps=True)), r"self_replace_steps must lie in \[0, 1\]"),
+        (dict(attention_control=PromptToPrompt(reweight={"blue": math.nan})), "reweight factor of 'blue' must be a fin"),
+        (dict(proximal_guidance=ProximalGuidance(step_size=math.nan)), "step_size must be a number >= 0"),
+        (dict(proximal_guidance=ProximalGuidance(below_timestep="late")), "below_timestep must be"),
+        (dict(attention_control=PromptToPrompt(local_blend=LocalBlend(("circle", "circle"), threshold="high"))),
+         r"threshold must lie in \[0, 1\]"),
+        (dict(proximal_guidance=ProximalGuidance(mask_dilation=1.5)), "mask_dilation must be an integer"),
+        (dict(attention_control=MasaCtrl(start_step=math.nan)), "start_step must be an integer"),
+        (dict(attention_control=object()), "attention_control must be one of"),
+        (dict(proximal_guidance=True), "proximal_guidance must be one of"),
     ],
 )
 def test_bad_call_input_fails_before_any_model_pass(pipe, inversion, kwargs, message):
-    with ModelCalls(pipe) as seen, pytest.raises(ValueError, match=message):
+    with ModelCalls(pipe) as seen, pytest.raises((ValueError, TypeError), match=message):
         pipe(prompt=TARGET, inversion=inversion, **kwargs)
     assert seen.calls == []
 
@@ -139,9 +150,10 @@ def test_an_edited_word_past_the_token_limit_is_refused(pipe, argument):
     source = " ".join(["red"] + ["a"] * 80 + ["cat"])
     target = " ".join(["blue"] + ["a"] * 80 + ["cat"])
     inversion = pipe.invert(scene_image(0), source, num_inference_steps=1)
-    kwargs = {"blend_words": ("cat", "cat")} if argument == "blend_words" else {"reweight": {"cat": 2.0}}
+    p2p = PromptToPrompt(local_blend=LocalBlend(("cat", "cat"))) if argument == "blend_words" else PromptToPrompt(
+        reweight={"cat": 2.0})
     with ModelCalls(pipe) as seen, pytest.raises(ValueError, match="'cat' lies past the text encoder's 77 tokens"):
-        pipe(prompt=target, inversion=inversion, **kwargs)
+        pipe(prompt=target, inversion=inversion, attention_control=p2p)
     assert seen.calls == []
 
 
@@ -181,9 +193,8 @@ def test_unsupported_integer_arrays_are_refused(pipe):
 def test_concurrent_calls_are_serialised_and_equal_serial_calls(pipe, inversion):
     """A and B pause in their first step, each until the other is inside too (or a timeout). Unserialised, each
     would denoise under the other's attention processors, and B would finally restore A's processors for good."""
-    p2p = dict(prompt=TARGET, inversion=inversion, output_type="pt", cross_replace_steps=1.0, self_replace_steps=1.0)
-    masactrl = dict(prompt=TARGET, inversion=inversion, output_type="pt", attention_control="masactrl",
-                    masactrl_start_step=0)
+    p2p = dict(prompt=TARGET, inversion=inversion, output_type="pt", attention_control=PromptToPrompt(1.0, 1.0))
+    masactrl = dict(prompt=TARGET, inversion=inversion, output_type="pt", attention_control=MasaCtrl(start_step=0))
     expected = {"a": pipe(**p2p).images, "b": pipe(**masactrl).images}
     assert not torch.equal(expected["a"], expected["b"])
     processors = dict(pipe.unet.attn_processors)
@@ -222,7 +233,7 @@ def test_tiny_autoencoder_inverts_and_edits(pipe):
     inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
     expected = pipe.vae.encode(image).latents * pipe.vae.config.scaling_factor
     torch.testing.assert_close(inversion.latents[:, 0], expected, rtol=0, atol=0)
-    edited = pipe(prompt=TARGET, inversion=inversion, cross_replace_steps=0.4, output_type="np").images
+    edited = pipe(prompt=TARGET, inversion=inversion, attention_control="p2p", output_type="np").images
     assert edited.shape == (1, 32, 32, 3) and np.isfinite(edited).all()
 
 
