@@ -822,19 +822,19 @@ class _CUDAGraphUNet:
 # The pipeline
 
 
-_CALL_LOCKS: "weakref.WeakKeyDictionary[DiffusionPipeline, threading.RLock]" = weakref.WeakKeyDictionary()
-_CALL_LOCKS_GUARD = threading.Lock()
+_UNET_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_UNET_LOCKS_GUARD = threading.Lock()
 
 
 def _one_call_at_a_time(method):
-    """Serialise ``method`` per pipeline. A call installs its attention processors on the shared UNet and keeps
-    per-call state on the pipeline, so two threads inside one pipeline would denoise with each other's processors.
-    (Kept beside the pipeline, not on it, so pipelines stay deep-copyable.)"""
+    """Serialise ``method`` per UNet. A call installs its attention processors on the UNet and keeps per-call state
+    on the pipeline, so two threads inside one pipeline, or in two pipelines sharing a UNet (``from_pipe``), would
+    denoise with each other's processors. (The lock lives beside the UNet, so pipelines stay deep-copyable.)"""
 
     @functools.wraps(method)
     def serialized(self, *args, **kwargs):
-        with _CALL_LOCKS_GUARD:
-            lock = _CALL_LOCKS.setdefault(self, threading.RLock())
+        with _UNET_LOCKS_GUARD:
+            lock = _UNET_LOCKS.setdefault(self.unet, threading.RLock())
         with lock:
             return method(self, *args, **kwargs)
 

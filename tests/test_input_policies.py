@@ -190,12 +190,15 @@ def test_unsupported_integer_arrays_are_refused(pipe):
 # Threads
 
 
-def test_concurrent_calls_are_serialised_and_equal_serial_calls(pipe, inversion):
+@pytest.mark.parametrize("second", ["same pipeline", "pipeline sharing the UNet"])
+def test_concurrent_calls_are_serialised_and_equal_serial_calls(pipe, inversion, second):
     """A and B pause in their first step, each until the other is inside too (or a timeout). Unserialised, each
     would denoise under the other's attention processors, and B would finally restore A's processors for good."""
+    pipe_b = pipe if second == "same pipeline" else NegativePromptInversionPipeline.from_pipe(pipe)
+    assert pipe_b.unet is pipe.unet
     p2p = dict(prompt=TARGET, inversion=inversion, output_type="pt", attention_control=PromptToPrompt(1.0, 1.0))
     masactrl = dict(prompt=TARGET, inversion=inversion, output_type="pt", attention_control=MasaCtrl(start_step=0))
-    expected = {"a": pipe(**p2p).images, "b": pipe(**masactrl).images}
+    expected = {"a": pipe(**p2p).images, "b": pipe_b(**masactrl).images}
     assert not torch.equal(expected["a"], expected["b"])
     processors = dict(pipe.unet.attn_processors)
     inside = {"a": threading.Event(), "b": threading.Event()}
@@ -211,7 +214,7 @@ def test_concurrent_calls_are_serialised_and_equal_serial_calls(pipe, inversion)
     results = {}
     thread_a = threading.Thread(target=lambda: results.update(a=pipe(**p2p, callback_on_step_end=meet("a", "b")).images))
     thread_b = threading.Thread(
-        target=lambda: (inside["a"].wait(), results.update(b=pipe(**masactrl, callback_on_step_end=meet("b", "a")).images))
+        target=lambda: (inside["a"].wait(), results.update(b=pipe_b(**masactrl, callback_on_step_end=meet("b", "a")).images))
     )
     thread_a.start(), thread_b.start()
     thread_a.join(), thread_b.join()
