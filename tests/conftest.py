@@ -1,7 +1,6 @@
 """Tiny Stable-Diffusion components built from configs (no downloads) and shared fixtures."""
 
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -21,46 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline  # noqa: E402
-from toy_world.tokenizer import bytes_to_unicode  # noqa: E402
+from toy_world.tokenizer import write_word_tokenizer  # noqa: E402
 
 WORDS = (
     "a cat dog tiger red blue green circle square triangle on white black background big small striped and sitting"
     " wall photo of the"
 ).split()
-SPLIT_WORDS = {"hippopotamus": ("hippo", "potamus"), "rhinoceros": ("rhino", "ceros")}  # two tokens each
-
-
-def write_tokenizer(folder: Path) -> Path:
-    """A CLIP BPE tokenizer where each word of WORDS is one token and each of SPLIT_WORDS two tokens."""
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(chars)})
-    merges = []
-
-    def add_piece(piece: str, final: bool):
-        symbols = list(piece[:-1]) + [piece[-1] + "</w>"] if final else list(piece)
-        while len(symbols) > 1:
-            merged = symbols[0] + symbols[1]
-            if f"{symbols[0]} {symbols[1]}" not in merges:
-                merges.append(f"{symbols[0]} {symbols[1]}")
-            vocab.setdefault(merged, len(vocab))
-            symbols = [merged] + symbols[2:]
-
-    for word in WORDS:
-        add_piece(word, final=True)
-    for first, second in SPLIT_WORDS.values():
-        add_piece(first, final=False)
-        add_piece(second, final=True)
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                    "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"})
-    )
-    return folder
+SPLIT_WORDS = {"hippopotamus": ("hippo", "potamus"), "rhinoceros": ("rhino", "ceros")}
+# Meant as one token per word and two per split word, but merges of earlier words fire first inside "background",
+# "green", "striped", "sitting" and "rhinoceros", which encode as several pieces. The pinned outputs
+# (test_pinned_outputs.py) were made with this vocabulary, so it stays until they are pinned again.
 
 
 def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed: int = 0):
@@ -108,7 +77,7 @@ def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    return write_word_tokenizer(tmp_path_factory.mktemp("tokenizer"), WORDS, SPLIT_WORDS, strict=False)
 
 
 @pytest.fixture(scope="session")

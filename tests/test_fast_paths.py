@@ -12,7 +12,13 @@ import pytest
 import torch
 from conftest import scene_image, tiny_components
 
-from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+from pipeline_negative_prompt_inversion import (
+    LocalBlend,
+    MasaCtrl,
+    NegativePromptInversionPipeline,
+    PromptToPrompt,
+    ProximalGuidance,
+)
 
 STEPS = 6
 SOURCE = "a red cat on a white background"
@@ -20,17 +26,19 @@ SOURCE = "a red cat on a white background"
 # Calls of one structure (P2P word swap + local blend, one target) with every per-call value changed, then other
 # structures, then the first again.
 CALLS = [
-    dict(prompt="a red dog on a white background", cross_replace_steps=0.6, self_replace_steps=0.5,
-         blend_words=("cat", "dog")),
-    dict(prompt="a blue cat on a black background", cross_replace_steps=(0.2, 0.8), self_replace_steps=0.3,
-         reweight={"blue": 2.0}, blend_words=("cat", "cat"), blend_threshold=0.5),
-    dict(prompt="a big red cat on a white background", cross_replace_steps={"default_": 0.5, "big": 0.2}),
-    dict(prompt="a red dog on a white background", attention_control="masactrl", masactrl_start_step=2),
-    dict(prompt="a red tiger on a white background", attention_control="masactrl", masactrl_start_step=4),
-    dict(prompt="a red tiger on a white background", attention_control="masactrl", masactrl_start_layer=0),
+    dict(prompt="a red dog on a white background",
+         attention_control=PromptToPrompt(0.6, 0.5, local_blend=LocalBlend(("cat", "dog")))),
+    dict(prompt="a blue cat on a black background",
+         attention_control=PromptToPrompt((0.2, 0.8), 0.3, reweight={"blue": 2.0},
+                                          local_blend=LocalBlend(("cat", "cat"), threshold=0.5))),
+    dict(prompt="a big red cat on a white background",
+         attention_control=PromptToPrompt(cross_replace_steps={"default_": 0.5, "big": 0.2})),
+    dict(prompt="a red dog on a white background", attention_control=MasaCtrl(start_step=2)),
+    dict(prompt="a red tiger on a white background", attention_control=MasaCtrl(start_step=4)),
+    dict(prompt="a red tiger on a white background", attention_control=MasaCtrl(start_layer=0)),
     dict(prompt="a red dog on a white background", proximal_guidance="soft"),
-    dict(prompt="a red dog on a white background", cross_replace_steps=0.6, self_replace_steps=0.5,
-         blend_words=("cat", "dog")),
+    dict(prompt="a red dog on a white background",
+         attention_control=PromptToPrompt(0.6, 0.5, local_blend=LocalBlend(("cat", "dog")))),
 ]
 
 
@@ -53,7 +61,7 @@ def test_controls_are_reused_across_calls_without_leaking_values(pipe, reference
     runner = pipe._cuda_graphs
     for call, want in zip(CALLS, expected):
         torch.testing.assert_close(edit(pipe, inversion, call), want, rtol=0, atol=0)
-    # Structures: P2P with a store (swap and re-weighting alike); P2P without; MasaCtrl (its start step is a
+    # Structures: P2P with a store (swap and re-weighting alike); P2P without; MasaCtrl (its step window is a
     # tensor, so one structure) and MasaCtrl in other layers; no control.
     assert len(runner.controls) == 5
     defaults = dict(pipe.unet.attn_processors)
@@ -130,7 +138,7 @@ def test_denoising_loop_never_waits_for_the_host(gpu_pipes, graphs):
         return {}
 
     try:
-        for call in (CALLS[0], CALLS[3], dict(CALLS[6], inversion_guidance=True, reconstruction_guidance=True)):
+        for call in (CALLS[0], CALLS[3], dict(CALLS[6], proximal_guidance=ProximalGuidance(reconstruction_guidance=True))):
             edit(pipe, inversion, dict(call, callback_on_step_end=forbid_syncs))
     finally:
         torch.cuda.set_sync_debug_mode("default")

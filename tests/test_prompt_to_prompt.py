@@ -1,5 +1,6 @@
 """Prompt-to-prompt: token maps, fused-vs-explicit parity, batching, fp16/bf16, restoration and input errors."""
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -9,12 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import CLIPTokenizer
 
+import pipeline_negative_prompt_inversion as npi
 from attention_processors import npi_prompt_to_prompt as p2p
-from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+from pipeline_negative_prompt_inversion import LocalBlend, NegativePromptInversionPipeline, PromptToPrompt
 
 STEPS = 6
 SOURCE = "a red cat on a white background"
-EDIT = dict(cross_replace_steps=0.6, self_replace_steps=0.5)
+EDIT = PromptToPrompt(cross_replace_steps=0.6, self_replace_steps=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,7 @@ def explicit_cross(self, query, key, value, attn_mask, scale):
 
 
 def explicit_self_replace(self, query, key, value, attn_mask, scale):
+    assert self.borrow == ("query", "key")  # prompt-to-prompt's self-attention replacement: the source's map
     probs = _explicit_probs(query, key, attn_mask, scale)
     if self.window[int(self.step)]:
         probs[self.target_rows] = probs[self.source_rows]
@@ -128,14 +131,27 @@ def explicit_self_replace(self, query, key, value, attn_mask, scale):
         ("a big red cat on a white background", {}),  # refine
         ("a red cat on a white background", {"reweight": {"red": 3.0}}),  # reweight
         ("a big red cat on a white background", {"reweight": [{"big": 2.0, "cat": 0.5}, {}]}),  # refine + reweight
-        ("a red dog on a white background", {"blend_words": ("cat", "dog")}),  # local blend
+        ("a red dog on a white background", {"local_blend": LocalBlend(("cat", "dog"))}),  # local blend
     ],
 )
 def test_fused_paths_match_explicit_reference(pipe, inversion, monkeypatch, target, kwargs):
-    fused = latents(pipe, prompt=[target, "a red dog on a white background"], inversion=inversion, **EDIT, **kwargs)
-    monkeypatch.setattr(p2p.CrossAttentionControl, "__call__", explicit_cross)
-    monkeypatch.setattr(p2p.SelfAttentionReplace, "__call__", explicit_self_replace)
-    explicit = latents(pipe, prompt=[target, "a red dog on a white background"], inversion=inversion, **EDIT, **kwargs)
+    control = dataclasses.replace(EDIT, **kwargs)
+    fused = latents(pipe, prompt=[target, "a red dog on a white background"], inversion=inversion, attention_control=control)
+    # Patch the classes the pipeline uses (its leaves load under the pipeline module's name when it is imported
+    # top-level, so `attention_processors.…` here are other class objects), and count that the explicit paths ran.
+    ran = {"cross": 0, "self": 0}
+
+    def counted(name, explicit):
+        def call(*args):
+            ran[name] += 1
+            return explicit(*args)
+        return call
+
+    monkeypatch.setattr(npi.CrossAttentionControl, "__call__", counted("cross", explicit_cross))
+    monkeypatch.setattr(npi.MutualSelfAttention, "__call__", counted("self", explicit_self_replace))
+    explicit = latents(pipe, prompt=[target, "a red dog on a white background"], inversion=inversion,
+                       attention_control=control)
+    assert ran["cross"] > 0 and ran["self"] > 0
     torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-4)
 
 
@@ -149,30 +165,32 @@ def test_same_prompt_edit_reproduces_reconstruction(pipe, method):
         scene_image(1), SOURCE, num_inference_steps=STEPS, inversion_method=method, null_text_inner_steps=2
     )
     reconstruction = latents(pipe, inversion=inv)
-    edit = latents(pipe, prompt=SOURCE, inversion=inv, blend_words=("cat", "cat"), **EDIT)
+    edit = latents(pipe, prompt=SOURCE, inversion=inv,
+                   attention_control=dataclasses.replace(EDIT, local_blend=LocalBlend(("cat", "cat"))))
     torch.testing.assert_close(edit, reconstruction, rtol=1e-4, atol=1e-4)
 
 
 def test_npi_batch_is_one_plus_two_k_rows_and_targets_are_independent(pipe, inversion):
     targets = ["a blue cat on a white background", "a big red cat on a white background", "a red dog on a black background"]
     with UNetCalls(pipe.unet) as calls:
-        together = latents(pipe, prompt=targets, inversion=inversion, **EDIT)
+        together = latents(pipe, prompt=targets, inversion=inversion, attention_control=EDIT)
     assert calls.batches == [1 + 2 * len(targets)] * STEPS
     for k, target in enumerate(targets):
-        alone = latents(pipe, prompt=target, inversion=inversion, **EDIT)
+        alone = latents(pipe, prompt=target, inversion=inversion, attention_control=EDIT)
         torch.testing.assert_close(together[k : k + 1], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_works_with_nti_and_ddim_rows(pipe):
     nti = pipe.invert(scene_image(2), SOURCE, num_inference_steps=3, inversion_method="nti", null_text_inner_steps=1)
     with UNetCalls(pipe.unet) as calls:
-        out = latents(pipe, prompt="a blue cat on a white background", inversion=nti, **EDIT)
+        out = latents(pipe, prompt="a blue cat on a white background", inversion=nti, attention_control=EDIT)
     assert calls.batches == [4] * 3 and torch.isfinite(out).all()
 
 
 def test_non_square_latents_with_local_blend(pipe):
     inv = pipe.invert(scene_image(0, size=48), SOURCE, num_inference_steps=3, height=24, width=40)
-    out = pipe(prompt="a red dog on a white background", inversion=inv, blend_words=("cat", "dog"), output_type="np",
+    out = pipe(prompt="a red dog on a white background", inversion=inv,
+               attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"))), output_type="np",
                return_attention_maps=True)
     assert out.images.shape == (1, 24, 40, 3)
     assert out.attention_maps[0].shape[:2] == (12, 20)  # ½ would leave 6 < 8 tokens on the short side
@@ -183,8 +201,9 @@ def test_half_precision_pipelines_run(tokenizer_dir, dtype):
     pipe = NegativePromptInversionPipeline(**tiny_components(tokenizer_dir)).to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     inv = pipe.invert(scene_image(0), SOURCE, num_inference_steps=2)
-    out = pipe(prompt="a red dog on a white background", inversion=inv, blend_words=("cat", "dog"),
-               reweight={"dog": 2.0}, output_type="np", **EDIT).images
+    control = dataclasses.replace(EDIT, reweight={"dog": 2.0}, local_blend=LocalBlend(("cat", "dog")))
+    out = pipe(prompt="a red dog on a white background", inversion=inv, attention_control=control,
+               output_type="np").images
     assert np.isfinite(out).all()
 
 
@@ -195,23 +214,34 @@ def test_processors_restored_after_an_exception_inside_a_step(pipe, inversion):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        pipe(prompt="a blue cat on a white background", inversion=inversion, callback_on_step_end=fail, **EDIT)
+        pipe(prompt="a blue cat on a white background", inversion=inversion, callback_on_step_end=fail,
+             attention_control=EDIT)
     assert dict(pipe.unet.attn_processors) == before
-    latents(pipe, prompt="a blue cat on a white background", inversion=inversion, **EDIT)  # still usable
+    latents(pipe, prompt="a blue cat on a white background", inversion=inversion, attention_control=EDIT)  # usable
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompt="a blue cat", edit_type="replace"), "edit_type='replace' needs equal word counts"),
-        (dict(prompt="a blue cat on a white background", blend_words=("dog", "cat")), "blend word 'dog' is not in the source"),
-        (dict(prompt="a blue cat on a white background", reweight={"dog": 2.0}), "reweight word 'dog' is not in the target"),
-        (dict(prompt="a blue cat on a white background", cross_replace_steps=1.5), r"cross_replace_steps must lie in \[0, 1\]"),
-        (dict(prompt="a blue cat on a white background", self_replace_steps=(0.5, 0.2)), r"self_replace_steps must lie in \[0, 1\]"),
-        (dict(prompt="a blue cat on a white background", cross_replace_steps={"dog": 0.3}), "'dog' is in none of the target"),
-        (dict(prompt=[], cross_replace_steps=0.4), "prompt must be a string or a non-empty list"),
-        (dict(prompt="a blue cat", edit_type="swap"), "edit_type must be one of"),
-        (dict(prompt="a blue cat", cross_replace_steps=0.3, attention_control="masactrl"), "need attention_control='p2p'"),
+        (dict(prompt="a blue cat", attention_control=PromptToPrompt(edit_type="replace")),
+         "edit_type='replace' needs equal word counts"),
+        (dict(prompt="a blue cat on a white background",
+              attention_control=PromptToPrompt(local_blend=LocalBlend(("dog", "cat")))),
+         "blend word 'dog' is not in the source"),
+        (dict(prompt="a blue cat on a white background", attention_control=PromptToPrompt(reweight={"dog": 2.0})),
+         "reweight word 'dog' is not in the target"),
+        (dict(prompt="a blue cat on a white background", attention_control=PromptToPrompt(cross_replace_steps=1.5)),
+         r"PromptToPrompt.cross_replace_steps must lie in \[0, 1\]"),
+        (dict(prompt="a blue cat on a white background",
+              attention_control=PromptToPrompt(self_replace_steps=(0.5, 0.2))),
+         r"PromptToPrompt.self_replace_steps must lie in \[0, 1\]"),
+        (dict(prompt="a blue cat on a white background",
+              attention_control=PromptToPrompt(cross_replace_steps={"dog": 0.3})),
+         "'dog' is in none of the target"),
+        (dict(prompt=[], attention_control=PromptToPrompt(cross_replace_steps=0.4)),
+         "prompt must be a string or a non-empty list"),
+        (dict(prompt="a blue cat", attention_control=PromptToPrompt(edit_type="swap")),
+         "PromptToPrompt.edit_type must be one of"),
     ],
 )
 def test_bad_input_is_rejected_and_pipeline_stays_usable(pipe, inversion, kwargs, message):
@@ -222,7 +252,8 @@ def test_bad_input_is_rejected_and_pipeline_stays_usable(pipe, inversion, kwargs
 
 
 def test_attention_heat_map_grid(pipe, inversion):
-    out = pipe(prompt="a red dog on a white background", inversion=inversion, return_attention_maps=True, **EDIT)
+    out = pipe(prompt="a red dog on a white background", inversion=inversion, return_attention_maps=True,
+               attention_control=EDIT)
     grid = pipe.attention_heat_maps(out.attention_maps[0], "a red dog on a white background", image=out.images[0])
     assert grid.size == (8 * 96, 2 * (96 + 14))  # 9 tokens: BOS, 7 words, EOS
     maps = out.attention_maps[0]

@@ -6,12 +6,21 @@ import pytest
 import torch
 from conftest import UNetCalls, scene_image
 
-from pipeline_negative_prompt_inversion import edit_region, hard_threshold, proximal_direction, soft_threshold
+from pipeline_negative_prompt_inversion import (
+    LocalBlend,
+    MasaCtrl,
+    PromptToPrompt,
+    ProximalGuidance,
+    edit_region,
+    hard_threshold,
+    proximal_direction,
+    soft_threshold,
+)
 
 STEPS = 6
 SOURCE = "a red cat on a white background"
 TARGET = "a blue cat on a white background"
-NO_GUIDANCE = dict(inversion_guidance=False, reconstruction_guidance=False)
+NO_GUIDANCE = dict(inversion_guidance=False, reconstruction_guidance=False)  # ProximalGuidance fields
 
 
 @pytest.fixture()
@@ -45,19 +54,23 @@ def test_quantile_is_per_sample():
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_everything_zeroed_is_exactly_the_ddim_reconstruction(pipe, inversion, mode):
-    edit = latents(pipe, prompt=TARGET, inversion=inversion, proximal_guidance=mode, proximal_quantile=1.0, **NO_GUIDANCE)
+    edit = latents(pipe, prompt=TARGET, inversion=inversion,
+                   proximal_guidance=ProximalGuidance(mode, quantile=1.0, **NO_GUIDANCE))
     reconstruction = latents(pipe, inversion=dataclasses.replace(inversion, method="ddim"), guidance_scale=1.0)
     torch.testing.assert_close(edit, reconstruction, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_nothing_zeroed_is_exactly_plain_npi(pipe, inversion, mode):
-    edit = latents(pipe, prompt=TARGET, inversion=inversion, proximal_guidance=mode, proximal_threshold=0.0, **NO_GUIDANCE)
+    edit = latents(pipe, prompt=TARGET, inversion=inversion,
+                   proximal_guidance=ProximalGuidance(mode, threshold=0.0, **NO_GUIDANCE))
     plain = latents(pipe, prompt=TARGET, inversion=inversion)
     assert torch.equal(edit, plain)
 
 
-@pytest.mark.parametrize("extra", [{}, {"cross_replace_steps": 0.5, "blend_words": ("cat", "cat")}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"attention_control": PromptToPrompt(0.5, local_blend=LocalBlend(("cat", "cat")))}], ids=["plain", "p2p"]
+)
 def test_inversion_guidance_with_step_one_pins_the_unedited_region(pipe, inversion, extra):
     seen = []
 
@@ -65,12 +78,12 @@ def test_inversion_guidance_with_step_one_pins_the_unedited_region(pipe, inversi
         seen.append((i, int(t), tensors["latents"][-1:].clone(), tensors["edit_mask"].clone()))
         return tensors
 
-    pipe(prompt=TARGET, inversion=inversion, proximal_guidance="soft", guidance_step_size=1.0,
-         guidance_below_timestep=1000, callback_on_step_end=capture, callback_on_step_end_tensor_inputs=["latents", "edit_mask"],
+    pipe(prompt=TARGET, inversion=inversion, proximal_guidance=ProximalGuidance("soft", step_size=1.0, below_timestep=1000),
+         callback_on_step_end=capture, callback_on_step_end_tensor_inputs=["latents", "edit_mask"],
          output_type="latent", **extra)
     guided = 0
     for i, t, z, mask in seen:
-        if "blend_words" in extra and i >= int(0.2 * STEPS):
+        if extra and i >= int(0.2 * STEPS):
             continue  # local blend runs after the guidance and may move the latent again
         keep = (1 - mask).bool()
         anchor = inversion.latents[:, STEPS - i - 1]
@@ -91,7 +104,7 @@ def test_proximal_batch_independence_with_nti_and_p2p(pipe):
     pipe.to(torch.float64)
     nti = pipe.invert(scene_image(1), SOURCE, num_inference_steps=3, inversion_method="nti", null_text_inner_steps=1)
     targets = [TARGET, "a red dog on a white background"]
-    kwargs = dict(inversion=nti, proximal_guidance="soft", cross_replace_steps=0.5)
+    kwargs = dict(inversion=nti, proximal_guidance="soft", attention_control=PromptToPrompt(cross_replace_steps=0.5))
     together = latents(pipe, prompt=targets, **kwargs)
     for k, target in enumerate(targets):
         torch.testing.assert_close(together[k : k + 1], latents(pipe, prompt=target, **kwargs), rtol=1e-6, atol=1e-6)
@@ -111,17 +124,16 @@ def test_proximal_flag_in_config_is_the_default(components, inversion):
 
 
 def test_masactrl_same_prompt_reproduces_reconstruction(pipe, inversion):
-    edit = latents(pipe, prompt=SOURCE, inversion=inversion, attention_control="masactrl", masactrl_start_step=0,
-                   guidance_scale=1.0)
+    edit = latents(pipe, prompt=SOURCE, inversion=inversion, attention_control=MasaCtrl(start_step=0), guidance_scale=1.0)
     torch.testing.assert_close(edit, latents(pipe, inversion=inversion), rtol=1e-5, atol=1e-5)
 
 
 def test_masactrl_after_the_last_step_is_the_uncontrolled_edit(pipe, inversion):
-    controlled = latents(pipe, prompt=TARGET, inversion=inversion, attention_control="masactrl", masactrl_start_step=STEPS)
+    controlled = latents(pipe, prompt=TARGET, inversion=inversion, attention_control=MasaCtrl(start_step=STEPS))
     # The synthesis branch uses the null embedding, i.e. exactly a DDIM-style edit from the same trajectory.
     uncontrolled = latents(pipe, prompt=TARGET, inversion=dataclasses.replace(inversion, method="ddim"))
     torch.testing.assert_close(controlled, uncontrolled, rtol=1e-5, atol=1e-5)
-    started = latents(pipe, prompt=TARGET, inversion=inversion, attention_control="masactrl", masactrl_start_step=0)
+    started = latents(pipe, prompt=TARGET, inversion=inversion, attention_control=MasaCtrl(start_step=0))
     assert not torch.allclose(started, uncontrolled, atol=1e-4)
 
 
@@ -129,7 +141,7 @@ def test_prox_masactrl_rows_and_batch_independence(pipe):
     pipe.to(torch.float64)
     inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
     targets = [TARGET, "a red dog on a white background"]
-    kwargs = dict(inversion=inversion, attention_control="masactrl", masactrl_start_step=1, proximal_guidance="soft")
+    kwargs = dict(inversion=inversion, attention_control=MasaCtrl(start_step=1), proximal_guidance="soft")
     with UNetCalls(pipe.unet) as calls:
         together = latents(pipe, prompt=targets, **kwargs)
     assert calls.batches == [1 + 2 * len(targets)] * STEPS  # NPI source: one pass; targets: null + prompt
@@ -140,12 +152,12 @@ def test_prox_masactrl_rows_and_batch_independence(pipe):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(proximal_guidance="soft", proximal_quantile=1.5), r"proximal_quantile must lie in \[0, 1\]"),
-        (dict(proximal_guidance="soft", proximal_quantile=-0.1), r"proximal_quantile must lie in \[0, 1\]"),
+        (dict(proximal_guidance=ProximalGuidance(quantile=1.5)), r"ProximalGuidance.quantile must lie in \[0, 1\]"),
+        (dict(proximal_guidance=ProximalGuidance(quantile=-0.1)), r"ProximalGuidance.quantile must lie in \[0, 1\]"),
         (dict(proximal_guidance="l0"), "proximal_guidance must be one of"),
-        (dict(proximal_guidance="soft", proximal_threshold=-1.0), "proximal_threshold must be a number >= 0"),
-        (dict(attention_control="masactrl", masactrl_start_step=STEPS + 1), "masactrl_start_step must be an integer in"),
-        (dict(attention_control="masactrl", masactrl_start_layer=99), "masactrl_start_layer must be an integer in"),
+        (dict(proximal_guidance=ProximalGuidance(threshold=-1.0)), "ProximalGuidance.threshold must be a number >= 0"),
+        (dict(attention_control=MasaCtrl(start_step=STEPS + 1)), "MasaCtrl.start_step must be an integer in"),
+        (dict(attention_control=MasaCtrl(start_layer=99)), "MasaCtrl.start_layer must be an integer in"),
         (dict(attention_control="mutual"), "attention_control must be one of"),
     ],
 )

@@ -28,17 +28,17 @@ from . import scenes
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 
 P2P = {"cross_replace_steps": 0.4, "self_replace_steps": 0.6}
-# name → (inversion method, call arguments, uses local blend words)
+# name → (inversion method, call arguments, prompt-to-prompt settings (with local blend of the edit's words) or None)
 METHODS = {
-    "ddim+cfg": ("ddim", {}, False),
-    "nti": ("nti", {}, False),
-    "nti+p2p": ("nti", P2P, True),
-    "npi": ("npi", {}, False),
-    "npi+p2p": ("npi", P2P, True),
-    "proxnpi": ("npi", {"proximal_guidance": "soft"}, False),
-    "proxnpi+p2p": ("npi", {**P2P, "proximal_guidance": "soft"}, True),
-    "masactrl": ("npi", {"attention_control": "masactrl"}, False),
-    "proxmasactrl": ("npi", {"attention_control": "masactrl", "proximal_guidance": "soft"}, False),
+    "ddim+cfg": ("ddim", {}, None),
+    "nti": ("nti", {}, None),
+    "nti+p2p": ("nti", {}, P2P),
+    "npi": ("npi", {}, None),
+    "npi+p2p": ("npi", {}, P2P),
+    "proxnpi": ("npi", {"proximal_guidance": "soft"}, None),
+    "proxnpi+p2p": ("npi", {"proximal_guidance": "soft"}, P2P),
+    "masactrl": ("npi", {"attention_control": "masactrl"}, None),
+    "proxmasactrl": ("npi", {"attention_control": "masactrl", "proximal_guidance": "soft"}, None),
 }
 
 
@@ -139,11 +139,12 @@ def evaluate(pipe, pairs, methods=tuple(METHODS), steps: int = 50, batch_size: i
                 out = pipe(inversion=inversions[method][0], guidance_scale=guidance_scale, output_type="pt").images
                 recon[name] += [psnr(o.cpu(), s) for o, s in zip(out, sources)]
         for name in methods:
-            method, call, uses_blend = METHODS[name]
+            method, call, p2p = METHODS[name]
             inversion, inversion_time = inversions[method]
             kwargs = dict(call)
-            if uses_blend:
-                kwargs["blend_words"] = [blend_words(edit) for edit in batch] if len(batch) > 1 else blend_words(batch[0])
+            if p2p is not None:
+                words = [blend_words(edit) for edit in batch] if len(batch) > 1 else blend_words(batch[0])
+                kwargs["attention_control"] = pipe.PromptToPrompt(**p2p, local_blend=pipe.LocalBlend(words))
             edited, edit_time = _timed(
                 device,
                 lambda: pipe(prompt=[e.target_caption for e in batch], inversion=inversion,

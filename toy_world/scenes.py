@@ -46,15 +46,10 @@ import torch
 import torch.nn.functional as F
 
 from . import tokenizer as _tok
+from .vocabulary import COLOURS, FILLER_WORDS, PATTERNS, SHAPES, WORDS  # noqa: F401  (the caption words)
 
 H = W = 64
 MAX_OBJECTS = 3
-
-SHAPES = ("circle", "square", "triangle", "star")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-PATTERNS = ("", "striped", "dotted")  # index 0 = plain (no adjective)
-FILLER_WORDS = ("a", "and", "on", "background")
-WORDS = FILLER_WORDS + SHAPES + COLOURS + PATTERNS[1:]  # every grammar word
 
 PALETTE = torch.tensor([
     [0.90, 0.12, 0.12],  # red
