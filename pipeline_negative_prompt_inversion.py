@@ -180,6 +180,14 @@ def proximal_direction(direction: torch.Tensor, mode: str, quantile: float, thre
     return operator(direction, threshold), threshold
 
 
+def rounding_floor(noise_cond: torch.Tensor, ulps: float = 256) -> torch.Tensor:
+    # δ = c·eps·max|ε_c| per sample: |d| below it is rounding noise of ε (d ≡ 0 exactly for a target equal to its
+    # source, yet ~10 ulps that vary with the batch size); c = 256 ≈ √65536 covers an SD UNet's widest reductions
+    # and stays far below the λ of real edits (≳ 1e-3·max|ε|)
+    scale = noise_cond.abs().amax(dim=tuple(range(1, noise_cond.dim())), keepdim=True)
+    return ulps * torch.finfo(noise_cond.dtype).eps * scale
+
+
 def edit_region(direction: torch.Tensor, threshold: torch.Tensor, dilation: int) -> torch.Tensor:
     # ProxEdit §3.3: the edit mask M = [|prox(d)| > λ] per channel, dilated by a (2r+1)² max-pool
     mask = (direction.abs() > threshold).float()
@@ -1182,7 +1190,9 @@ class NegativePromptInversionPipeline(
                     prox_direction, threshold = proximal_direction(
                         direction[edited], proximal_guidance, proximal_quantile, proximal_threshold
                     )
-                    edit_mask = edit_region(prox_direction, threshold, mask_dilation)
+                    # a mask is a discontinuous decision: |prox(d)| within rounding noise must never count as edited
+                    floor = rounding_floor(noise[cond_rows[edited]])
+                    edit_mask = edit_region(prox_direction, threshold.maximum(floor), mask_dilation)
                     direction = direction.index_copy(0, edited, prox_direction)
                     edit_fraction += edit_mask.mean(dim=1, keepdim=True)
                 noise = classifier_free_guidance(noise_uncond, direction, guidance_scale)
