@@ -178,6 +178,24 @@ def test_masactrl_after_the_last_step_is_the_uncontrolled_edit(pipe, inversion):
     assert (started - uncontrolled).abs().max() > tolerance(uncontrolled, edit_ops(STEPS))
 
 
+def test_mutual_self_attention_switches_on_exactly_at_start_step():
+    # Exact and local: the end-to-end check above cannot see a switch one step early (at t = 1 it moves the latents
+    # by ~1e-4, under the rounding budget of two differently batched runs).
+    import torch.nn.functional as F
+
+    from attention_processors.npi_mutual_self_attention import MutualSelfAttention
+
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(3, 2, 16, 8) for _ in range(3))
+    rule = MutualSelfAttention(torch.tensor(3), torch.tensor(4), torch.tensor([0]), torch.tensor([2]))
+    assert torch.equal(rule(query, key, value, None, None), F.scaled_dot_product_attention(query, key, value))
+    rule.step.fill_(4)
+    mutual_key, mutual_value = key.clone(), value.clone()
+    mutual_key[2], mutual_value[2] = key[0], value[0]
+    expected = F.scaled_dot_product_attention(query, mutual_key, mutual_value)
+    assert torch.equal(rule(query, key, value, None, None), expected)
+
+
 def test_prox_masactrl_rows_and_batch_independence(pipe):
     pipe.to(torch.float64)
     inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
