@@ -175,6 +175,14 @@ def proximal_direction(direction: torch.Tensor, mode: str, quantile: float, thre
     return operator(direction, threshold), threshold
 
 
+def rounding_floor(noise_cond: torch.Tensor, ulps: float = 256) -> torch.Tensor:
+    # δ = c·eps·max|ε_c| per sample: |d| below it is rounding noise of ε (d ≡ 0 exactly for a target equal to its
+    # source, yet ~10 ulps that vary with the batch size); c = 256 ≈ √65536 covers an SD UNet's widest reductions
+    # and stays far below the λ of real edits (≳ 1e-3·max|ε|)
+    scale = noise_cond.abs().amax(dim=tuple(range(1, noise_cond.dim())), keepdim=True)
+    return ulps * torch.finfo(noise_cond.dtype).eps * scale
+
+
 def edit_region(direction: torch.Tensor, threshold: torch.Tensor, dilation: int) -> torch.Tensor:
     # ProxEdit §3.3: the edit mask M = [|prox(d)| > λ] per channel, dilated by a (2r+1)² max-pool
     mask = (direction.abs() > threshold).float()
@@ -584,10 +592,11 @@ class ProximalGuidance:
         _check_number("ProximalGuidance.below_timestep", self.below_timestep)
         _check_number("ProximalGuidance.mask_dilation", self.mask_dilation, 0, integer=True)
 
-    def guide(self, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def guide(self, direction: torch.Tensor, noise_cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The thresholded direction of each edited sample and its edit mask M (ProxEdit §3.2–3.3)."""
         direction, threshold = proximal_direction(direction, self.mode, self.quantile, self.threshold)
-        return direction, edit_region(direction, threshold, self.mask_dilation)
+        # a mask is a discontinuous decision: |prox(d)| within rounding noise of ε_c must never count as edited
+        return direction, edit_region(direction, threshold.maximum(rounding_floor(noise_cond)), self.mask_dilation)
 
     def pull(self, latents: torch.Tensor, anchor: torch.Tensor, edit_mask: torch.Tensor) -> torch.Tensor:
         """Move the unedited region (1 − M) toward ``anchor``."""
@@ -1480,7 +1489,7 @@ class NegativePromptInversionPipeline(
                 noise_uncond, direction = noise[uncond_rows], noise[cond_rows] - noise[uncond_rows]
                 edit_mask = None
                 if proximal_guidance is not None:
-                    prox_direction, edit_mask = proximal_guidance.guide(direction[edited])
+                    prox_direction, edit_mask = proximal_guidance.guide(direction[edited], noise[cond_rows[edited]])
                     direction = direction.index_copy(0, edited, prox_direction)
                     edit_fraction += edit_mask.mean(dim=1, keepdim=True)
                 noise = classifier_free_guidance(noise_uncond, direction, guidance_scale)

@@ -118,3 +118,26 @@ class UNetCalls:
 
 def latents_of(output):
     return output.images if isinstance(output.images, torch.Tensor) else torch.as_tensor(output.images)
+
+
+# Rounding budgets. Two computations of the same quantity that differ only in rounding (another batch size, another
+# attention kernel) may differ by a few eps per operation, relative to the quantity's scale; a budget counts those
+# operations, so it holds on any IEEE machine yet stays far below what a real defect changes (a flipped threshold
+# mask moves a latent by ~0.3, a wrong guidance by ~1e-2).
+# One UNet pass: its widest reduction (3·3·64 = 576 terms) rounds like √576 = 24 eps of its activations, and kernels
+# blocked per batch size (CPU GEMMs are) may change every one of those roundings.
+UNET_OPS = 24
+
+
+def tolerance(reference: torch.Tensor, ops: float) -> float:
+    """Absolute tolerance for ``ops`` roundings of at most eps each, at the reference's scale (≥ 1, a latent's)."""
+    return ops * torch.finfo(reference.dtype).eps * max(1.0, float(reference.abs().max()))
+
+
+def edit_ops(steps: int, guidance_scale: float = 7.5, unet_ops: float = UNET_OPS) -> float:
+    """Budget of a denoising run: every step's UNet rounding, amplified by ε_u + w·(ε_c − ε_u) by up to |1 − w| + w."""
+    return unet_ops * (abs(1 - guidance_scale) + guidance_scale) * steps
+
+
+def assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor, ops: float):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance(expected, ops))

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import UNetCalls, scene_image, tiny_components
+from conftest import UNET_OPS, UNetCalls, assert_rounding_close, edit_ops, scene_image, tiny_components
 from diffusers import PNDMScheduler
 
 from pipeline_negative_prompt_inversion import (
@@ -36,7 +36,7 @@ def test_npi_reconstruction_equals_ddim_reconstruction_at_guidance_one(pipe, inv
     # NPI paper, Remark 3.1: with uncond = E(src) the guided step is DDIM at w = 1, whatever w is.
     npi = reconstruct(pipe, inversion, guidance_scale=7.5)
     ddim = reconstruct(pipe, dataclasses.replace(inversion, method="ddim"), guidance_scale=1.0)
-    torch.testing.assert_close(npi, ddim, rtol=0, atol=1e-6)
+    assert torch.equal(npi, ddim)  # the same single UNet row, and ε + w·0 = ε + 1·0 exactly
 
 
 def test_npi_reconstruction_costs_one_unet_pass_per_step(pipe, inversion):
@@ -91,7 +91,8 @@ def test_nti_without_inner_steps_is_ddim_with_cfg(pipe):
         null_text_init="null",
     )
     ddim = dataclasses.replace(nti, method="ddim", null_embeds=None, null_text_losses=None)
-    torch.testing.assert_close(reconstruct(pipe, nti), reconstruct(pipe, ddim), rtol=0, atol=1e-6)
+    # E("") may come from a text-encoder batch of another size, hence rounding
+    assert_rounding_close(reconstruct(pipe, nti), reconstruct(pipe, ddim), ops=edit_ops(STEPS))
 
 
 def test_nti_loss_decreases_within_a_step(pipe):
@@ -125,13 +126,13 @@ def test_batched_inversion_and_edits_equal_single_ones(pipe):
     batched = pipe.invert(images, prompts, num_inference_steps=STEPS)
     for k in range(2):
         single = pipe.invert(images[k], prompts[k], num_inference_steps=STEPS)
-        torch.testing.assert_close(batched.latents[k : k + 1], single.latents, rtol=1e-5, atol=1e-5)
+        assert_rounding_close(batched.latents[k : k + 1], single.latents, ops=UNET_OPS * STEPS)
     targets = ["a blue cat on a white background", "a red dog on a white background", SOURCE]
     inv = batched[0]
     together = pipe(prompt=targets, inversion=inv, output_type="latent").images
     for k, target in enumerate(targets):
         alone = pipe(prompt=target, inversion=inv, output_type="latent").images
-        torch.testing.assert_close(together[k : k + 1], alone, rtol=1e-4, atol=1e-4)
+        assert_rounding_close(together[k : k + 1], alone, ops=edit_ops(STEPS))
 
 
 def test_nti_batch_equals_single(pipe):
@@ -142,7 +143,8 @@ def test_nti_batch_equals_single(pipe):
     kwargs = dict(num_inference_steps=4, inversion_method="nti", null_text_inner_steps=3)
     batched = pipe.invert(images, [SOURCE, SOURCE], **kwargs)
     single = pipe.invert(images[1], SOURCE, **kwargs)
-    torch.testing.assert_close(batched.null_embeds[1:], single.null_embeds, rtol=1e-5, atol=1e-6)
+    # float32 copies of float64 optimisations: one rounding per Adam update (a flipped sign step is lr = 1e-2)
+    assert_rounding_close(batched.null_embeds[1:], single.null_embeds, ops=4 * 3)
 
 
 def test_save_load_edit_is_bit_identical(pipe, inversion, tmp_path):
@@ -207,7 +209,7 @@ def test_v_prediction_model_identity_holds(tokenizer_dir):
     inv = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
     npi = reconstruct(pipe, inv)
     ddim = reconstruct(pipe, dataclasses.replace(inv, method="ddim"), guidance_scale=1.0)
-    torch.testing.assert_close(npi, ddim, rtol=0, atol=1e-6)
+    assert torch.equal(npi, ddim)  # the same single UNet row, and ε + w·0 = ε + 1·0 exactly
     assert mse(npi, inv.latents[:, 0]) < 0.1 * float(inv.latents[:, 0].pow(2).mean())
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, UNetCalls, scene_image, tiny_components
+from conftest import WORDS, UNetCalls, assert_rounding_close, edit_ops, scene_image, tiny_components
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import CLIPTokenizer
@@ -152,7 +152,7 @@ def test_fused_paths_match_explicit_reference(pipe, inversion, monkeypatch, targ
     explicit = latents(pipe, prompt=[target, "a red dog on a white background"], inversion=inversion,
                        attention_control=control)
     assert ran["cross"] > 0 and ran["self"] > 0
-    torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-4)
+    assert_rounding_close(fused, explicit, ops=edit_ops(STEPS))  # another attention kernel: other roundings
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_same_prompt_edit_reproduces_reconstruction(pipe, method):
     reconstruction = latents(pipe, inversion=inv)
     edit = latents(pipe, prompt=SOURCE, inversion=inv,
                    attention_control=dataclasses.replace(EDIT, local_blend=LocalBlend(("cat", "cat"))))
-    torch.testing.assert_close(edit, reconstruction, rtol=1e-4, atol=1e-4)
+    assert_rounding_close(edit, reconstruction, ops=edit_ops(STEPS))
 
 
 def test_npi_batch_is_one_plus_two_k_rows_and_targets_are_independent(pipe, inversion):
@@ -177,7 +177,7 @@ def test_npi_batch_is_one_plus_two_k_rows_and_targets_are_independent(pipe, inve
     assert calls.batches == [1 + 2 * len(targets)] * STEPS
     for k, target in enumerate(targets):
         alone = latents(pipe, prompt=target, inversion=inversion, attention_control=EDIT)
-        torch.testing.assert_close(together[k : k + 1], alone, rtol=1e-4, atol=1e-4)
+        assert_rounding_close(together[k : k + 1], alone, ops=edit_ops(STEPS))
 
 
 def test_works_with_nti_and_ddim_rows(pipe):
