@@ -8,10 +8,16 @@ need); this module only re-exports it under a unique package name, so nothing ge
 # Only as the installed package: pytest imports this file bare (no parent package) when it walks the checkout.
 if __package__:
     from .pipeline_negative_prompt_inversion import (
+        InvalidInversionError,
         InversionResult,
         NegativePromptInversionPipeline,
         NegativePromptInversionPipelineOutput,
     )
 
-__all__ = ["InversionResult", "NegativePromptInversionPipeline", "NegativePromptInversionPipelineOutput"]
+__all__ = [
+    "InvalidInversionError",
+    "InversionResult",
+    "NegativePromptInversionPipeline",
+    "NegativePromptInversionPipelineOutput",
+]
 __version__ = "0.1.0"
