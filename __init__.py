@@ -8,6 +8,7 @@ need); this module only re-exports it under a unique package name, so nothing ge
 # Only as the installed package: pytest imports this file bare (no parent package) when it walks the checkout.
 if __package__:
     from .pipeline_negative_prompt_inversion import (
+        InvalidInversionError,
         InversionResult,
         LocalBlend,
         MasaCtrl,
@@ -18,6 +19,7 @@ if __package__:
     )
 
 __all__ = [
+    "InvalidInversionError",
     "InversionResult",
     "LocalBlend",
     "MasaCtrl",

@@ -27,8 +27,8 @@ import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -231,6 +231,15 @@ def _file_digest(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+class InvalidInversionError(ValueError):
+    """An inversion file or object that `invert` cannot have produced; the message names it and every problem."""
+
+
+_TENSOR_NAMES = ("latents", "prompt_embeds", "timesteps", "null_embeds", "null_text_losses")
+_REQUIRED_TENSORS = ("latents", "prompt_embeds", "timesteps")
+_METADATA_FIELDS = ("source_prompts", "method", "guidance_scale", "image_size", "model_signature")
+
+
 @dataclass
 class InversionResult:
     r"""Everything an edit needs from an inverted image (or batch of images).
@@ -252,6 +261,9 @@ class InversionResult:
             NTI's loss before each inner optimisation step (NaN after early stopping).
         model_signature (`dict`): Fingerprint of the models that produced the inversion.
     """
+
+    # Identifies the class across copies of this file: diffusers re-executes the file on every load.
+    format: ClassVar[str] = INVERSION_FORMAT
 
     latents: torch.Tensor
     prompt_embeds: torch.Tensor
@@ -289,15 +301,15 @@ class InversionResult:
         )
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"latents": self.latents, "prompt_embeds": self.prompt_embeds, "timesteps": self.timesteps}
-        if self.null_embeds is not None:
-            tensors["null_embeds"] = self.null_embeds
-        if self.null_text_losses is not None:
-            tensors["null_text_losses"] = self.null_text_losses
+        tensors = {name: getattr(self, name) for name in _TENSOR_NAMES if getattr(self, name) is not None}
         return {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a ``.safetensors`` file whose header carries the JSON metadata and a SHA-256 of every tensor."""
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):  # safetensors would only report a temporary file it could not create
+            raise FileNotFoundError(f"Cannot save the inversion to {os.fspath(path)}: no folder {folder}.")
+        self._check_consistency(f"inversion to save as {os.fspath(path)}")  # never write a file `load` rejects
         tensors = self._tensors()
         metadata = {
             "format": INVERSION_FORMAT,
@@ -312,51 +324,176 @@ class InversionResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "InversionResult":
-        """Read a file written by `save`. safetensors holds only tensors, so loading can never run code."""
+        """Read a file written by `save`. safetensors holds only tensors, so loading can never run code.
+
+        The checksum only catches accidents (anyone can recompute it), so the content is validated as well; every
+        problem raises `InvalidInversionError` naming the file.
+        """
         from safetensors import safe_open
 
         path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No inversion file at {path}.")
         try:
             with safe_open(path, framework="pt") as handle:
                 header = handle.metadata() or {}
             tensors = load_file(path)
             metadata = json.loads(header["inversion"])
         except Exception as error:  # any unreadable header or body is the same problem to the user
-            raise ValueError(f"{path} is not an inversion file written by InversionResult.save: {error}") from error
-        if metadata.get("format") != INVERSION_FORMAT:
-            raise ValueError(f"{path}: unknown inversion format {metadata.get('format')!r}.")
+            raise InvalidInversionError(
+                f"{path} is not an inversion file written by InversionResult.save: {error}"
+            ) from error
+        file_format = metadata.get("format") if isinstance(metadata, dict) else None
+        if file_format != INVERSION_FORMAT:
+            raise InvalidInversionError(f"{path}: unknown inversion format {file_format!r}.")
         if metadata.pop("sha256", None) != _file_digest(metadata, tensors):
-            raise ValueError(f"{path}: checksum mismatch; the file was modified after it was saved.")
+            raise InvalidInversionError(f"{path}: checksum mismatch; the file was modified after it was saved.")
+        _check_entries(path, metadata, tensors)
         result = cls(
-            latents=tensors["latents"],
-            prompt_embeds=tensors["prompt_embeds"],
-            source_prompts=list(metadata["source_prompts"]),
-            timesteps=tensors["timesteps"],
-            method=metadata["method"],
-            guidance_scale=float(metadata["guidance_scale"]),
-            image_size=tuple(metadata["image_size"]),
-            null_embeds=tensors.get("null_embeds"),
-            null_text_losses=tensors.get("null_text_losses"),
-            model_signature=metadata["model_signature"],
+            **{name: tensors.get(name) for name in _TENSOR_NAMES}, **{key: metadata[key] for key in _METADATA_FIELDS}
         )
         result._check_consistency(path)
+        # JSON has no tuples, and a file may hold 7 for 7.0; validated above, so these conversions cannot fail.
+        result.image_size, result.guidance_scale = tuple(result.image_size), float(result.guidance_scale)
         return result
 
-    def _check_consistency(self, where: str) -> None:
-        batch, steps = len(self.source_prompts), len(self.timesteps)
-        problems = []
-        if self.method not in INVERSION_METHODS:
-            problems.append(f"method {self.method!r}")
-        if self.latents.dim() != 5 or tuple(self.latents.shape[:2]) != (batch, steps + 1):
-            problems.append(f"latents of shape {tuple(self.latents.shape)} for {batch} images and {steps} steps")
-        if self.prompt_embeds.shape[0] != batch:
-            problems.append("prompt_embeds batch size")
-        if (self.method == "nti") != (self.null_embeds is not None):
-            problems.append("null_embeds present exactly when method is 'nti'")
-        if self.null_embeds is not None and tuple(self.null_embeds.shape[:2]) != (batch, steps):
-            problems.append(f"null_embeds of shape {tuple(self.null_embeds.shape)}")
+    def _check_consistency(self, where: str, vae_scale_factor: int | None = None) -> None:
+        """Raise `InvalidInversionError` naming ``where`` unless every field is what `invert` would have produced.
+
+        The one validation for files (`load`) and for objects handed to a pipeline (`check_inversion`, which also
+        knows the VAE factor ``image_size`` must be the latent size times).
+        """
+        # Tensor checks need a valid batch size and image size; with broken metadata they would only add noise.
+        problems = self._metadata_problems() or self._tensor_problems(vae_scale_factor)
         if problems:
-            raise ValueError(f"{where}: inconsistent inversion ({'; '.join(problems)}).")
+            raise _invalid(where, problems)
+
+    def _metadata_problems(self) -> list[str]:
+        problems = []
+        prompts, size, scale = self.source_prompts, self.image_size, self.guidance_scale
+        if not (isinstance(prompts, list) and prompts and all(isinstance(prompt, str) for prompt in prompts)):
+            problems.append(f"source_prompts must be a non-empty list of strings, got {prompts!r}")
+        if self.method not in INVERSION_METHODS:
+            problems.append(f"method {self.method!r} is not one of {list(INVERSION_METHODS)}")
+        if not (_is_number(scale) and math.isfinite(scale)):
+            problems.append(f"guidance_scale must be a finite number, got {scale!r}")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(n) and n > 0 for n in size)):
+            problems.append(f"image_size must be two positive integers, got {size!r}")
+        if not isinstance(self.model_signature, dict):
+            problems.append("model_signature must be a dict")
+        return problems
+
+    def _tensor_problems(self, vae_scale_factor: int | None) -> list[str]:
+        present = {name: getattr(self, name) for name in _TENSOR_NAMES if getattr(self, name) is not None}
+        expected = [name for name in _TENSOR_NAMES if name in present or name in _REQUIRED_TENSORS]
+        not_tensors = [name for name in expected if not isinstance(present.get(name), torch.Tensor)]
+        if not_tensors:
+            return [f"{', '.join(not_tensors)} must be tensors"]
+        if self.timesteps.dim() != 1 or len(self.timesteps) == 0:  # every other shape is counted in steps
+            return [f"timesteps of shape {tuple(self.timesteps.shape)}, expected one or more steps"]
+        return (
+            self._shape_problems(present)
+            + self._dtype_problems(present)
+            + self._method_problems(present)
+            + self._image_size_problems(vae_scale_factor)
+        )
+
+    def _shape_problems(self, present: dict[str, torch.Tensor]) -> list[str]:
+        batch, steps, embedding = len(self.source_prompts), len(self.timesteps), tuple(self.prompt_embeds.shape[1:])
+        patterns = {  # None: any size
+            "latents": (batch, steps + 1, None, None, None),
+            "prompt_embeds": (batch, None, None),
+            "timesteps": (steps,),
+            "null_embeds": (batch, steps, *embedding),
+            "null_text_losses": (batch, steps, None),
+        }
+        return [
+            f"{name} of shape {tuple(tensor.shape)}, expected {_shape_pattern(patterns[name])}"
+            for name, tensor in present.items()
+            if not _fits(tensor.shape, patterns[name])
+        ]
+
+    def _dtype_problems(self, present: dict[str, torch.Tensor]) -> list[str]:
+        problems = [
+            f"{name} of dtype {tensor.dtype}, expected a floating-point dtype"
+            for name, tensor in present.items()
+            if name != "timesteps" and not tensor.dtype.is_floating_point
+        ]
+        if not _is_integer_dtype(self.timesteps.dtype):
+            problems.append(f"timesteps of dtype {self.timesteps.dtype}, expected an integer dtype")
+        elif not bool((self.timesteps[1:] < self.timesteps[:-1]).all()):
+            problems.append("timesteps must be strictly descending (the denoising order)")
+        return problems
+
+    def _method_problems(self, present: dict[str, torch.Tensor]) -> list[str]:
+        optimised = INVERSION_METHODS[self.method].optimises_null_text
+        if optimised != ("null_embeds" in present) or ("null_text_losses" in present and not optimised):
+            return [f"null_embeds (with null_text_losses) belong to method 'nti' only, method is {self.method!r}"]
+        return []
+
+    def _image_size_problems(self, vae_scale_factor: int | None) -> list[str]:
+        """``image_size`` is the latent size times the VAE factor; without a pipeline, times one integer factor."""
+        if self.latents.dim() != 5:
+            return []  # reported as a shape problem
+        (height, width), (latent_height, latent_width) = self.image_size, self.latents.shape[-2:]
+        factor = vae_scale_factor or (height // latent_height if latent_height else 0)
+        if factor and (height, width) == (latent_height * factor, latent_width * factor):
+            return []
+        times = f"the VAE factor {vae_scale_factor}" if vae_scale_factor else "one integer factor"
+        return [f"image_size {list(self.image_size)} is not the latent size {latent_height}x{latent_width} × {times}"]
+
+
+def _check_entries(path: str, metadata: dict, tensors: dict) -> None:
+    """Name missing and unknown entries of a file up front, instead of a bare KeyError or a silently ignored tensor."""
+    missing = [key for key in _METADATA_FIELDS if key not in metadata]
+    missing += [name for name in _REQUIRED_TENSORS if name not in tensors]
+    unknown = sorted(set(metadata) - {"format", *_METADATA_FIELDS}) + sorted(set(tensors) - set(_TENSOR_NAMES))
+    problems = [f"missing entries: {', '.join(missing)}"] if missing else []
+    problems += [f"unknown entries: {', '.join(unknown)}"] if unknown else []
+    if problems:
+        raise _invalid(path, problems)
+
+
+def _invalid(where: str, problems: list[str]) -> InvalidInversionError:
+    return InvalidInversionError(f"{where}: invalid inversion ({'; '.join(problems)}).")
+
+
+def _as_inversion_result(value, name: str = "inversion") -> InversionResult:
+    """``value`` as this file's `InversionResult`, also when another copy of this file made it.
+
+    diffusers re-executes this file on every ``from_pretrained(..., custom_pipeline=...)`` and so rebinds the class;
+    an inversion made before another pipeline was loaded (or made by the pip-installed package) is an instance of an
+    equal but distinct class. It is recognised by class name and format marker and re-wrapped (tensors are shared).
+    """
+    if isinstance(value, InversionResult):
+        return value
+    cls = type(value)
+    if cls.__name__ == InversionResult.__name__ and getattr(cls, "format", None) == INVERSION_FORMAT:
+        return InversionResult(**{item.name: getattr(value, item.name) for item in fields(InversionResult)})
+    raise TypeError(
+        f"{name} must be an InversionResult from pipe.invert() or pipe.load_inversion(), got"
+        f" {cls.__module__}.{cls.__qualname__}."
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _fits(shape, pattern: tuple) -> bool:
+    return len(shape) == len(pattern) and all(want is None or size == want for size, want in zip(shape, pattern))
+
+
+def _shape_pattern(pattern: tuple) -> str:
+    return "(" + ", ".join("*" if want is None else str(want) for want in pattern) + ")"
 
 
 # =================================================================================================================
@@ -1126,11 +1263,13 @@ class NegativePromptInversionPipeline(
         return output
 
     def model_signature(self) -> dict:
-        """Fingerprint of the models an inversion depends on: configs exactly, a few weights approximately."""
+        """Fingerprint of the models an inversion depends on: architecture configs exactly, a few weights approximately.
+
+        It identifies what the weights compute, so the same weights saved, reloaded or cast to another dtype match.
+        """
 
         def probe(module) -> list[float]:
-            weight = next(module.parameters()).detach().flatten()[:8]
-            return [round(float(v), 4) for v in weight.float().cpu()]
+            return [float(v) for v in next(module.parameters()).detach().flatten()[:8].float().cpu()]
 
         configs = {
             "unet": dict(self.unet.config),
@@ -1138,7 +1277,7 @@ class NegativePromptInversionPipeline(
             "text_encoder": self.text_encoder.config.to_diff_dict() if hasattr(self.text_encoder.config, "to_diff_dict") else {},
         }
         digest = hashlib.sha256(
-            json.dumps({k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in configs.items()},
+            json.dumps({name: _architecture_config(config) for name, config in configs.items()},
                        sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
         return {
@@ -1146,33 +1285,33 @@ class NegativePromptInversionPipeline(
             "probe": {name: probe(getattr(self, name)) for name in ("unet", "vae", "text_encoder")},
         }
 
-    def check_inversion(self, inversion: "InversionResult", num_inference_steps: int | None = None) -> None:
-        """Raise if ``inversion`` was made by other models or with another step count than asked for."""
-        if not isinstance(inversion, InversionResult):
-            raise TypeError(f"inversion must be an InversionResult from pipe.invert(), got {type(inversion).__name__}.")
-        inversion._check_consistency("inversion")
+    def check_inversion(self, inversion: "InversionResult", num_inference_steps: int | None = None) -> InversionResult:
+        """Raise if ``inversion`` is malformed or was made by other models or with another step count than asked for.
+
+        Returns it as this file's `InversionResult` (see `_as_inversion_result`).
+        """
+        inversion = _as_inversion_result(inversion)
+        inversion._check_consistency("inversion", self.vae_scale_factor)
         if num_inference_steps is not None and num_inference_steps != inversion.num_inference_steps:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} but the inversion was made with"
                 f" {inversion.num_inference_steps} steps; invert again with the step count you want."
             )
         mine, theirs = self.model_signature(), inversion.model_signature
-        same_probe = all(
-            np.allclose(mine["probe"][name], theirs.get("probe", {}).get(name, []), rtol=1e-2, atol=2e-3)
-            if len(theirs.get("probe", {}).get(name, [])) == len(mine["probe"][name]) else False
-            for name in mine["probe"]
+        their_probes = theirs.get("probe")
+        same_probe = isinstance(their_probes, dict) and all(
+            _same_weights(probe, their_probes.get(name)) for name, probe in mine["probe"].items()
         )
         if mine["config"] != theirs.get("config") or not same_probe:
             raise ValueError(
                 "This inversion was made with different models (UNet, VAE or text encoder) than this pipeline's;"
                 " invert the image again with this pipeline."
             )
+        return inversion
 
     def load_inversion(self, path: str | os.PathLike, num_inference_steps: int | None = None) -> InversionResult:
         """`InversionResult.load` plus a check that this pipeline's models made it."""
-        inversion = InversionResult.load(path)
-        self.check_inversion(inversion, num_inference_steps)
-        return inversion
+        return self.check_inversion(InversionResult.load(path), num_inference_steps)
 
     @contextmanager
     def _frozen_unet(self):
@@ -1370,14 +1509,12 @@ class NegativePromptInversionPipeline(
     def check_inputs(
         self,
         inversion,
-        num_inference_steps,
         guidance_scale,
         attention_control,
         proximal_guidance,
         output_type,
         callback_on_step_end_tensor_inputs,
     ):
-        self.check_inversion(inversion, num_inference_steps)
         _check_guidance(guidance_scale, inversion.method)
         if attention_control is not None:
             layers = self.attention_layers(tuple(inversion.latents.shape[-2:]))
@@ -1445,9 +1582,9 @@ class NegativePromptInversionPipeline(
         proximal_guidance = _as_proximal_guidance(proximal_guidance, self.config.proximal_guidance)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        inversion = self.check_inversion(inversion, num_inference_steps)  # as this file's class, whichever made it
         self.check_inputs(
-            inversion, num_inference_steps, guidance_scale, attention_control, proximal_guidance, output_type,
-            callback_on_step_end_tensor_inputs,
+            inversion, guidance_scale, attention_control, proximal_guidance, output_type, callback_on_step_end_tensor_inputs
         )
         targets = _targets_per_image(prompt, inversion.source_prompts)
         self.check_target_prompts(targets, inversion.source_prompts)
@@ -1622,6 +1759,32 @@ def plan_branches(inversion: InversionResult, targets: list[list[str]], attentio
 
 # =================================================================================================================
 # Input helpers
+
+
+# Config entries that record how a model was saved or loaded, not what its weights compute: `save_pretrained` adds
+# `architectures` and `dtype`, a load in another dtype changes `dtype`, each library stamps its version, and runtime
+# output switches can be set per load. Keys starting with "_" (`_name_or_path`, `_diffusers_version`,
+# `_use_default_values`, ...) are bookkeeping of the same kind.
+_INCIDENTAL_CONFIG_KEYS = frozenset(
+    {"architectures", "dtype", "torch_dtype", "transformers_version", "use_cache", "output_hidden_states",
+     "output_attentions", "return_dict"}
+)
+
+# A weight loaded in bfloat16 (or float16) is its float32 value rounded to 8 (11) significant bits: at most eps/2 of
+# bfloat16 apart, relative. Probes match within eps relative to the probe's largest weight: every such cast passes
+# (also values near zero, where float16 loses relative precision); weights that differ by more are another model.
+_PROBE_TOLERANCE = torch.finfo(torch.bfloat16).eps
+
+
+def _architecture_config(config) -> dict:
+    return {key: value for key, value in config.items() if not (key.startswith("_") or key in _INCIDENTAL_CONFIG_KEYS)}
+
+
+def _same_weights(mine: list[float], theirs) -> bool:
+    if not (isinstance(theirs, list) and len(theirs) == len(mine) and all(_is_number(value) for value in theirs)):
+        return False
+    tolerance = _PROBE_TOLERANCE * max(abs(value) for value in mine)
+    return all(abs(a - b) <= tolerance for a, b in zip(mine, theirs))
 
 
 def _optional_component(name: str, value):

@@ -23,7 +23,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import ROOT, scene_image
+from conftest import ROOT, scene_image, tiny_components
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
 from huggingface_hub.errors import OfflineModeIsEnabled
@@ -326,6 +326,60 @@ def test_without_trust_remote_code_diffusers_refuses(how, model_dir, hub_folder,
         else:
             target = PIPELINE_FILE if how == "file" else hub_folder
             DiffusionPipeline.from_pretrained(model_dir, custom_pipeline=str(target))
+
+
+# =================================================================================================================
+# One inversion, several pipelines: reloads of the file, save_pretrained, other dtypes
+
+
+def latents_of_edit(pipe, inversion):
+    return pipe(prompt=TARGET, inversion=inversion, cross_replace_steps=0.4, output_type="latent").images
+
+
+@pytest.mark.parametrize("first, second", [("npi", "nti"), ("nti", "npi")])
+def test_inversions_work_across_pipelines_loaded_from_one_file(model_dir, first, second):
+    """Comparing two methods in one notebook: every `from_pretrained` re-executes the file and rebinds
+    `InversionResult`, so the inversion made before the second load is an instance of an older, equal class."""
+    a = load(model_dir, PIPELINE_FILE, inversion_method=first, null_text_inner_steps=1)
+    a.set_progress_bar_config(disable=True)
+    inversion_a = a.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+    before = latents_of_edit(a, inversion_a)
+    b = load(model_dir, PIPELINE_FILE, inversion_method=second, null_text_inner_steps=1)
+    b.set_progress_bar_config(disable=True)
+    inversion_b = b.invert(scene_image(1), SOURCE, num_inference_steps=STEPS)
+    assert type(inversion_a) is not type(inversion_b)  # the situation this test is about
+
+    assert torch.equal(latents_of_edit(a, inversion_a), before)
+    for pipe, inversion in ((a, inversion_b), (b, inversion_a)):
+        assert torch.isfinite(latents_of_edit(pipe, inversion)).all()
+    impostor = type("InversionResult", (), {})()  # the name alone does not make an inversion
+    with pytest.raises(TypeError, match="inversion must be an InversionResult"):
+        latents_of_edit(b, impostor)
+
+
+def test_inversion_survives_save_pretrained_and_reload(tokenizer_dir, tmp_path):
+    pipe = NegativePromptInversionPipeline(**tiny_components(tokenizer_dir))  # never saved (shared ones may be)
+    pipe.set_progress_bar_config(disable=True)
+    inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+    inversion.save(tmp_path / "inversion.safetensors")
+    expected = latents_of_edit(pipe, inversion)
+    pipe.save_pretrained(tmp_path / "saved")  # adds `architectures` and `dtype` to the text encoder's config
+    assert torch.equal(latents_of_edit(pipe, inversion), expected)
+
+    reloaded = load(tmp_path / "saved", PIPELINE_FILE)
+    reloaded.set_progress_bar_config(disable=True)
+    assert torch.equal(latents_of_edit(reloaded, reloaded.load_inversion(tmp_path / "inversion.safetensors")), expected)
+
+
+@pytest.mark.parametrize("invert_dtype, edit_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_inversion_crosses_float32_and_bfloat16_loads(model_dir, invert_dtype, edit_dtype):
+    inverter = load(model_dir, PIPELINE_FILE, dtype=invert_dtype)
+    editor = load(model_dir, PIPELINE_FILE, dtype=edit_dtype)
+    inverter.set_progress_bar_config(disable=True)
+    editor.set_progress_bar_config(disable=True)
+    inversion = inverter.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+    assert inversion.latents.dtype == torch.float32
+    assert torch.isfinite(latents_of_edit(editor, inversion).float()).all()
 
 
 # =================================================================================================================

@@ -1,17 +1,23 @@
 """Core pipeline: the papers' identities, orderings, batching, persistence and input checking."""
 
 import dataclasses
+import json
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 from conftest import UNET_OPS, UNetCalls, assert_rounding_close, edit_ops, scene_image, tiny_components
 from diffusers import PNDMScheduler
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from pipeline_negative_prompt_inversion import (
+    InvalidInversionError,
     InversionResult,
     NegativePromptInversionPipeline,
+    _file_digest,
     v_prediction_to_noise,
 )
 
@@ -193,6 +199,90 @@ def test_mismatched_model_or_steps_are_rejected(pipe, inversion, tokenizer_dir, 
         pipe(inversion=inversion, num_inference_steps=20)
     with pytest.raises(ValueError, match="num_inference_steps"):
         pipe.load_inversion(tmp_path / "inversion.safetensors", num_inference_steps=5)
+
+
+def test_signature_tolerates_bfloat16_rounding_only(pipe, inversion):
+    """A weight cast to bfloat16 moves by at most eps/2 of its size: the same model. Scaled by 1 + 3 eps: another."""
+    weight = next(pipe.unet.parameters())
+    with torch.no_grad():
+        weight.copy_(weight.to(torch.bfloat16).float())
+    pipe.check_inversion(inversion)
+    with torch.no_grad():
+        weight.mul_(1 + 3 * torch.finfo(torch.bfloat16).eps)
+    with pytest.raises(ValueError, match="different models"):
+        pipe.check_inversion(inversion)
+
+
+def rewrite(path, edit):
+    """Apply ``edit(metadata, tensors)`` to a saved inversion and store a matching checksum again, so that the
+    validation, not the checksum, has to find the problem."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["inversion"])
+    tensors = load_file(path)
+    metadata.pop("sha256")
+    edit(metadata, tensors)
+    metadata["sha256"] = _file_digest(metadata, tensors)
+    save_file(tensors, path, metadata={"inversion": json.dumps(metadata)})
+
+
+def _set(container, key, value):
+    container[key] = value
+
+
+BROKEN_FILES = {  # case: (edit(metadata, tensors), what the error must name)
+    "image-size-three-numbers": (lambda m, t: _set(m, "image_size", [1, 2, 3]), "image_size"),
+    "image-size-not-latent-size-times-factor": (lambda m, t: _set(m, "image_size", [32, 48]), "image_size"),
+    "reversed-timesteps": (lambda m, t: _set(t, "timesteps", t["timesteps"].flip(0)), "descending"),
+    "float-timesteps": (lambda m, t: _set(t, "timesteps", t["timesteps"].float()), "timesteps of dtype"),
+    "int64-latents": (lambda m, t: _set(t, "latents", t["latents"].long()), "latents of dtype"),
+    "extra-tensor": (lambda m, t: _set(t, "extra", torch.zeros(1)), "unknown entries: extra"),
+    "missing-metadata-key": (lambda m, t: m.pop("method"), "missing entries: method"),
+    "missing-tensor": (lambda m, t: t.pop("prompt_embeds"), "missing entries: prompt_embeds"),
+    "null-embeds-without-nti": (lambda m, t: _set(t, "null_embeds", torch.zeros(1, STEPS, 77, 32)), "null_embeds"),
+    "prompts-not-strings": (lambda m, t: _set(m, "source_prompts", [1]), "source_prompts"),
+    "prompts-of-other-batch": (lambda m, t: _set(m, "source_prompts", [SOURCE, SOURCE]), "latents of shape"),
+    "guidance-not-finite": (lambda m, t: _set(m, "guidance_scale", float("nan")), "guidance_scale"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_FILES)
+def test_loaded_files_are_validated_beyond_the_checksum(pipe, inversion, tmp_path, case):
+    edit, problem = BROKEN_FILES[case]
+    path = tmp_path / "inversion.safetensors"
+    inversion.save(path)
+    rewrite(path, edit)
+    for load in (InversionResult.load, pipe.load_inversion):
+        with pytest.raises(InvalidInversionError, match=problem) as error:
+            load(path)
+        assert str(path) in str(error.value)
+
+
+def test_unreadable_or_missing_files_are_named(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        InversionResult.load(missing)
+    for name, data in (("text.safetensors", b"not a tensor file"), ("empty.safetensors", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(InvalidInversionError, match=re.escape(str(tmp_path / name)) + ".*not an inversion file"):
+            InversionResult.load(tmp_path / name)
+
+
+def test_objects_passed_to_the_pipeline_are_validated_too(pipe, inversion):
+    broken = {
+        "descending": dataclasses.replace(inversion, timesteps=inversion.timesteps.flip(0)),
+        "image_size": dataclasses.replace(inversion, image_size=(64, 64)),  # 16 latents × 4: not this VAE's factor 2
+        "source_prompts": dataclasses.replace(inversion, source_prompts="a red cat"),
+    }
+    for problem, bad in broken.items():
+        with pytest.raises(InvalidInversionError, match=rf"^inversion: .*{problem}"):
+            pipe(inversion=bad)
+
+
+def test_save_into_a_missing_folder_names_it(inversion, tmp_path):
+    folder = tmp_path / "not-created"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(folder))):
+        inversion.save(folder / "inversion.safetensors")
+    assert not folder.exists()
 
 
 def test_v_prediction_conversion_is_exact():
