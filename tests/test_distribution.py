@@ -333,7 +333,8 @@ def test_without_trust_remote_code_diffusers_refuses(how, model_dir, hub_folder,
 
 
 def latents_of_edit(pipe, inversion):
-    return pipe(prompt=TARGET, inversion=inversion, cross_replace_steps=0.4, output_type="latent").images
+    return pipe(prompt=TARGET, inversion=inversion, attention_control=pipe.PromptToPrompt(cross_replace_steps=0.4),
+                output_type="latent").images
 
 
 @pytest.mark.parametrize("first, second", [("npi", "nti"), ("nti", "npi")])
