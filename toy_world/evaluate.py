@@ -55,10 +55,12 @@ def load_pipeline(model_dir=MODEL_DIR, device="cpu", dtype=torch.float32):
     return pipe
 
 
-def make_pairs(count: int, seed: int = 0) -> list[scenes.Edit]:
-    """A fixed, seeded set of (scene, edit) pairs cycling through the edit kinds."""
+def make_pairs(count: int, seed: int = 0, res: int = scenes.H) -> list[scenes.Edit]:
+    """A fixed, seeded set of (scene, edit) pairs cycling through the edit kinds, rendered at ``res`` px
+    (the same scenes and edits at every resolution)."""
     return [
-        scenes.make_edit(scenes.sample_scene(seed * 1_000_003 + i), scenes.EDIT_KINDS[i % len(scenes.EDIT_KINDS)], i)
+        scenes.make_edit(scenes.sample_scene(seed * 1_000_003 + i), scenes.EDIT_KINDS[i % len(scenes.EDIT_KINDS)], i,
+                         res=res)
         for i in range(count)
     ]
 
@@ -96,10 +98,25 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(value.mean())
 
 
+def judge_size(image: torch.Tensor) -> torch.Tensor:
+    """The judge is calibrated on 64 px renders; a larger render of the same scene, area-downsampled to 64 px,
+    is what a 64 px render is (1 px anti-aliased edges aside)."""
+    if image.shape[-1] == scenes.W:
+        return image
+    return F.interpolate(image[None].float(), size=(scenes.H, scenes.W), mode="area")[0]
+
+
 def attribute_ok(image: torch.Tensor, edit: scenes.Edit) -> bool:
-    """Does the edited object (or the background) have the target's attributes?"""
-    verdict = judge_module.judge(image, edit.target_scene, check_pattern=edit.kind == "pattern")
+    """Does the edited object (or the background) have the target's attributes? Any image size."""
+    verdict = judge_module.judge(judge_size(image), edit.target_scene, check_pattern=edit.kind == "pattern")
     return verdict.background_ok if edit.object_index is None else verdict.objects[edit.object_index].ok
+
+
+def objects_kept(image: torch.Tensor, edit: scenes.Edit) -> bool:
+    """Is every object of the target scene still there (found in its colour)? Background edits must not
+    delete objects."""
+    verdict = judge_module.judge(judge_size(image), edit.target_scene)
+    return all(v.found for v in verdict.objects)
 
 
 def _sync(device) -> None:

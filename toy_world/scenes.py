@@ -22,6 +22,11 @@ and alpha-composited over the background in caption order. Because compositing
 changes pixels only where the edited object's old or new coverage is non-zero
 (and a background edit only where the background is visible), bit for bit.
 
+Resolution: scene geometry lives in "scene units", the 64-px frame. ``render``, ``make_edit`` and
+``render_batch`` take ``res`` (default 64, the v1 world, bit-identical to before ``res`` existed); toy world
+v2 renders the same scenes at ``RES_V2`` = 128 px, where objects are 28-44 px across. Only the anti-aliased
+edge and the background grain are per output pixel.
+
 Public API (all deterministic given a seed / generator; pure torch + numpy):
 
 * ``sample_scene(seed) -> Scene``; ``Scene.caption``
@@ -48,7 +53,8 @@ import torch.nn.functional as F
 from . import tokenizer as _tok
 from .vocabulary import COLOURS, FILLER_WORDS, PATTERNS, SHAPES, WORDS  # noqa: F401  (the caption words)
 
-H = W = 64
+H = W = 64     # v1 image size, and the frame of scene units at every resolution
+RES_V2 = 128    # toy world v2 renders the same scenes at 128 px (32 x 32 latent at VAE factor 4)
 MAX_OBJECTS = 3
 
 PALETTE = torch.tensor([
@@ -210,12 +216,13 @@ def _place(size, present, g):
     return cand[torch.arange(n, device=size.device), best]  # [n, K, 2]
 
 
-def _texture(n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
-    """Additive background texture [n, 3, H, W]: smooth colour noise + luminance grain."""
+def _texture(n: int, generator: torch.Generator, device="cpu", res: int = H) -> torch.Tensor:
+    """Additive background texture [n, 3, res, res]: smooth colour noise + luminance grain
+    (the grain is per output pixel, so it is as fine at every resolution)."""
     G = TEXTURE_LOWFREQ_GRID
     low = torch.randn(n, 3, G, G, generator=generator, device=device) * TEXTURE_LOWFREQ_AMP
-    low = F.interpolate(low, size=(H, W), mode="bicubic", align_corners=True)
-    grain = torch.randn(n, 1, H, W, generator=generator, device=device) * TEXTURE_GRAIN_AMP
+    low = F.interpolate(low, size=(res, res), mode="bicubic", align_corners=True)
+    grain = torch.randn(n, 1, res, res, generator=generator, device=device) * TEXTURE_GRAIN_AMP
     return low + grain
 
 
@@ -272,9 +279,10 @@ def _shape_sdfs(dx, dy, s):
     return torch.stack([_unit_sdf(k, px, py) for k in range(len(SHAPES))]) * s
 
 
-def _pattern_cover(dx, dy):
+def _pattern_cover(dx, dy, px_per_unit: float = 1.0):
     """Coverage of stripe and dot ink, anchored at the object centre so that a shape
-    swap keeps the pattern in place: [2, ...] (striped, dotted)."""
+    swap keeps the pattern in place: [2, ...] (striped, dotted). Offsets in scene
+    units; the ink edge is anti-aliased over one output pixel."""
     u = (dx + dy) * (0.5 ** 0.5)
     P = STRIPE_PERIOD
     stripe = (torch.remainder(u + P / 2, P) - P / 2).abs() - P / 4
@@ -282,20 +290,30 @@ def _pattern_cover(dx, dy):
     gx = torch.remainder(dx + S / 2, S) - S / 2
     gy = torch.remainder(dy + S / 2, S) - S / 2
     dot = torch.hypot(gx, gy) - DOT_RADIUS
-    return (0.5 - torch.stack([stripe, dot])).clamp(0.0, 1.0)
+    return (0.5 - torch.stack([stripe, dot]) * px_per_unit).clamp(0.0, 1.0)
 
 
-def _coords(device):
-    c = torch.arange(W, device=device, dtype=torch.float32) + 0.5
-    return c[None, :], c[:, None]  # xx [1, W], yy [H, 1]
+def _coords(device, res: int = W):
+    """Pixel-centre coordinates in scene units (the 64-px frame), for a res x res image."""
+    c = torch.arange(res, device=device, dtype=torch.float32) + 0.5
+    if res != W:
+        c = c * (W / res)
+    return c[None, :], c[:, None]  # xx [1, res], yy [res, 1]
 
 
 def render_specs(specs: dict, texture: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render attribute tensors. Returns image [n,3,H,W] in [0,1] and per-slot
-    coverage alphas [n,K,H,W] (zero for absent slots)."""
+    """Render attribute tensors at the texture's resolution. Returns image
+    [n,3,res,res] in [0,1] and per-slot coverage alphas [n,K,res,res] (zero for
+    absent slots).
+
+    Geometry (centres, sizes, pattern periods) lives in scene units, the 64-px frame,
+    so one scene renders at any resolution; only the anti-aliased edge is 1 output
+    pixel wide (distances are converted to output pixels by ``px_per_unit``)."""
     dev = texture.device
+    res = texture.shape[-1]
+    px_per_unit = res / W
     palette, shades = PALETTE.to(dev), PATTERN_SHADE.to(dev)
-    xx, yy = _coords(dev)
+    xx, yy = _coords(dev, res)
     img = (palette[specs["background"]][:, :, None, None] + texture).clamp(0.0, 1.0)
     alphas = []
     for k in range(specs["shape"].shape[1]):
@@ -303,9 +321,11 @@ def render_specs(specs: dict, texture: torch.Tensor) -> tuple[torch.Tensor, torc
         s = specs["size"][:, k, None, None]
         dx, dy = torch.broadcast_tensors(xx - cx, yy - cy)              # [n, H, W]
         sdf = _shape_sdfs(dx, dy, s).gather(0, specs["shape"][None, :, k, None, None].expand(1, *dx.shape))[0]
+        if res != W:
+            sdf = sdf * px_per_unit
         a = (0.5 - sdf).clamp(0.0, 1.0) * specs["present"][:, k, None, None]
         pat = specs["pattern"][:, k]
-        cover = _pattern_cover(dx, dy).gather(0, (pat - 1).clamp(min=0)[None, :, None, None].expand(1, *dx.shape))[0]
+        cover = _pattern_cover(dx, dy, px_per_unit).gather(0, (pat - 1).clamp(min=0)[None, :, None, None].expand(1, *dx.shape))[0]
         cover = cover * (pat > 0)[:, None, None]
         base, ink = palette[specs["colour"][:, k]], shades[specs["colour"][:, k]]
         col = base[:, :, None, None] + (ink - base)[:, :, None, None] * cover[:, None]
@@ -348,12 +368,13 @@ def sample_scene(seed: int) -> Scene:
     return _scene_from_specs(specs, 0, texture_seed)
 
 
-def render(scene: Scene) -> dict:
-    """Render a scene on the CPU. Returns ``image`` float32 [3,H,W] in [0,1],
+def render(scene: Scene, res: int = H) -> dict:
+    """Render a scene on the CPU at ``res`` x ``res`` pixels (64: the v1 world;
+    toy world v2 uses ``RES_V2``). Returns ``image`` float32 [3,res,res] in [0,1],
     ``caption``, per-object coverage ``alphas`` [k,H,W] (float, 1 px soft edge) and
     ``masks`` [k,H,W] (bool, coverage > 0), ``background_alpha`` [H,W] (visible
     fraction of the background) and ``background_mask`` (bool, visible at all)."""
-    texture = _texture(1, torch.Generator().manual_seed(scene.texture_seed))
+    texture = _texture(1, torch.Generator().manual_seed(scene.texture_seed), res=res)
     img, alphas = render_specs(_specs_from_scene(scene), texture)
     alphas = alphas[0]
     bg_alpha = (1 - alphas).prod(0)
@@ -389,7 +410,7 @@ class Edit:
     target_positions: tuple[int, ...]  # ... and in target_caption.split()
 
 
-def make_edit(scene: Scene, kind: str, seed: int) -> Edit:
+def make_edit(scene: Scene, kind: str, seed: int, res: int = H) -> Edit:
     """Change exactly one attribute of ``scene`` (everything else, texture included,
     stays fixed) and render the ground truth.
 
@@ -429,7 +450,7 @@ def make_edit(scene: Scene, kind: str, seed: int) -> Edit:
         sp, tp = ((), (tgt_pos[k]["pattern"],)) if add else ((src_pos[k]["pattern"],), ())
     else:
         raise ValueError(f"unknown edit kind {kind!r}; expected one of {EDIT_KINDS}")
-    src, tgt = render(scene), render(target)
+    src, tgt = render(scene, res), render(target, res)
     mask = src["background_mask"] if k is None else (src["masks"][k] | tgt["masks"][k])
     return Edit(kind, k, scene, target, scene.caption, target.caption, src["image"], tgt["image"],
                 mask, src_w, tgt_w, sp, tp)
@@ -484,16 +505,16 @@ def tokenize(captions, max_length: int = _tok.MAX_LENGTH) -> torch.Tensor:
 
 
 def render_batch(n: int, generator: torch.Generator | None = None, device="cpu",
-                 return_captions: bool = False):
+                 return_captions: bool = False, res: int = H):
     """Sample and render ``n`` scenes with tensor ops on ``device``.
 
-    Returns ``images`` float32 [n,3,64,64] in **[0, 1]** (map to [-1, 1] for the VAE)
+    Returns ``images`` float32 [n,3,res,res] in **[0, 1]** (map to [-1, 1] for the VAE)
     and ``token_ids`` long [n,77]; with ``return_captions`` also the caption strings.
     ``generator`` must live on ``device`` (a fresh randomly seeded one if None).
     """
     g = _generator(generator, device)
     specs = sample_specs(n, g, device)
-    images, _ = render_specs(specs, _texture(n, g, device))
+    images, _ = render_specs(specs, _texture(n, g, device, res))
     ids = spec_token_ids(specs)
     if return_captions:
         return images, ids, [_scene_from_specs(specs, i).caption for i in range(n)]

@@ -1,6 +1,6 @@
 """Train the toy-world text-to-image model: a tiny Stable Diffusion, from scratch.
 
-What: a standard ``StableDiffusionPipeline`` folder (VAE 64 px -> 4x16x16 latents,
+What: a standard ``StableDiffusionPipeline`` folder (v1: VAE 64 px -> 4x16x16 latents,
 UNet2DConditionModel with cross-attention at 16/8/4 px in encoder and decoder, a
 3-layer CLIP text encoder, the one-token-per-word tokenizer, a DDIM scheduler with
 SD's scaled-linear betas), trained on procedurally rendered toy-world scenes so
@@ -21,7 +21,7 @@ keeping a reserve of min(30 s, 15%) for saving):
    time budget, bf16 autocast on CUDA, EMA weights (UNet and text encoder), and a
    fresh batch rendered on the device every step (``scenes.render_batch``).
 
-The saved weights are the EMA weights in fp16 (the folder must stay < 22 MB);
+The saved weights are the EMA weights in fp16 (the folder must stay < 22 MB for v1, < 40 MB for v2);
 ``StableDiffusionPipeline.from_pretrained(DIR, torch_dtype=torch.float32)`` loads
 them for CPU use. A full pipeline folder is also written every
 ``--checkpoint-minutes`` (atomically: via ``DIR.partial``), so a killed run still
@@ -47,7 +47,18 @@ seconds, and cumulative UNet steps and device (GPU) seconds of all runs)::
 
     python -m toy_world.train --out toy_sd2 --resume toy_world/model --minutes 8.5 --seed 1 --device cuda
 
-Micro check on CPU (~30 s, writes a loadable but untrained folder)::
+Toy world v2 (``--world v2``, ``toy_world/model_v2``): the same scenes rendered at 128 px, a factor-4 VAE
+(32 x 32 latents, objects 7-11 latent cells across), a UNet with SD 1.5's four levels and block types
+(cross-attention at 32, 16 and 8) and a 4-layer, 192-wide text encoder; the VAE starts from v1's (it is fully
+convolutional) and is fine-tuned at 128 px (``--vae-from toy_world/model --vae-finetune``)::
+
+    python -m toy_world.train --world v2 --vae-from toy_world/model --vae-finetune --vae-lr 3e-4 \
+        --vae-fraction 0.12 --vae-batch-size 256 --out toy_world/model_v2 --minutes 8.6 --seed 0 \
+        --device cuda --batch-size 512 --lr 4e-4
+    python -m toy_world.train --world v2 --resume toy_world/model_v2 --out toy_world/model_v2 \
+        --minutes 8.6 --seed 1 --device cuda --batch-size 512 --lr 3e-4
+
+Micro check on CPU (~30 s, writes a loadable but untrained folder; add ``--world v2`` for v2)::
 
     python -m toy_world.train --out /tmp/toy_micro --minutes 0.3 --device cpu --batch-size 8
 
@@ -96,6 +107,25 @@ VAE_CONFIG = dict(
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     norm_num_groups=8,  # 4-8 channels per group: fitted faster than per-channel norm in CPU trials
 )
+# Toy world v2: SD-like geometry. The same scenes rendered at 128 px, a factor-4 VAE
+# (32 x 32 latents; objects span 7-11 latent cells), and a UNet with SD 1.5's four
+# levels and block types: cross-attention at 32, 16 and 8 (encoder and decoder), a
+# plain ResNet level at 4. Sized so the fp16 folder stays under 40 MB.
+TEXT_CONFIG_V2 = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                      max_position_embeddings=77)
+UNET_CONFIG_V2 = dict(
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(64, 128, 192, 192),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(2, 4, 6, 6),  # heads per level: 32-dim heads
+    cross_attention_dim=TEXT_CONFIG_V2["hidden_size"], norm_num_groups=32,
+)
+VAE_CONFIG_V2 = dict(VAE_CONFIG, sample_size=scenes.RES_V2)  # same factor-4 VAE, fine-tuned at 128 px
+WORLDS = {
+    "v1": dict(res=scenes.H, unet=UNET_CONFIG, vae=VAE_CONFIG, text=TEXT_CONFIG),
+    "v2": dict(res=scenes.RES_V2, unet=UNET_CONFIG_V2, vae=VAE_CONFIG_V2, text=TEXT_CONFIG_V2),
+}
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                         steps_offset=1, prediction_type="epsilon")
@@ -106,6 +136,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output pipeline folder (replaced)")
+    p.add_argument("--world", choices=sorted(WORLDS), default="v1",
+                   help="v1: 64 px, 16x16 latents (toy_world/model); v2: 128 px, 32x32 latents, SD's four "
+                        "UNet levels (toy_world/model_v2)")
     p.add_argument("--minutes", type=float, default=8.5, help="total wall-clock budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,6 +156,9 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="also stop stage 2 after this many steps")
     p.add_argument("--max-vae-steps", type=int, default=None, help="also stop stage 1 after this many steps")
     p.add_argument("--vae-from", default=None, help="reuse the VAE of this pipeline folder, skip stage 1")
+    p.add_argument("--vae-finetune", action="store_true",
+                   help="with --vae-from: run stage 1 on the loaded VAE instead of skipping it (e.g. the v1 "
+                        "VAE fine-tuned on v2's 128 px renders; it is fully convolutional)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue stage 2 from the UNet, text encoder and (frozen) VAE of a folder written "
                         "by this script; skips stage 1")
@@ -137,6 +173,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume and args.vae_from:
         p.error("--resume and --vae-from are exclusive (--resume already loads DIR/vae)")
+    if args.vae_finetune and not args.vae_from:
+        p.error("--vae-finetune needs --vae-from")
     if args.warmup_steps is None:
         args.warmup_steps = 50 if args.resume else 200
     return args
@@ -154,12 +192,12 @@ class Batches:
     """Training data rendered on the device. Rendering costs a fixed number of kernel
     launches per call, so several batches are rendered at once and handed out."""
 
-    def __init__(self, batch: int, device, generator, chunk: int):
-        self.batch, self.device, self.g, self.chunk, self.queue = batch, device, generator, chunk, []
+    def __init__(self, batch: int, device, generator, chunk: int, res: int):
+        self.batch, self.device, self.g, self.chunk, self.queue, self.res = batch, device, generator, chunk, [], res
 
     def next(self):
         if not self.queue:
-            imgs, ids = scenes.render_batch(self.batch * self.chunk, self.g, self.device)
+            imgs, ids = scenes.render_batch(self.batch * self.chunk, self.g, self.device, res=self.res)
             self.queue = list(zip(imgs.split(self.batch), ids.split(self.batch)))
         return self.queue.pop()
 
@@ -197,10 +235,10 @@ def autocast(device):
 
 
 @torch.no_grad()
-def vae_psnr(vae, device, n: int) -> float:
+def vae_psnr(vae, device, n: int, res: int) -> float:
     """Mean per-image PSNR (dB, [0,1] range) of mean-latent reconstructions of a fixed
     held-out set of scenes."""
-    imgs, _ = scenes.render_batch(n, torch.Generator(device).manual_seed(VAE_EVAL_SEED), device)
+    imgs, _ = scenes.render_batch(n, torch.Generator(device).manual_seed(VAE_EVAL_SEED), device, res=res)
     psnr = []
     for x in imgs.split(64):
         with autocast(device):
@@ -211,8 +249,8 @@ def vae_psnr(vae, device, n: int) -> float:
 
 
 @torch.no_grad()
-def latent_std(vae, device, n: int) -> float:
-    imgs, _ = scenes.render_batch(n, torch.Generator(device).manual_seed(VAE_EVAL_SEED + 1), device)
+def latent_std(vae, device, n: int, res: int) -> float:
+    imgs, _ = scenes.render_batch(n, torch.Generator(device).manual_seed(VAE_EVAL_SEED + 1), device, res=res)
     with autocast(device):
         z = torch.cat([vae.encode(x * 2 - 1).latent_dist.mean.float() for x in imgs.split(128)])
     return z.std().item()
@@ -234,7 +272,7 @@ def init_vae(vae):
 
 def train_vae(vae, args, device, deadline: float) -> dict:
     data = Batches(args.vae_batch_size or max(1, args.batch_size // 2), device,
-                   torch.Generator(device).manual_seed(args.seed * 2 + 1), args.render_chunk)
+                   torch.Generator(device).manual_seed(args.seed * 2 + 1), args.render_chunk, WORLDS[args.world]["res"])
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0,
                             fused=device.type == "cuda")
     start = time.time()
@@ -335,8 +373,10 @@ def folder_bytes(folder: str) -> int:
 
 
 @torch.no_grad()
-def sample_eval(out: str, vae, unet, text_encoder, tok, device, n: int) -> dict:
-    """Generate ``n`` seeded captions (CFG 5, 25 DDIM steps) and judge them."""
+def sample_eval(out: str, vae, unet, text_encoder, tok, device, n: int, res: int) -> dict:
+    """Generate ``n`` seeded captions (CFG 5, 25 DDIM steps) and judge them (the judge
+    is calibrated on 64 px renders: larger samples are area-downsampled to 64 px,
+    which is how a 64 px render relates to a larger one)."""
     _, _, captions = scenes.render_batch(n, torch.Generator().manual_seed(SAMPLE_EVAL_SEED), "cpu",
                                          return_captions=True)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
@@ -346,9 +386,10 @@ def sample_eval(out: str, vae, unet, text_encoder, tok, device, n: int) -> dict:
     with autocast(device):
         images = pipe(captions, num_inference_steps=25, guidance_scale=5.0, output_type="pt",
                       generator=torch.Generator(device).manual_seed(SAMPLE_EVAL_SEED)).images.float().cpu()
-    scores = judge.evaluate(images, captions)
+    small = F.interpolate(images, size=(scenes.H, scenes.W), mode="area") if res != scenes.H else images
+    scores = judge.evaluate(small, captions)
     k = min(16, n)
-    grid = images[:k].reshape(-1, min(k, 8), 3, 64, 64).permute(0, 3, 1, 4, 2).reshape(-1, min(k, 8) * 64, 3)
+    grid = images[:k].reshape(-1, min(k, 8), 3, res, res).permute(0, 3, 1, 4, 2).reshape(-1, min(k, 8) * res, 3)
     from PIL import Image
 
     Image.fromarray((grid * 255).round().byte().numpy()).save(os.path.join(out, "samples.png"))
@@ -397,6 +438,7 @@ def load_resume(folder: str, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    world = WORLDS[args.world]
     device = torch.device(args.device)
     budget = args.minutes * 60
     hard_deadline = _T0 + budget
@@ -412,21 +454,26 @@ def main(argv=None):
     tok_from, resume = None, None
     if args.resume:
         unet, text_encoder, vae, tok, tok_from, resume = load_resume(args.resume, device)
+        if unet.config.sample_size != world["unet"]["sample_size"]:
+            sys.exit(f"--resume {args.resume}: a {unet.config.sample_size}^2-latent UNet is not --world {args.world}")
     else:
         tok = tokenizer.save_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"))
         bos, eos = tokenizer.special_ids()
         text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=bos, eos_token_id=eos,
-                                                    pad_token_id=eos, **TEXT_CONFIG)).to(device)
-        unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
+                                                    pad_token_id=eos, **world["text"])).to(device)
+        unet = UNet2DConditionModel(**world["unet"]).to(device)
         vae = (AutoencoderKL.from_pretrained(os.path.join(args.vae_from, "vae"), torch_dtype=torch.float32)
-               if args.vae_from else init_vae(AutoencoderKL(**VAE_CONFIG))).to(device)
+               if args.vae_from else init_vae(AutoencoderKL(**world["vae"]))).to(device)
+        if args.vae_from:
+            vae.register_to_config(sample_size=world["res"])  # the size pipelines default to
     counts = dict(unet=n_params(unet), vae=n_params(vae), text_encoder=n_params(text_encoder))
     log(f"device {device} ({device_name}); parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
     record = dict(command=" ".join([sys.executable, "-m", "toy_world.train"] + sys.argv[1:]), args=vars(args),
                   seed=args.seed, device=str(device), device_name=device_name, parameters=counts,
                   versions=dict(torch=torch.__version__, diffusers=diffusers.__version__,
                                 transformers=transformers.__version__),
-                  unet_config=UNET_CONFIG, vae_config=VAE_CONFIG, text_config=TEXT_CONFIG, status="running")
+                  world=args.world, resolution=world["res"], unet_config=world["unet"], vae_config=world["vae"],
+                  text_config=world["text"], status="running")
     if resume:
         # The EMA starts at the loaded (EMA) weights; its decay ramp continues from the
         # previous step count, or is at full decay when that is unknown.
@@ -437,14 +484,19 @@ def main(argv=None):
 
     # ---- stage 1: VAE
     n_eval = args.vae_eval_images or (256 if device.type == "cuda" else 16)
-    if args.vae_from or args.resume:
+    res = world["res"]
+    if args.resume or (args.vae_from and not args.vae_finetune):
         vae.eval().requires_grad_(False)
         record["vae"] = dict(seconds=0.0, steps=0, loaded_from=args.vae_from or args.resume)
     else:
+        if args.vae_from:
+            log(f"vae loaded from {args.vae_from}: {vae_psnr(vae, device, n_eval, res):.2f} dB before fine-tuning")
         now = time.time()
         record["vae"] = train_vae(vae, args, device, now + args.vae_fraction * (train_end - now))
-        vae.register_to_config(scaling_factor=1.0 / latent_std(vae, device, 2 * n_eval))
-    record["vae"].update(psnr_db=vae_psnr(vae, device, n_eval), scaling_factor=vae.config.scaling_factor)
+        if args.vae_from:
+            record["vae"]["finetuned_from"] = args.vae_from
+        vae.register_to_config(scaling_factor=1.0 / latent_std(vae, device, 2 * n_eval, res))
+    record["vae"].update(psnr_db=vae_psnr(vae, device, n_eval, res), scaling_factor=vae.config.scaling_factor)
     log(f"vae done: {record['vae']}")
     sf = vae.config.scaling_factor
 
@@ -458,7 +510,8 @@ def main(argv=None):
     ema = EMA([unet, text_encoder], args.ema_decay)
     alphas = DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.to(device)
     empty_ids = scenes.tokenize([""]).to(device)
-    data = Batches(args.batch_size, device, torch.Generator(device).manual_seed(args.seed * 2 + 2), args.render_chunk)
+    data = Batches(args.batch_size, device, torch.Generator(device).manual_seed(args.seed * 2 + 2), args.render_chunk,
+                   res)
     start = last_log = last_ckpt = time.time()
     step, recent = 0, []
     while time.time() < train_end and (args.max_steps is None or step < args.max_steps):
@@ -518,7 +571,7 @@ def main(argv=None):
     export(args.out, vae, ema_unet, ema_text, tok, record, tokenizer_from=tok_from)
     log(f"saved {args.out} ({folder_bytes(args.out) / 1e6:.2f} MB); unet {record['unet']}")
     if args.eval_samples > 0 and hard_deadline - time.time() > 15:
-        record["sample_eval"] = sample_eval(args.out, vae, ema_unet, ema_text, tok, device, args.eval_samples)
+        record["sample_eval"] = sample_eval(args.out, vae, ema_unet, ema_text, tok, device, args.eval_samples, res)
         log(f"sample eval: {record['sample_eval']['scene_accuracy']:.3f} scenes, "
             f"{record['sample_eval']['object_accuracy']:.3f} objects judged correct")
     record["folder_bytes"] = folder_bytes(args.out)

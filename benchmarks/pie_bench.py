@@ -1,0 +1,220 @@
+"""PIE-Bench benchmark: every editing row of the project on any PIE-Bench folder.
+
+The folder is the real PIE-Bench (with Stable Diffusion weights: ``--model``) or one the toy world writes
+(``--write-toy N``; the default model is the embedded toy model). Metrics as PnPInversion's evaluation
+(``toy_world.pie_metrics``): background PSNR / MSE / SSIM on (1 − mask); structure distance, CLIP whole / edited
+and LPIPS when their weights are on this machine (otherwise skipped, with the reason in the output); on a toy
+folder also the exact ones: edit PSNR against the true edited image, unedited PSNR on the exact mask,
+attribute accuracy, objects kept.
+
+    # toy world v2 pairs as a PIE-Bench folder, then the benchmark (GPU: ~minutes; CPU: use --limit)
+    python benchmarks/pie_bench.py --write-toy 200 --res 128 --data /tmp/pie_toy \\
+        --model toy_world/model_v2 --out benchmarks/results/pie_toy_v2 --device cuda
+    # the real PIE-Bench
+    python benchmarks/pie_bench.py --data PIE-Bench_v1 --model PATH/TO/stable-diffusion-v1-4 --out results/pie
+
+Writes ``OUT/pie_bench.json`` (per-item records, means per row and per editing type, skipped metrics) and
+``OUT/pie_bench.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline_negative_prompt_inversion import LocalBlend, MasaCtrl, PromptToPrompt  # noqa: E402
+from toy_world import evaluate, pie_bench, pie_metrics  # noqa: E402
+
+P2P = {"attention_control": PromptToPrompt(cross_replace_steps=0.4, self_replace_steps=0.6)}
+# row -> (inversion, edit arguments, uses local blend). Names are the issue's.
+ROWS = {
+    "DDIM+CFG": ("ddim", {}, False),
+    "DDIM+P2P": ("ddim", P2P, True),
+    "NTI+P2P": ("nti", P2P, True),
+    "NPI+P2P": ("npi", P2P, True),
+    "ProxNPI": ("npi", {"proximal_guidance": "soft"}, False),
+    "ProxNPI+P2P": ("npi", {**P2P, "proximal_guidance": "soft"}, True),
+    "MasaCtrl": ("npi", {"attention_control": MasaCtrl()}, False),
+    "ProxMasaCtrl": ("npi", {"attention_control": MasaCtrl(), "proximal_guidance": "soft"}, False),
+    "LEDITS++": ("ledits", {}, False),
+}
+
+
+# ------------------------------------------------------------------------------------------ pipeline calls
+
+
+def run_row(pipe, row: str, items, inversions: dict, steps: int, guidance: float) -> list[torch.Tensor]:
+    """Every call into the pipelines: invert (cached per method in ``inversions``) and edit ``items`` for one
+    row. Returns [3, H, W] images in [0, 1]."""
+    method, kwargs, blend = ROWS[row]
+    if method == "ledits":
+        return [ledits_edit(pipe, item, steps) for item in items]
+    images = [item.image for item in items]
+    sources = [item.source_prompt for item in items]
+    if method not in inversions:
+        if method == "ddim" and "npi" in inversions:  # DDIM and NPI share the w = 1 trajectory
+            inversions["ddim"] = dataclasses.replace(inversions["npi"], method="ddim")
+            inversions.setdefault("seconds", {})["ddim"] = inversions["seconds"]["npi"]
+        else:
+            extra = {"inversion_method": method, "guidance_scale": guidance} if method == "nti" else {}
+            t0 = time.perf_counter()
+            inversion = pipe.invert(images, sources, num_inference_steps=steps, **extra)
+            inversions[method] = dataclasses.replace(inversion, method=method) if method == "ddim" else inversion
+            inversions.setdefault("seconds", {})[method] = time.perf_counter() - t0
+    call = dict(kwargs)
+    if blend and all(all(item.blended_word) for item in items):  # PIE-Bench leaves some blended_word empty
+        words = [tuple((w,) for w in item.blended_word) for item in items]
+        call["attention_control"] = dataclasses.replace(call["attention_control"], local_blend=LocalBlend(words))
+    out = pipe(prompt=[item.target_prompt for item in items], inversion=inversions[method],
+               guidance_scale=guidance, output_type="pt", **call)
+    return list(out.images.float().cpu())
+
+
+def ledits_edit(pipe, item, steps: int) -> torch.Tensor:
+    """LEDITS++ (core diffusers) on the same modules: remove the source word, add the target word."""
+    from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion
+
+    peer = LEditsPPPipelineStableDiffusion(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++",
+                                                          solver_order=2),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    peer.set_progress_bar_config(disable=True)
+    processors = pipe.unet.attn_processors
+    try:
+        size = item.image.shape[-1]
+        generator = torch.Generator(pipe.device).manual_seed(0)
+        peer.invert(image=item.image[None], source_prompt=item.source_prompt, num_inversion_steps=steps,
+                    height=size, width=size, generator=generator)
+        # The bracketed words: remove the source's, add the target's.
+        removed, added = pie_bench.bracketed(item.entry["original_prompt"]), pie_bench.bracketed(item.entry["editing_prompt"])
+        words, reverse = removed + added, [True] * len(removed) + [False] * len(added)
+        out = peer(editing_prompt=words, reverse_editing_direction=reverse, edit_guidance_scale=[5.0] * len(words),
+                   edit_threshold=[0.9] * len(words), generator=generator, output_type="pt")
+        return out.images[0].float().cpu()
+    finally:
+        pipe.unet.set_attn_processor(processors)  # LEDITS++ installs its own processors on the shared UNet
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def measure(items, edited, learned) -> list[dict]:
+    records = []
+    for item, image in zip(items, edited):
+        rec = {"id": item.id, "editing_type_id": item.editing_type_id}
+        rec.update({f"background_{k}": v for k, v in pie_metrics.background_metrics(item.image, image, item.mask).items()})
+        rec.update(learned(item.image, image, item.mask, item.target_prompt))
+        if item.truth is not None:
+            rec.update(pie_metrics.toy_metrics(image, item.truth))
+        records.append(rec)
+    return records
+
+
+def mean(values):
+    values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarise(records: list[dict]) -> dict:
+    keys = [k for k in records[0] if k not in ("id", "editing_type_id")]
+    summary = {k: mean([r[k] for r in records]) for k in keys}
+    summary["by_type"] = {
+        t: {k: mean([r[k] for r in records if r["editing_type_id"] == t]) for k in keys}
+        for t in sorted({r["editing_type_id"] for r in records})
+    }
+    return summary
+
+
+COLUMNS = [("background_psnr", "bg PSNR", "{:.2f}"), ("background_mse", "bg MSE ×10⁴", "{:.1f}", 1e4),
+           ("background_ssim", "bg SSIM ×10²", "{:.2f}", 1e2), ("structure_distance", "struct ×10³", "{:.2f}", 1e3),
+           ("lpips", "LPIPS ×10³", "{:.1f}", 1e3), ("clip_whole", "CLIP whole", "{:.2f}"),
+           ("clip_edited", "CLIP edited", "{:.2f}"), ("edit_psnr", "edit PSNR", "{:.2f}"),
+           ("unedited_psnr_exact", "unedited PSNR", "{:.2f}"), ("attribute_ok", "attribute acc.", "{:.1%}"),
+           ("objects_kept", "objects kept", "{:.1%}"), ("seconds", "s / image", "{:.3f}")]
+
+
+def markdown(result) -> str:
+    rows = result["rows"]
+    present = [c for c in COLUMNS if any(c[0] in s for s in rows.values())]
+    lines = ["| row | " + " | ".join(c[1] for c in present) + " |", "|---|" + "---:|" * len(present)]
+    for name, s in rows.items():
+        cells = []
+        for key, _, fmt, *scale in present:
+            v = s.get(key, float("nan"))
+            cells.append("—" if isinstance(v, float) and math.isnan(v) else fmt.format(v * (scale[0] if scale else 1)))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"- {m}" for m in result["skipped"].values()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a PIE-Bench folder (mapping_file.json + annotation_images/)")
+    p.add_argument("--write-toy", type=int, default=0, metavar="N", help="first write N toy-world pairs to --data")
+    p.add_argument("--seed", type=int, default=0, help="toy pairs' seed")
+    p.add_argument("--res", type=int, default=128, help="toy pairs' resolution (the model's: v1 64, v2 128)")
+    p.add_argument("--model", default=str(evaluate.MODEL_DIR))
+    p.add_argument("--out", required=True)
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--types", nargs="+", default=None, help="editing_type_id values to keep")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float16", "float32"], help="default: fp16 on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared machine)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.write_toy:
+        pie_bench.write_pie_bench(args.data, args.write_toy, args.seed, args.res)
+    items = pie_bench.read_pie_bench(args.data, types=args.types, limit=args.limit)
+    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    pipe = evaluate.load_pipeline(args.model, device=args.device, dtype=dtype)
+    learned = pie_metrics.LearnedMetrics(args.device)
+    for message in learned.skipped.values():
+        print(message, flush=True)
+
+    records = {row: [] for row in args.rows}
+    start = time.time()
+    for first in range(0, len(items), args.batch_size):
+        batch = items[first : first + args.batch_size]
+        inversions: dict = {}
+        for row in args.rows:
+            method = ROWS[row][0]
+            reused = inversions.get("seconds", {}).get(method, 0.0) if method in inversions else 0.0
+            t0 = time.perf_counter()
+            edited = run_row(pipe, row, batch, inversions, args.steps, args.guidance)
+            seconds = (time.perf_counter() - t0 + reused) / len(batch)  # every row pays its inversion
+            for rec in measure(batch, edited, learned):
+                records[row].append(dict(rec, seconds=seconds))
+            print(f"[{time.time() - start:7.1f}s] {row}: items {first}..{first + len(batch) - 1}", flush=True)
+
+    result = {"args": vars(args), "items": len(items), "skipped": learned.skipped,
+              "rows": {row: summarise(recs) for row, recs in records.items() if recs}, "records": records}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pie_bench.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (out / "pie_bench.md").write_text(f"{len(items)} items from `{args.data}`, model `{args.model}`, "
+                                      f"{args.steps} steps, guidance {args.guidance}\n\n" + table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
