@@ -62,16 +62,21 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
         pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, float("inf")))
         if pair not in ranks:
             break
-        merged, j = [], 0
-        while j < len(symbols):
-            if j + 1 < len(symbols) and (symbols[j], symbols[j + 1]) == pair:
-                merged.append(symbols[j] + symbols[j + 1])
-                j += 2
-            else:
-                merged.append(symbols[j])
-                j += 1
-        symbols = merged
+        symbols = merge_pair(symbols, pair)
     return symbols
+
+
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """``symbols`` with every occurrence of the adjacent ``pair`` merged into one symbol, left to right."""
+    merged, j = [], 0
+    while j < len(symbols):
+        if j + 1 < len(symbols) and (symbols[j], symbols[j + 1]) == pair:
+            merged.append(symbols[j] + symbols[j + 1])
+            j += 2
+        else:
+            merged.append(symbols[j])
+            j += 1
+    return merged
 
 
 def word_vocab_and_merges(words, split_words: dict[str, tuple[str, ...]] = {}):
@@ -164,16 +169,7 @@ def _train_bpe(words) -> list[tuple[str, str]]:
                 counts[pair] = counts.get(pair, 0) + 1
         best = min(counts, key=lambda p: (-counts[p], p))
         merges.append(best)
-        for i, s in enumerate(seqs):
-            out, j = [], 0
-            while j < len(s):
-                if j + 1 < len(s) and (s[j], s[j + 1]) == best:
-                    out.append(s[j] + s[j + 1])
-                    j += 2
-                else:
-                    out.append(s[j])
-                    j += 1
-            seqs[i] = out
+        seqs = [merge_pair(s, best) for s in seqs]
     return merges
 
 
