@@ -375,9 +375,9 @@ class InversionResult:
             problems.append(f"source_prompts must be a non-empty list of strings, got {prompts!r}")
         if self.method not in INVERSION_METHODS:
             problems.append(f"method {self.method!r} is not one of {list(INVERSION_METHODS)}")
-        if not (_is_number(scale) and math.isfinite(scale)):
+        if not (_is_real(scale) and math.isfinite(scale)):
             problems.append(f"guidance_scale must be a finite number, got {scale!r}")
-        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(n) and n > 0 for n in size)):
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_real(n, True) and n > 0 for n in size)):
             problems.append(f"image_size must be two positive integers, got {size!r}")
         if not isinstance(self.model_signature, dict):
             problems.append("model_signature must be a dict")
@@ -474,14 +474,6 @@ def _as_inversion_result(value, name: str = "inversion") -> InversionResult:
         f"{name} must be an InversionResult from pipe.invert() or pipe.load_inversion(), got"
         f" {cls.__module__}.{cls.__qualname__}."
     )
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_integer_dtype(dtype: torch.dtype) -> bool:
@@ -792,6 +784,21 @@ class Branch:
         # conditional one (NPI: same latent, same embedding E(src), no control) it is the same computation.
         same_pass = self.uncond == "source" and self.prompt == self.source_prompt and not self.controlled
         return guidance_scale != 1 and not same_pass
+
+
+def plan_branches(inversion: InversionResult, targets: list[list[str]], attention_control) -> list[Branch]:
+    """One branch per target, plus a source branch per image when attention control needs the source's attention.
+    Unconditional embeddings follow the inversion method (`INVERSION_METHODS`); a synthesising control (MasaCtrl)
+    gives its targets the method's null embedding instead."""
+    method = INVERSION_METHODS[inversion.method]
+    controlled = attention_control is not None
+    target_uncond = method.null if controlled and attention_control.synthesises else method.uncond
+    branches = []
+    for image, (source, prompts) in enumerate(zip(inversion.source_prompts, targets)):
+        if controlled:
+            branches.append(Branch(image, source, source, True, method.uncond, controlled=False))
+        branches += [Branch(image, source, prompt, False, target_uncond, controlled) for prompt in prompts]
+    return branches
 
 
 @dataclass(frozen=True)
@@ -1742,21 +1749,6 @@ class NegativePromptInversionPipeline(
         return self.safety_checker(images=image, clip_input=features.pixel_values.to(device=device, dtype=dtype))
 
 
-def plan_branches(inversion: InversionResult, targets: list[list[str]], attention_control) -> list[Branch]:
-    """One branch per target, plus a source branch per image when attention control needs the source's attention.
-    Unconditional embeddings follow the inversion method (`INVERSION_METHODS`); a synthesising control (MasaCtrl)
-    gives its targets the method's null embedding instead."""
-    method = INVERSION_METHODS[inversion.method]
-    controlled = attention_control is not None
-    target_uncond = method.null if controlled and attention_control.synthesises else method.uncond
-    branches = []
-    for image, (source, prompts) in enumerate(zip(inversion.source_prompts, targets)):
-        if controlled:
-            branches.append(Branch(image, source, source, True, method.uncond, controlled=False))
-        branches += [Branch(image, source, prompt, False, target_uncond, controlled) for prompt in prompts]
-    return branches
-
-
 # =================================================================================================================
 # Input helpers
 
@@ -1781,7 +1773,7 @@ def _architecture_config(config) -> dict:
 
 
 def _same_weights(mine: list[float], theirs) -> bool:
-    if not (isinstance(theirs, list) and len(theirs) == len(mine) and all(_is_number(value) for value in theirs)):
+    if not (isinstance(theirs, list) and len(theirs) == len(mine) and all(_is_real(value) for value in theirs)):
         return False
     tolerance = _PROBE_TOLERANCE * max(abs(value) for value in mine)
     return all(abs(a - b) <= tolerance for a, b in zip(mine, theirs))
@@ -1810,10 +1802,14 @@ def _check_choice(name: str, value, choices, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}{' or None' if allow_none else ''}, got {value!r}.")
 
 
+def _is_real(value, integer: bool = False) -> bool:
+    """A real number (an integer if ``integer``), never a bool."""
+    return isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+
+
 def _check_number(name: str, value, low: float = -math.inf, high: float = math.inf, integer: bool = False) -> None:
-    """Raise unless ``value`` is a finite real (an integer if ``integer``; never a bool) in ``[low, high]``."""
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high:
+    """Raise unless ``value`` is a finite real (an integer if ``integer``) in ``[low, high]``."""
+    if _is_real(value, integer) and math.isfinite(value) and low <= value <= high:
         return
     what = "an integer" if integer else "a number"
     if math.isfinite(high):
