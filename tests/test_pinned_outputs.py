@@ -1,6 +1,6 @@
 """Outputs pinned before the editing techniques became objects (commit 21b7aa4, old keyword API): the redesign
 must compute exactly what the old pipeline computed for the same settings. The pins were made on one CPU; another
-CPU's kernels round differently, so the comparison allows a few float32 ulps per operation at the values' scale."""
+CPU's kernels round differently, so the comparison allows the rounding budget of a denoising run (conftest)."""
 
 import copy
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import scene_image
+from conftest import assert_rounding_close, edit_ops, scene_image
 from pipeline_negative_prompt_inversion import (
     LocalBlend,
     MasaCtrl,
@@ -82,12 +82,6 @@ def outputs(pipe, inversions, case: dict) -> dict[str, torch.Tensor]:
     return found
 
 
-def ulps_of(reference: torch.Tensor, operations: int = 1000) -> float:
-    """Room for ``operations`` float32 roundings at the reference's scale (the UNet's few thousand accumulations per
-    output over the few steps here; an edit that changes the computation moves outputs by far more)."""
-    return operations * torch.finfo(torch.float32).eps * max(1.0, reference.abs().max().item())
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_outputs_equal_the_pinned_pre_redesign_outputs(pinned_run, name):
     pipe, inversions = pinned_run
@@ -97,4 +91,4 @@ def test_outputs_equal_the_pinned_pre_redesign_outputs(pinned_run, name):
         if suffix == ".edit_masks":  # 0–255 step fractions: exact
             assert torch.equal(value.to(reference.dtype), reference)
         else:
-            torch.testing.assert_close(value, reference, rtol=0, atol=ulps_of(reference))
+            assert_rounding_close(value, reference, ops=edit_ops(STEPS))
