@@ -301,6 +301,16 @@ def run_batch(pipe, batch: list[Item], args, out: Path, write: set):
                         yield error_record(member[0], error)
 
 
+def open_shard(path: Path):
+    """This process's results file, for appending; a line cut by a crash is ended first, so it stays one bad line."""
+    handle = open(path, "a+")
+    if handle.tell() > 0:
+        handle.seek(handle.tell() - 1)
+        if handle.read(1) != "\n":
+            handle.write("\n")
+    return handle
+
+
 def append_line(handle, record: dict) -> None:
     handle.write(json.dumps(record) + "\n")
     handle.flush()
@@ -330,7 +340,7 @@ def batch_command(args) -> None:
     todo = [[item for item in batch if item.id not in done] for batch in mine]
     args.device = args.device or str(state.device)
     pipe = load_pipeline(args) if any(todo) else None
-    with open(out / f"results.{state.process_index}.jsonl", "a") as handle, tqdm(
+    with open_shard(out / f"results.{state.process_index}.jsonl") as handle, tqdm(
         total=sum(map(len, todo)), desc=f"process {state.process_index}", position=state.process_index
     ) as progress:
         for batch, write in zip(mine, todo):
