@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if not __package__:  # imported as a top-level module from a checkout: act as the package (as the pipeline file)
@@ -35,7 +35,9 @@ if not __package__:  # imported as a top-level module from a checkout: act as th
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .pipeline_negative_prompt_inversion import (
     LocalBlend,
@@ -215,21 +217,23 @@ def edit_command(args) -> None:
 # -------------------------------------------------------------------------------------------------- batch
 
 
-def finished_items(out: Path) -> dict[str, dict]:
-    """Items some shard records as ok whose output files still have the recorded sha256, by id."""
-    finished = {}
+def shard_records(out: Path):
+    """Every record of every process's ``results.<rank>.jsonl``, in file order."""
     for shard in sorted(glob.glob(str(out / "results.*.jsonl"))):
         with open(shard) as handle:
             for line in handle:
                 try:
-                    record = json.loads(line)
+                    yield json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a crash
                     continue
-                if record.get("status") == "ok" and all(
-                    (out / name).is_file() and sha256(out / name) == digest for name, digest in record["sha256"].items()
-                ):
-                    finished[record["id"]] = record
-    return finished
+
+
+def finished_items(out: Path) -> dict[str, dict]:
+    """Items some shard records as ok whose output files still have the recorded sha256, by id."""
+    return {
+        record["id"]: record for record in shard_records(out) if record["status"] == "ok" and all(
+            (out / name).is_file() and sha256(out / name) == digest for name, digest in record["sha256"].items())
+    }
 
 
 def output_names(item: Item) -> tuple[str, list[str]]:
@@ -284,7 +288,7 @@ def run_batch(pipe, batch: list[Item], args, out: Path, write: set):
     for item in batch:
         try:
             loaded.append((item, load_item(item)))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any bad item is its own error line, never the batch's
             if item.id in write:
                 yield error_record(item, error)
     for item, image in loaded:
@@ -292,18 +296,18 @@ def run_batch(pipe, batch: list[Item], args, out: Path, write: set):
     for group in groups.values():
         try:
             yield from run_group(pipe, group, args, out, write)
-        except Exception:
+        except Exception:  # noqa: BLE001 - retried item by item below
             for member in group:  # deterministic fallback: the same on every run, so resumes stay exact
                 try:
                     yield from run_group(pipe, [member], args, out, write)
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001
                     if member[0].id in write:
                         yield error_record(member[0], error)
 
 
 def open_shard(path: Path):
     """This process's results file, for appending; a line cut by a crash is ended first, so it stays one bad line."""
-    handle = open(path, "a+")
+    handle = open(path, "a+")  # noqa: SIM115 - the caller's `with` closes it
     if handle.tell() > 0:
         handle.seek(handle.tell() - 1)
         if handle.read(1) != "\n":
@@ -317,10 +321,33 @@ def append_line(handle, record: dict) -> None:
     os.fsync(handle.fileno())
 
 
-def batch_command(args) -> None:
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
+# Settings that change a batch's output bytes: a folder holds the outputs of one combination of them.
+OUTPUT_SETTINGS = ("manifest", "images", "model", "method", "dtype", "steps", "guidance", "batch_size", "reconstruct",
+                   "p2p", "masactrl", "cross_replace", "self_replace", "proximal")
 
+
+def check_settings(out: Path, args, is_main_process: bool) -> None:
+    """Refuse to resume a folder made with other output settings; record them (``batch.json``) for resumes and
+    ``evaluate``."""
+    settings = {name: getattr(args, name) for name in OUTPUT_SETTINGS}
+    settings["manifest"] = str(Path(args.manifest).resolve())
+    settings["images"] = str(Path(args.images).resolve()) if args.images else None
+    recorded = out / "batch.json"
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        changed = [name for name in OUTPUT_SETTINGS if before.get(name) != settings[name]]
+        if changed:
+            raise SystemExit(f"--out {out} holds a batch made with other settings ({', '.join(changed)});"
+                             " use a new folder, or the same settings to resume it")
+    elif is_main_process:
+        tmp = out / "batch.json.tmp"
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, recorded)  # other processes read it whole or not at all
+
+
+def batch_command(args) -> None:
+    """Run this process's share of the manifest's batches, skipping finished items; rank 0 then merges the
+    shards into ``results.jsonl`` and prints a summary."""
     # on a machine without CUDA, processes started by torchrun (accelerate launch) share work only when cpu=True
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     items = read_manifest(args.manifest, args.images)
@@ -330,10 +357,7 @@ def batch_command(args) -> None:
     out = Path(args.out)
     for folder in (out, out / "edits", out / "inversions"):
         folder.mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
-        settings["manifest"] = str(Path(args.manifest).resolve())
-        (out / "batch.json").write_text(json.dumps(settings, indent=1))
+    check_settings(out, args, state.is_main_process)
     done = finished_items(out)
     batches = [items[first : first + args.batch_size] for first in range(0, len(items), args.batch_size)]
     mine = [batch for b, batch in enumerate(batches) if b % state.num_processes == state.process_index]
@@ -356,16 +380,7 @@ def batch_command(args) -> None:
 def summarise_batch(items: list[Item], out: Path) -> None:
     """Merge the shards into ``results.jsonl`` (manifest order, the newest record of each item) and print a
     summary."""
-    latest = {}
-    for shard in sorted(glob.glob(str(out / "results.*.jsonl"))):
-        with open(shard) as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record["id"] not in latest or record["status"] == "ok":
-                    latest[record["id"]] = record
+    latest = {record["id"]: record for record in shard_records(out)}
     latest.update(finished_items(out))  # an item with intact outputs is ok, whatever came after
     records = [latest[item.id] for item in items if item.id in latest]
     tmp = out / "results.jsonl.tmp"
