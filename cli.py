@@ -459,7 +459,12 @@ def add_edit_options(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npi-edit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="npi-edit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Invert and edit real images (negative-prompt / null-text / DDIM inversion with prompt-to-prompt,"
+                    " MasaCtrl and proximal guidance).",
+        epilog="examples:\n" + __doc__.split("\n\n")[1],
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     invert = commands.add_parser("invert", help="invert one image into an inversion file")
@@ -478,7 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_options(edit)
     edit.set_defaults(func=edit_command)
 
-    batch = commands.add_parser("batch", help="invert and edit every item of a manifest (resumable, shardable)")
+    batch = commands.add_parser(
+        "batch", help="invert and edit every item of a manifest (resumable, shardable)",
+        description="Invert and edit every item of a manifest. Rerun the same command to resume: items whose outputs"
+                    " are intact are skipped. Shard over processes with `accelerate launch -m negative_prompt_inversion"
+                    " batch ...`; the outputs are the same bytes as a single process's.")
     batch.add_argument("manifest", help="a PIE-Bench mapping_file.json, or a .jsonl / .csv manifest")
     batch.add_argument("--images", default=None, help="folder of the manifest's images (default: beside it)")
     batch.add_argument("--out", required=True, help="output folder (edits/, inversions/, results*.jsonl)")
