@@ -90,12 +90,15 @@ def read_manifest(path, images: str | None = None) -> list[Item]:
 
 
 def _pie_item(key: str, entry: dict, root: Path) -> Item:
-    words = entry.get("blended_word", "").split()
-    return Item(
-        id=key, image=root / entry["image_path"], source_prompt=pie_bench.strip_brackets(entry["original_prompt"]),
-        target_prompts=[pie_bench.strip_brackets(entry["editing_prompt"])],
-        blend=tuple(words) if len(words) == 2 else None, mask=entry.get("mask"),
-    )
+    words = (entry.get("blended_word") or "").split()
+    try:
+        return Item(
+            id=key, image=root / entry["image_path"], source_prompt=pie_bench.strip_brackets(entry["original_prompt"]),
+            target_prompts=[pie_bench.strip_brackets(entry["editing_prompt"])],
+            blend=tuple(words) if len(words) == 2 else None, mask=entry.get("mask"),
+        )
+    except (KeyError, TypeError) as error:
+        return Item(key, root, "", [], problem=f"mapping entry {key}: missing or bad field {error}")
 
 
 def _row_item(index: int, row: dict, root: Path) -> Item:
@@ -113,9 +116,9 @@ def _row_item(index: int, row: dict, root: Path) -> Item:
         return Item(item_id, root, "", [], problem=f"manifest row {index}: {message}")
 
 
-def load_item(item: Item) -> torch.Tensor:
+def load_item(item: Item, check_blend: bool = True) -> torch.Tensor:
     """The item's image as [3, H, W] in [0, 1]; raises with a message naming the problem (bad row, missing or
-    unreadable image, blend word not in its prompt, mask of the wrong size)."""
+    unreadable image, blend word not in its prompt (with ``check_blend``), mask of the wrong size)."""
     if item.problem:
         raise ValueError(item.problem)
     if not item.image.is_file():
@@ -124,7 +127,7 @@ def load_item(item: Item) -> torch.Tensor:
         image = pie_bench.load_image(item.image)
     except Exception as error:
         raise ValueError(f"unreadable image {item.image}: {error}") from error
-    if item.blend is not None:
+    if check_blend and item.blend is not None:
         for word, prompt in [(item.blend[0], item.source_prompt)] + [(item.blend[1], p) for p in item.target_prompts]:
             if not re.search(rf"\b{re.escape(word)}\b", prompt):
                 raise ValueError(f"blend word {word!r} is not in the prompt {prompt!r}")
@@ -160,7 +163,7 @@ def load_pipeline(args) -> NegativePromptInversionPipeline:
     dtype = getattr(torch, args.dtype)
     kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # the toy folder stores fp16
     pipe = NegativePromptInversionPipeline.from_pretrained(
-        args.model, inversion_method=args.method, **kwargs).to(args.device)
+        args.model, **kwargs).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     if args.cuda_graphs or args.compile:
         pipe.enable_cuda_graphs(compile=args.compile)  # CUDA only; CPU tensors run eagerly
@@ -194,9 +197,14 @@ def sha256(path) -> str:
 def invert_command(args) -> None:
     if not Path(args.image).is_file():
         raise SystemExit(f"IMAGE: no file {args.image}")
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except Exception as error:  # PIL raises several kinds for a bad file
+        raise SystemExit(f"IMAGE: cannot read {args.image}: {error}") from error
     pipe = load_pipeline(args)
-    inversion = pipe.invert(Image.open(args.image), args.prompt, num_inference_steps=args.steps,
-                            guidance_scale=args.guidance)
+    inversion = pipe.invert(image, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                            inversion_method=args.method)
     inversion.save(args.out)
     print(f"inverted {args.image} ({inversion.method}, {args.steps} steps) -> {args.out}")
 
@@ -249,7 +257,7 @@ def run_group(pipe, group: list[tuple[Item, torch.Tensor]], args, out: Path, wri
     items = [item for item, _ in group]
     start = time.perf_counter()
     inversion = pipe.invert([image for _, image in group], [item.source_prompt for item in items],
-                            num_inference_steps=args.steps, guidance_scale=args.guidance)
+                            num_inference_steps=args.steps, guidance_scale=args.guidance, inversion_method=args.method)
     invert_seconds = (time.perf_counter() - start) / len(items)
     start = time.perf_counter()
     blend = None
@@ -287,7 +295,7 @@ def run_batch(pipe, batch: list[Item], args, out: Path, write: set):
     loaded, groups = [], {}
     for item in batch:
         try:
-            loaded.append((item, load_item(item)))
+            loaded.append((item, load_item(item, check_blend=args.p2p)))
         except Exception as error:  # noqa: BLE001 - any bad item is its own error line, never the batch's
             if item.id in write:
                 yield error_record(item, error)
@@ -412,6 +420,9 @@ def evaluate_command(args) -> None:
         mask = load_mask(items[record["id"]], tuple(source.shape[-2:]))
         for name in record["outputs"]["edits"]:
             edited = pie_bench.load_image(out / name)
+            if edited.shape != source.shape:  # the pipeline resized the input to the model's size
+                print(f"  {name}: not evaluated, {tuple(edited.shape[1:])} px against a {tuple(source.shape[1:])} px source")
+                continue
             row = {"id": record["id"], "edit": name}
             row.update({f"background_{k}": v for k, v in pie_metrics.background_metrics(source, edited, mask).items()})
             if truth.get(record["id"]) is not None:

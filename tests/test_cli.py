@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import ROOT
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cli
@@ -63,7 +64,8 @@ def test_invert_then_edit_one_image(pie, tmp_path):
     source, target = (entry[k].replace("[", "").replace("]", "") for k in ("original_prompt", "editing_prompt"))
     inversion = tmp_path / "inv.safetensors"
     cli.main(["invert", str(folder / "annotation_images" / entry["image_path"]), "--prompt", source,
-              "--out", str(inversion), *COMMON])
+              "--out", str(inversion), "--method", "ddim", *COMMON])
+    assert json.loads(safe_open(inversion, "pt").metadata()["inversion"])["method"] == "ddim"
     edited = tmp_path / "edited.png"
     cli.main(["edit", str(inversion), "--prompt", target, "--p2p", "--blend", *entry["blended_word"].split(),
               "--proximal", "soft", "--cuda-graphs", "--compile", "--out", str(edited), *COMMON])  # graphs: CUDA only
