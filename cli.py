@@ -157,13 +157,16 @@ def load_mask(item: Item, size: tuple[int, int]) -> torch.Tensor:
 
 
 def load_pipeline(args) -> NegativePromptInversionPipeline:
+    """The pipeline of ``--model`` in ``--dtype`` on ``--device``, progress bars off."""
+    model = Path(args.model)
+    if not model.is_dir() and (model.is_absolute() or args.model.startswith(".") or args.model.count("/") != 1):
+        raise SystemExit(f"--model: no diffusers folder {args.model} (and not a Hub id 'owner/name')")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # the toy folder stores fp16
-    pipe = NegativePromptInversionPipeline.from_pretrained(
-        args.model, **kwargs).to(args.device)
+    pipe = NegativePromptInversionPipeline.from_pretrained(args.model, **kwargs).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     if args.cuda_graphs or args.compile:
         pipe.enable_cuda_graphs(compile=args.compile)  # CUDA only; CPU tensors run eagerly
@@ -370,7 +373,8 @@ def batch_command(args) -> None:
     batches = [items[first : first + args.batch_size] for first in range(0, len(items), args.batch_size)]
     mine = [batch for b, batch in enumerate(batches) if b % state.num_processes == state.process_index]
     todo = [[item for item in batch if item.id not in done] for batch in mine]
-    args.device = args.device or str(state.device)
+    if args.device in (None, "cuda"):  # one GPU per process
+        args.device = str(state.device)
     pipe = load_pipeline(args) if any(todo) else None
     with open_shard(out / f"results.{state.process_index}.jsonl") as handle, tqdm(
         total=sum(map(len, todo)), desc=f"process {state.process_index}", position=state.process_index
@@ -416,6 +420,8 @@ def evaluate_command(args) -> None:
         truth = {item.id: item.truth for item in pie_bench.read_pie_bench(manifest.parent)}
     rows = []
     for record in finished_items(out).values():
+        if record["id"] not in items:  # the manifest file was edited since the batch ran
+            continue
         source = pie_bench.load_image(items[record["id"]].image)
         mask = load_mask(items[record["id"]], tuple(source.shape[-2:]))
         for name in record["outputs"]["edits"]:

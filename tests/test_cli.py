@@ -58,6 +58,7 @@ def output_files(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.glob("*/*")) if p.is_file()}
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")  # torch.compile's own imports
 def test_invert_then_edit_one_image(pie, tmp_path):
     folder, mapping = pie
     entry = next(iter(mapping.values()))
@@ -74,6 +75,8 @@ def test_invert_then_edit_one_image(pie, tmp_path):
         cli.main(["edit", str(inversion), "--prompt", target, "--blend", "a", "b", "--out", str(edited)])
     with pytest.raises(SystemExit, match="INVERSION: no file"):
         cli.main(["edit", str(tmp_path / "missing.safetensors"), "--out", str(edited)])
+    with pytest.raises(SystemExit, match="--model: no diffusers folder"):
+        cli.main(["edit", str(inversion), "--model", str(tmp_path / "no-model"), "--out", str(edited)])
 
 
 def test_batch_writes_every_output_and_line(pie, finished):
