@@ -513,8 +513,11 @@ def pip_install_and_import(model_dir: Path, image_file: Path, workdir: Path):
     )
     package = target / "negative_prompt_inversion"
     listing = {
-        "top_level": sorted(path.name for path in target.iterdir() if not path.name.endswith(".dist-info")),
-        "installed": sorted(path.relative_to(package).as_posix() for path in package.rglob("*.py")),
+        "top_level": sorted(path.name for path in target.iterdir()
+                            if not path.name.endswith(".dist-info") and path.name != "bin"),  # bin: console scripts
+        "scripts": sorted(path.name for path in (target / "bin").iterdir()) if (target / "bin").is_dir() else [],
+        "installed": sorted(path.relative_to(package).as_posix() for path in package.rglob("*")
+                            if path.suffix in (".py", ".safetensors")),
         "package": str(package),
     }
     run_dir = workdir / "run"
@@ -635,8 +638,11 @@ def test_pip_install_ships_one_top_level_package(background):
     result = background.result("pip")
     assert result["top_level"] == ["negative_prompt_inversion"]  # not attention_processors, tests, toy_world, ...
     installed = set(result["installed"])
-    assert {PIPELINE_FILE.name, "__init__.py", *publish_hub.sibling_files(PIPELINE_FILE)} <= installed
-    assert not any(name.split("/")[0] in ("tests", "toy_world", "benchmarks", "scripts")
+    assert {PIPELINE_FILE.name, "__init__.py", "cli.py", "__main__.py", *publish_hub.sibling_files(PIPELINE_FILE)} <= installed
+    # inside the package: the CLI's default model, its PIE-Bench reader and metrics
+    assert {"toy_world/pie_bench.py", "toy_world/model/unet/diffusion_pytorch_model.safetensors"} <= installed
+    assert result["scripts"] == ["npi-edit"]
+    assert not any(name.split("/")[0] in ("tests", "benchmarks", "scripts")
                    or name.endswith("conftest.py") for name in installed), installed
     assert Path(result["file"]).parent == Path(result["package"])
     assert {CLASS_NAME, "InversionResult"} <= set(result["names"])
