@@ -265,8 +265,7 @@ def run_group(pipe, group: list[tuple[Item, torch.Tensor]], args, out: Path, wri
     start = time.perf_counter()
     blend = None
     if args.p2p and items[0].blend is not None:
-        pairs = [((item.blend[0],), (item.blend[1],)) for item in items]
-        blend = pairs[0] if len(pairs) == 1 else pairs  # one image takes its pair itself
+        blend = [((item.blend[0],), (item.blend[1],)) for item in items]  # one (source, target) pair per image
     prompt = None if args.reconstruct else [item.target_prompts for item in items]
     images = iter(pipe(prompt=prompt, inversion=inversion, **edit_kwargs(args, blend)).images)
     edit_seconds = (time.perf_counter() - start) / len(items)

@@ -1873,13 +1873,13 @@ def _blend_words_per_branch(branches: list[Branch], blend_words, num_images: int
     """Spread ``blend_words`` over the branches.
 
     One image: ``(source_words, target_words)`` (target words for every target) or ``[source_words,
-    target_1_words, …]``. Several images: a list with one ``(source_words, target_words)`` pair per image.
+    target_1_words, …]``. Any number of images: a list with one ``(source_words, target_words)`` pair per image.
     Words are a string or a list of strings.
     """
     as_list = lambda words: [words] if isinstance(words, str) else list(words)  # noqa: E731
     usage = (
-        "blend_words must be (source_words, target_words) or [source_words, target_1_words, …] for one image, or"
-        f" one (source_words, target_words) pair per image for several; got {blend_words!r}."
+        "LocalBlend words must be (source_words, target_words) or [source_words, target_1_words, …] for one image,"
+        f" or one (source_words, target_words) pair per image; got {blend_words!r}."
     )
     if not isinstance(blend_words, (tuple, list)):
         raise ValueError(usage)
@@ -1888,7 +1888,7 @@ def _blend_words_per_branch(branches: list[Branch], blend_words, num_images: int
         per_image = [[as_list(blend_words[0])] + [as_list(w) for w in blend_words[1:]]]
         if len(blend_words) == 2:
             per_image = [[per_image[0][0]] + per_image[0][1:] * targets_per_image[0]]
-    elif num_images > 1 and len(blend_words) == num_images and all(
+    elif len(blend_words) == num_images and all(
         isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in blend_words
     ):
         per_image = [[as_list(src)] + [as_list(tgt)] * n for (src, tgt), n in zip(blend_words, targets_per_image)]

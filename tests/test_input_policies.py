@@ -186,6 +186,16 @@ def test_unsupported_integer_arrays_are_refused(pipe):
         pipe.prepare_images(scene_image(0).astype(np.int64), 32, 32, "crop")
 
 
+def test_one_image_takes_its_blend_words_in_either_form(pipe, inversion):
+    """``(source_words, target_words)`` and a list of one such pair per image (what a batch tool writes) agree."""
+    edits = [
+        pipe(prompt="a red square on a white background", inversion=inversion, output_type="latent",
+             attention_control=PromptToPrompt(local_blend=LocalBlend(words))).images
+        for words in (("circle", "square"), [("circle", "square")])
+    ]
+    assert torch.equal(*edits)
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # Threads
 
