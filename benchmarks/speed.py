@@ -78,6 +78,7 @@ from pipeline_negative_prompt_inversion import (  # noqa: E402
     PromptToPrompt,
     UNetCallLog,
 )
+from toy_world.tokenizer import write_word_tokenizer  # noqa: E402
 
 # =================================================================================================================
 # Configs
@@ -138,36 +139,6 @@ WORDS = "a photo of the sitting standing on wall".split() + [SOURCE_WORD, *TARGE
 # Construction
 
 
-def write_tokenizer(folder: Path) -> Path:
-    """An offline CLIP BPE tokenizer: the byte-level alphabet plus one token per word of WORDS (ids < 600).
-
-    Same construction as ``tests/conftest.py::write_tokenizer``; copied so this script needs no pytest.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(chars)})
-    merges = []
-    for word in WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = f"{symbols[0]} {symbols[1]}"
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(symbols[0] + symbols[1], len(vocab))
-            symbols = [symbols[0] + symbols[1]] + symbols[2:]
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer",
-    }))
-    return folder
-
-
 def construct(factory, device: torch.device, dtype: torch.dtype, seed: int):
     """Random init directly on the device (fast on a GPU), then cast; falls back to CPU init + move."""
     torch.manual_seed(seed)
@@ -182,7 +153,7 @@ def construct(factory, device: torch.device, dtype: torch.dtype, seed: int):
 
 def build_components(model: str, device: torch.device, dtype: torch.dtype, workdir: Path) -> dict:
     configs = MODELS[model]
-    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(workdir / "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(write_word_tokenizer(workdir / "tokenizer", WORDS))
     assert max(tokenizer.get_vocab().values()) < configs["text"]["vocab_size"]
     unet = construct(lambda: UNet2DConditionModel(**configs["unet"]), device, dtype, 0)
     with torch.no_grad():  # a small ε keeps 50-step DDIM round trips finite on random weights; no effect on speed
