@@ -11,9 +11,14 @@ Inversion methods (constructor flag ``inversion_method``, overridable per call):
 - ``"nti"``  null-text inversion (Mokady et al. 2023): one optimised unconditional embedding per step.
 - ``"ddim"`` plain DDIM inversion; regeneration uses the empty prompt as unconditional embedding.
 
-Editing: plain guidance, prompt-to-prompt attention control (word swap, refinement, re-weighting, local blend),
-mutual self-attention control (MasaCtrl), and proximal guidance (ProxEdit, Han et al. 2023), all from one
-inversion. Equations follow ``ALGORITHMS`` in the project's reference notes; each formula below names its source.
+Editing, from one inversion: plain guidance, or techniques given as small configuration objects:
+``PromptToPrompt`` attention control (word swap, refinement, re-weighting, ``LocalBlend``), ``MasaCtrl`` (mutual
+self-attention) and ``ProximalGuidance`` (ProxEdit, Han et al. 2023):
+
+    pipe(prompt="a dog sitting on a wall", inversion=inversion,
+         attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"))), proximal_guidance="soft")
+
+Equations follow ``ALGORITHMS`` in the project's reference notes; each formula below names its source.
 """
 
 import functools
