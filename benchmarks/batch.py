@@ -267,8 +267,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
     ]
     if world > 1:
-        lines += [f"Aggregate edits/s = {world} processes × batch / the slowest process's median; every process "
-                  "drives its own device, and all start each run together (barrier).", ""]
+        lines += [(f"Aggregate edits/s = {world} processes × batch / the slowest process's median; every process "
+                   "drives its own device, and all start each run together (barrier)."), ""]
     lines += [
         ("| Mode | Batch | Median s/batch | Edits/s (1 process) | Aggregate edits/s | Scaling vs baseline | "
          "First call s | Peak GiB | UNet calls | Samples/call | Notes |"),
