@@ -206,12 +206,13 @@ def hooked_unet_calls(unet):
 
 
 def measure(fn, repeats: int, warmup: int, device: torch.device, count_calls=None,
-            deadline: float | None = None) -> dict:
+            deadline: float | None = None, before_run=None) -> dict:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and peak GPU memory.
 
     The UNet calls of the first run (warm-up or timed) are counted with ``count_calls()``, a context manager
     yielding a `UNetCallLog`. Timed runs stop early past ``deadline`` (a ``time.perf_counter`` value), keeping at
-    least one.
+    least one. ``before_run()``, if given, is called right before each run starts its clock (a barrier that makes
+    several processes start together).
     """
     counts = None
 
@@ -219,6 +220,8 @@ def measure(fn, repeats: int, warmup: int, device: torch.device, count_calls=Non
         """One synchronised run of ``fn``; the UNet calls of the very first run are counted."""
         nonlocal counts
         counting = count_calls if count_calls is not None and counts is None else contextlib.nullcontext
+        if before_run is not None:
+            before_run()
         with counting() as log:
             start = time.perf_counter()
             result = fn()
@@ -251,6 +254,15 @@ def measure(fn, repeats: int, warmup: int, device: torch.device, count_calls=Non
         "counts": counts,
         "result": result,
     }
+
+
+def set_pipeline_mode(pipe: NegativePromptInversionPipeline, mode: str) -> None:
+    """eager; cuda_graphs (``enable_cuda_graphs()``); compiled (channels-last UNet +
+    ``enable_cuda_graphs(compile=True)``)."""
+    pipe.disable_cuda_graphs()
+    pipe.unet.to(memory_format=torch.channels_last if mode == "compiled" else torch.contiguous_format)
+    if mode != "eager":
+        pipe.enable_cuda_graphs(compile=mode == "compiled")
 
 
 def summarize_calls(log: UNetCallLog | None) -> dict:
@@ -554,11 +566,7 @@ class Benchmark:
         across a user's calls."""
         if mode == self.mode:
             return
-        self.pipe.disable_cuda_graphs()
-        memory_format = torch.channels_last if mode == "compiled" else torch.contiguous_format
-        self.components["unet"].to(memory_format=memory_format)
-        if mode != "eager":
-            self.pipe.enable_cuda_graphs(compile=mode == "compiled")
+        set_pipeline_mode(self.pipe, mode)
         self.mode = mode
 
     def run_row(self, name: str, group: str, mode: str, fn, repeats: int, warmup: int, note: str = "",
@@ -735,7 +743,8 @@ class Benchmark:
         return 0
 
 
-def run_metadata(args, device: torch.device) -> dict:
+def environment_metadata(device: torch.device) -> dict:
+    """Device name, library versions and git commit of a run."""
     try:
         commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
@@ -751,6 +760,16 @@ def run_metadata(args, device: torch.device) -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "git_commit": commit,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cpu_threads": torch.get_num_threads(),
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def run_metadata(args, device: torch.device) -> dict:
+    return {
+        **environment_metadata(device),
         "model": args.model,
         "model_label": "Stable Diffusion 1.5 architecture" if args.model == "sd15" else "tiny SD-layout model (smoke test)",
         "dtype": args.dtype,
@@ -763,10 +782,6 @@ def run_metadata(args, device: torch.device) -> dict:
         "nti_inner_steps": args.nti_inner_steps,
         "quick": args.quick,
         "prompts": {"source": SOURCE, "targets": TARGETS},
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "cpu_threads": torch.get_num_threads(),
-        "argv": sys.argv,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
