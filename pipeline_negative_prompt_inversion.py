@@ -305,9 +305,12 @@ class InversionResult:
             model_signature=self.model_signature,
         )
 
+    def _present(self) -> dict:
+        """The tensor fields that are set, by name."""
+        return {name: getattr(self, name) for name in _TENSOR_NAMES if getattr(self, name) is not None}
+
     def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {name: getattr(self, name) for name in _TENSOR_NAMES if getattr(self, name) is not None}
-        return {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+        return {name: tensor.detach().contiguous().cpu() for name, tensor in self._present().items()}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a ``.safetensors`` file whose header carries the JSON metadata and a SHA-256 of every tensor."""
@@ -389,7 +392,7 @@ class InversionResult:
         return problems
 
     def _tensor_problems(self, vae_scale_factor: int | None) -> list[str]:
-        present = {name: getattr(self, name) for name in _TENSOR_NAMES if getattr(self, name) is not None}
+        present = self._present()
         expected = [name for name in _TENSOR_NAMES if name in present or name in _REQUIRED_TENSORS]
         not_tensors = [name for name in expected if not isinstance(present.get(name), torch.Tensor)]
         if not_tensors:
@@ -1084,6 +1087,8 @@ class NegativePromptInversionPipeline(
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._cuda_graphs: _CUDAGraphUNet | None = None  # see enable_cuda_graphs
+        self._unet_call_log: UNetCallLog | None = None  # see count_unet_calls
 
     # -------------------------------------------------------------------------------------------------------------
     # Properties read by callbacks, as in the core pipelines
@@ -1227,7 +1232,7 @@ class NegativePromptInversionPipeline(
         """Install ``control``'s processors over the user's for the duration (always restoring the user's), and
         yield the control the loop must use: with CUDA graphs on, an earlier control of the same structure holding
         this call's values, so the graphs captured with it replay."""
-        runner = getattr(self, "_cuda_graphs", None)
+        runner = self._cuda_graphs
         if runner is not None:
             if runner.unet is not self.unet:  # the UNet was swapped since enable_cuda_graphs()
                 runner = self._cuda_graphs = _CUDAGraphUNet(self.unet, runner.compile)
@@ -1255,8 +1260,8 @@ class NegativePromptInversionPipeline(
 
     def predict_noise(self, latents, timestep, embeds, alpha) -> torch.Tensor:
         """ε(z, t, c) in float32, converted from v-prediction when the model predicts v."""
-        runner = getattr(self, "_cuda_graphs", None)
-        log = getattr(self, "_unet_call_log", None)
+        runner = self._cuda_graphs
+        log = self._unet_call_log
         if log is not None:
             log.calls.append((latents.shape[0], torch.is_grad_enabled()))
         if runner is not None and not torch.is_grad_enabled():
