@@ -115,7 +115,9 @@ class BatchBenchmark:
         self.deadline = self.started + args.time_budget
         self.state = PartialState(cpu=not args.device.startswith("cuda"))
         self.world = self.state.num_processes
-        self.device = self.state.device if args.device.startswith("cuda") else torch.device(args.device)
+        # accelerate names a single process's GPU "cuda", without the index set_device needs
+        self.device = (torch.device("cuda", self.state.local_process_index) if args.device.startswith("cuda")
+                       else torch.device(args.device))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = getattr(torch, args.dtype)
