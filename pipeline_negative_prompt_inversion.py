@@ -325,7 +325,9 @@ class InversionResult:
         return {name: getattr(self, name) for name in _TENSOR_NAMES if getattr(self, name) is not None}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {name: tensor.detach().contiguous().cpu() for name, tensor in self._present().items()}
+        # own copies: safetensors refuses tensors that share memory (NTI from the prompt: pooled null = pooled source)
+        return {name: tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+                for name, tensor in self._present().items()}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a ``.safetensors`` file whose header carries the JSON metadata and a SHA-256 of every tensor."""
@@ -1960,14 +1962,20 @@ def _check_sdxl_components(unet, tokenizer, text_encoder_2, tokenizer_2) -> None
     added = unet.config.get("addition_embed_type") == "text_time"
     if (text_encoder_2 is None) != (tokenizer_2 is None):
         raise ValueError("text_encoder_2 and tokenizer_2 come together (SDXL): pass both or neither.")
-    if added != (text_encoder_2 is not None):
+    if not added and text_encoder_2 is not None:
         raise ValueError(
-            "text_encoder_2 and tokenizer_2 belong with an SDXL UNet (addition_embed_type='text_time') and it needs"
-            f" them; got addition_embed_type={unet.config.get('addition_embed_type')!r} and text_encoder_2="
-            f"{None if text_encoder_2 is None else type(text_encoder_2).__name__}."
+            "text_encoder_2 and tokenizer_2 belong with an SDXL UNet (addition_embed_type='text_time'); this UNet has"
+            f" addition_embed_type={unet.config.get('addition_embed_type')!r}."
         )
     if not added:
         return
+    if text_encoder_2 is None:
+        raise ValueError(
+            "An SDXL UNet (addition_embed_type='text_time') needs text_encoder_2 and tokenizer_2."
+            " DiffusionPipeline.from_pipe(..., custom_pipeline=...) does not hand them over: pass"
+            " text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, or use"
+            " NegativePromptInversionPipeline.from_pipe(pipe)."
+        )
     expected = unet.config.projection_class_embeddings_input_dim
     given = text_encoder_2.config.projection_dim + 6 * unet.config.addition_time_embed_dim
     if given != expected:
