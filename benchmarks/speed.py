@@ -96,6 +96,12 @@ SCHEDULER = dict(
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
 )
 
+# CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14): SD 1.5's text encoder and SDXL's first
+CLIP_VIT_L = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=49408,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5,
+)
+
 MODELS = {
     # Stable Diffusion 1.5 (runwayml / stable-diffusion-v1-5 configs)
     "sd15": {
@@ -111,12 +117,7 @@ MODELS = {
             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
             act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
         ),
-        # CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14)
-        "text": dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-            layer_norm_eps=1e-5,
-        ),
+        "text": CLIP_VIT_L,
     },
     # Same block layout, tiny widths: only for smoke tests on a CPU.
     "tiny": {
@@ -152,12 +153,7 @@ MODELS = {
             act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025,
             force_upcast=True,
         ),
-        # CLIP ViT-L/14 text tower, as SD 1.5's
-        "text": dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-            layer_norm_eps=1e-5,
-        ),
+        "text": CLIP_VIT_L,
         # OpenCLIP ViT-bigG/14 text tower with its projection (text_encoder_2)
         "text_2": dict(
             hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,

@@ -52,10 +52,27 @@ def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    with torch.no_grad():  # small ε keeps DDIM round trips stable on random weights
+    shrink_noise(unet)
+    vae = tiny_vae()
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, 32))
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return {
+        "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
+        "scheduler": ddim_scheduler(prediction_type),
+    }
+
+
+def shrink_noise(unet: UNet2DConditionModel) -> None:
+    """A small ε keeps DDIM round trips stable on random weights."""
+    with torch.no_grad():
         unet.conv_out.weight.mul_(0.05)
         unet.conv_out.bias.mul_(0.05)
-    vae = AutoencoderKL(
+
+
+def tiny_vae(**config) -> AutoencoderKL:
+    """A two-level VAE (factor 2)."""
+    return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
         out_channels=3,
@@ -63,20 +80,16 @@ def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
         norm_num_groups=32,
+        **config,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77,
-        )
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer, hidden_size: int, **config) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77, **config,
     )
-    for module in (unet, vae, text_encoder):
-        module.eval()
-    return {
-        "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
-        "scheduler": ddim_scheduler(prediction_type),
-    }
 
 
 def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -111,31 +124,10 @@ def tiny_sdxl_components(tokenizer_dir: Path, seed: int = 0):
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=24 + 6 * 8,
     )
-    with torch.no_grad():
-        unet.conv_out.weight.mul_(0.05)
-        unet.conv_out.bias.mul_(0.05)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
-
-    def text_config(tok, hidden_size, **extra):
-        return CLIPTextConfig(
-            hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, max_position_embeddings=77, **extra,
-        )
-
-    text_encoder = CLIPTextModel(text_config(tokenizer, 32))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, 48, projection_dim=24))
+    shrink_noise(unet)
+    vae = tiny_vae(sample_size=64, scaling_factor=0.13025, force_upcast=True)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, 32))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, 48, projection_dim=24))
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
     return {
