@@ -1,5 +1,5 @@
 # Copyright 2026 The NegativePromptInversionPipeline authors. Licensed under the Apache License, Version 2.0.
-"""Real-image editing with Stable Diffusion: invert a photo, then regenerate it under a new prompt.
+"""Real-image editing with Stable Diffusion 1.x/2.x and SDXL: invert a photo, then regenerate it under a new prompt.
 
     inversion = pipe.invert(image, "a cat sitting on a wall")          # DDIM inversion (+ null-text optimisation)
     edited = pipe(prompt="a dog sitting on a wall", inversion=inversion).images[0]
@@ -17,6 +17,9 @@ self-attention) and ``ProximalGuidance`` (ProxEdit, Han et al. 2023):
 
     pipe(prompt="a dog sitting on a wall", inversion=inversion,
          attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"))), proximal_guidance="soft")
+
+SDXL (``text_encoder_2`` and ``tokenizer_2`` given) adds its pooled text embedding and time ids to every UNet call
+(`encode_text`, `added_conditioning`); everything else is shared with SD 1.x/2.x.
 
 Equations follow ``ALGORITHMS`` in the project's reference notes; each formula below names its source.
 """
