@@ -1,5 +1,5 @@
 # Copyright 2026 The NegativePromptInversionPipeline authors. Licensed under the Apache License, Version 2.0.
-"""Real-image editing with Stable Diffusion: invert a photo, then regenerate it under a new prompt.
+"""Real-image editing with Stable Diffusion 1.x/2.x and SDXL: invert a photo, then regenerate it under a new prompt.
 
     inversion = pipe.invert(image, "a cat sitting on a wall")          # DDIM inversion (+ null-text optimisation)
     edited = pipe(prompt="a dog sitting on a wall", inversion=inversion).images[0]
@@ -17,6 +17,9 @@ self-attention) and ``ProximalGuidance`` (ProxEdit, Han et al. 2023):
 
     pipe(prompt="a dog sitting on a wall", inversion=inversion,
          attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"))), proximal_guidance="soft")
+
+SDXL (``text_encoder_2`` and ``tokenizer_2`` given) adds its pooled text embedding and time ids to every UNet call
+(`encode_text`, `added_conditioning`); everything else is shared with SD 1.x/2.x.
 
 Equations follow ``ALGORITHMS`` in the project's reference notes; each formula below names its source.
 """
@@ -40,7 +43,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
@@ -154,6 +157,13 @@ def classifier_free_guidance(noise_uncond, direction, guidance_scale):
     return noise_uncond + guidance_scale * direction
 
 
+def sdxl_time_ids(image_size: tuple[int, int]) -> list[int]:
+    # SDXL micro-conditioning (Podell et al. 2023, §2.2): (original h, w, crop top, left, target h, w). A photo
+    # inverted whole is its own original, uncropped: the conditioning SDXL generates well-framed images with.
+    height, width = image_size
+    return [height, width, 0, 0, height, width]
+
+
 def soft_threshold(direction: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     # ProxEdit Eq. 7, proximal operator of the ℓ1 norm: sign(d)·max(|d| − λ, 0)
     return direction.sign() * (direction.abs() - threshold).clamp_min(0)
@@ -240,7 +250,10 @@ class InvalidInversionError(ValueError):
     """An inversion file or object that `invert` cannot have produced; the message names it and every problem."""
 
 
-_TENSOR_NAMES = ("latents", "prompt_embeds", "timesteps", "null_embeds", "null_text_losses")
+_TENSOR_NAMES = (
+    "latents", "prompt_embeds", "timesteps", "null_embeds", "null_text_losses", "pooled_prompt_embeds",
+    "null_pooled_embeds",
+)
 _REQUIRED_TENSORS = ("latents", "prompt_embeds", "timesteps")
 _METADATA_FIELDS = ("source_prompts", "method", "guidance_scale", "image_size", "model_signature")
 
@@ -265,6 +278,12 @@ class InversionResult:
         null_text_losses (`torch.Tensor` of shape `(batch, steps, inner_steps)`, *optional*):
             NTI's loss before each inner optimisation step (NaN after early stopping).
         model_signature (`dict`): Fingerprint of the models that produced the inversion.
+        pooled_prompt_embeds (`torch.Tensor` of shape `(batch, dim)`, *optional*):
+            SDXL only: text_encoder_2's pooled embedding of the source prompt (the time ids follow from
+            ``image_size``). Its presence marks an SDXL inversion.
+        null_pooled_embeds (`torch.Tensor` of shape `(batch, dim)`, *optional*):
+            SDXL with NTI only: the pooled embedding of the unconditional branch, that of NTI's initialisation
+            (E(source) or the null prompt), kept fixed while the sequence embedding is optimised.
     """
 
     # Identifies the class across copies of this file: diffusers re-executes the file on every load.
@@ -280,6 +299,8 @@ class InversionResult:
     null_embeds: torch.Tensor | None = None
     null_text_losses: torch.Tensor | None = None
     model_signature: dict = field(default_factory=dict)
+    pooled_prompt_embeds: torch.Tensor | None = None
+    null_pooled_embeds: torch.Tensor | None = None
 
     @property
     def num_inference_steps(self) -> int:
@@ -291,17 +312,14 @@ class InversionResult:
     def __getitem__(self, index: int) -> "InversionResult":
         """The inversion of one image of the batch."""
         pick = slice(index, index + 1) if index >= 0 else slice(index, index + 1 or None)
-        optional = lambda tensor: None if tensor is None else tensor[pick]  # noqa: E731
+        per_image = {name: tensor[pick] for name, tensor in self._present().items() if name != "timesteps"}
         return InversionResult(
-            latents=self.latents[pick],
-            prompt_embeds=self.prompt_embeds[pick],
+            **per_image,
             source_prompts=self.source_prompts[pick],
             timesteps=self.timesteps,
             method=self.method,
             guidance_scale=self.guidance_scale,
             image_size=self.image_size,
-            null_embeds=optional(self.null_embeds),
-            null_text_losses=optional(self.null_text_losses),
             model_signature=self.model_signature,
         )
 
@@ -310,7 +328,9 @@ class InversionResult:
         return {name: getattr(self, name) for name in _TENSOR_NAMES if getattr(self, name) is not None}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {name: tensor.detach().contiguous().cpu() for name, tensor in self._present().items()}
+        # own copies: safetensors refuses tensors that share memory (NTI from the prompt: pooled null = pooled source)
+        return {name: tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+                for name, tensor in self._present().items()}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a ``.safetensors`` file whose header carries the JSON metadata and a SHA-256 of every tensor."""
@@ -408,12 +428,15 @@ class InversionResult:
 
     def _shape_problems(self, present: dict[str, torch.Tensor]) -> list[str]:
         batch, steps, embedding = len(self.source_prompts), len(self.timesteps), tuple(self.prompt_embeds.shape[1:])
+        pooled = None if self.pooled_prompt_embeds is None else self.pooled_prompt_embeds.shape[1:]
         patterns = {  # None: any size
             "latents": (batch, steps + 1, None, None, None),
             "prompt_embeds": (batch, None, None),
             "timesteps": (steps,),
             "null_embeds": (batch, steps, *embedding),
             "null_text_losses": (batch, steps, None),
+            "pooled_prompt_embeds": (batch, None),
+            "null_pooled_embeds": (batch, *(pooled or [None])),
         }
         return [
             f"{name} of shape {tuple(tensor.shape)}, expected {_shape_pattern(patterns[name])}"
@@ -437,6 +460,8 @@ class InversionResult:
         optimised = INVERSION_METHODS[self.method].optimises_null_text
         if optimised != ("null_embeds" in present) or ("null_text_losses" in present and not optimised):
             return [f"null_embeds (with null_text_losses) belong to method 'nti' only, method is {self.method!r}"]
+        if ("null_pooled_embeds" in present) != (optimised and "pooled_prompt_embeds" in present):
+            return ["null_pooled_embeds belong to SDXL inversions (with pooled_prompt_embeds) of method 'nti' only"]
         return []
 
     def _image_size_problems(self, vae_scale_factor: int | None) -> list[str]:
@@ -657,9 +682,11 @@ class MasaCtrl:
 
     Args:
         start_step (`int`, defaults to 4): First controlled step.
-        start_layer (`int`, *optional*): First controlled transformer block in call order (SD 1.x's reference value
-            is 10 of 16). Default: the decoder blocks at ≥ ½ of the latent resolution, which is that same set on
-            SD 1.x and stays meaningful at other resolutions and depths.
+        start_layer (`int`, *optional*): First controlled transformer block in call order (the reference values
+            are 10 of SD 1.x's 16 blocks and 44 of SDXL's 70). Default: the decoder blocks at the finest attention
+            resolution and the next coarser one. On SD 1.x (maps 64² and 32² at 512 px) that is the reference's set;
+            on SDXL at 1024 px (no attention at full latent resolution) it is every decoder block at 64² and 32²,
+            blocks 34–69, from the start of the 32² decoder stage where the reference starts 10 blocks into it.
     """
 
     start_step: int = 4
@@ -684,9 +711,9 @@ class MasaCtrl:
             plan.step, window, _index([s for s, _ in pairs], plan.device), _index([t for _, t in pairs], plan.device),
             borrow=("key", "value"),
         )
-        levels = 1 + max(layer.level for layer in plan.layers)
+        finest = min(layer.level for layer in plan.layers)
         if self.start_layer is None:
-            chosen = [layer for layer in plan.layers if layer.decoder and layer.level <= min(1, levels - 1)]
+            chosen = [layer for layer in plan.layers if layer.decoder and layer.level <= finest + 1]
         else:
             chosen = [layer for layer in plan.layers if layer.block >= self.start_layer]
         return {layer.name: rule for layer in chosen if not layer.cross}, None
@@ -911,6 +938,15 @@ class UNetCallLog:
     captures: int = 0
 
 
+def _unet_forward(unet, inputs: dict) -> torch.Tensor:
+    """The UNet's output for ``inputs``: latents, timestep, embeds and, on SDXL, ``text_embeds`` and ``time_ids``."""
+    added = {name: inputs[name] for name in ("text_embeds", "time_ids") if name in inputs}
+    return unet(
+        inputs["latents"], inputs["timestep"], encoder_hidden_states=inputs["embeds"],
+        added_cond_kwargs=added or None, return_dict=False,
+    )[0]
+
+
 class _CUDAGraphUNet:
     """The UNet forward replayed as CUDA graphs, kept across calls (optionally compiled first).
 
@@ -948,30 +984,28 @@ class _CUDAGraphUNet:
         processors = tuple(id(processor) for processor in self.unet.attn_processors.values())
         self.key = (processors, tuple(parameter.data_ptr() for parameter in self.unet.parameters()))
 
-    def _forward(self, module, latents, timestep, embeds):
-        return module(latents, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
-
-    def __call__(self, latents, timestep, embeds):
+    def __call__(self, latents, timestep, embeds, added_cond: dict | None = None):
+        inputs = {"latents": latents, "timestep": timestep, "embeds": embeds, **(added_cond or {})}
         if not latents.is_cuda:
-            return self._forward(self.unet, latents, timestep, embeds)
-        key = (self.key, tuple(latents.shape), tuple(embeds.shape), latents.dtype)
+            return _unet_forward(self.unet, inputs)
+        # every input is a graph input: SDXL's pooled embeddings and time ids change between calls like the text
+        key = (self.key, latents.dtype, *((name, tuple(tensor.shape)) for name, tensor in inputs.items()))
         if key in self.graphs:
             self.graphs.move_to_end(key)
             graph, static = self.graphs[key]
-            static["latents"].copy_(latents)
-            static["timestep"].copy_(timestep)
-            static["embeds"].copy_(embeds)
+            for name, tensor in inputs.items():
+                static[name].copy_(tensor)
             graph.replay()
             return static["output"].clone()
-        static = {"latents": latents.clone(), "timestep": timestep.clone(), "embeds": embeds.clone()}
+        static = {name: tensor.clone() for name, tensor in inputs.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            output = self._forward(self.forward, static["latents"], static["timestep"], static["embeds"])
+            output = _unet_forward(self.forward, static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static["output"] = self._forward(self.forward, static["latents"], static["timestep"], static["embeds"])
+            static["output"] = _unet_forward(self.forward, static)
         self.graphs[key] = (graph, static)
         self.captures += 1
         if len(self.graphs) > self.max_graphs:
@@ -1018,6 +1052,9 @@ class NegativePromptInversionPipeline(
         vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor:
             The Stable Diffusion components. Any scheduler works: its noise schedule is used through a DDIM
             scheduler built from its config (DDIM is the deterministic sampler every inversion method assumes).
+        text_encoder_2 (`CLIPTextModelWithProjection`, *optional*), tokenizer_2 (`CLIPTokenizer`, *optional*):
+            SDXL's second text encoder and its tokenizer; required by a UNet with SDXL's added conditioning
+            (``addition_embed_type="text_time"``), absent for SD 1.x/2.x.
         inversion_method (`str`, defaults to `"npi"`): ``"npi"``, ``"nti"`` or ``"ddim"``.
         null_text_inner_steps (`int`, defaults to 10): NTI optimisation steps per timestep.
         null_text_early_stop (`float`, defaults to 1e-5): NTI stops a timestep once its loss falls below
@@ -1028,14 +1065,17 @@ class NegativePromptInversionPipeline(
             paper's choice).
         proximal_guidance (`str`, *optional*): ``"soft"`` or ``"hard"`` thresholding of the guidance direction
             (ProxEdit); `None` for plain guidance.
+        force_zeros_for_empty_prompt (`bool`, defaults to True): SDXL only, as in diffusers' SDXL pipeline: the
+            null embedding E("") (DDIM's unconditional embedding, MasaCtrl's targets under NPI, NTI's ``"null"``
+            initialisation) is all zeros, sequence and pooled. SD 1.x/2.x always encode the empty prompt.
     """
 
     # The editing techniques, reachable from any loaded pipeline as ``pipe.PromptToPrompt(...)``: a file loaded by
     # diffusers as a custom pipeline offers no module to import them from.
     PromptToPrompt, MasaCtrl, LocalBlend, ProximalGuidance = PromptToPrompt, MasaCtrl, LocalBlend, ProximalGuidance
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["safety_checker", "feature_extractor"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "text_encoder_2", "tokenizer_2"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "edit_mask"]
 
@@ -1048,15 +1088,20 @@ class NegativePromptInversionPipeline(
         scheduler: KarrasDiffusionSchedulers,
         safety_checker: StableDiffusionSafetyChecker | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
         inversion_method: str = "npi",
         null_text_inner_steps: int = 10,
         null_text_early_stop: float = 1e-5,
         null_text_init: str = "prompt",
         proximal_guidance: str | None = None,
+        force_zeros_for_empty_prompt: bool = True,
     ):
         super().__init__()
         safety_checker = _optional_component("safety_checker", safety_checker)
         feature_extractor = _optional_component("feature_extractor", feature_extractor)
+        text_encoder_2 = _optional_component("text_encoder_2", text_encoder_2)
+        tokenizer_2 = _optional_component("tokenizer_2", tokenizer_2)
         _check_choice("inversion_method", inversion_method, INVERSION_METHODS)
         _check_null_text_settings(null_text_inner_steps, null_text_early_stop, null_text_init)
         _check_choice("proximal_guidance", proximal_guidance, PROXIMAL_MODES, allow_none=True)
@@ -1064,6 +1109,7 @@ class NegativePromptInversionPipeline(
             raise ValueError("scheduler is required: inversion runs on its noise schedule (any diffusers scheduler).")
         if safety_checker is not None and feature_extractor is None:
             raise ValueError("A safety_checker needs a feature_extractor; pass safety_checker=None to disable it.")
+        _check_sdxl_components(unet, tokenizer, text_encoder_2, tokenizer_2)
         if not isinstance(scheduler, DDIMScheduler):
             logger.warning(
                 f"{type(scheduler).__name__} is not deterministic DDIM, which inversion requires; this pipeline"
@@ -1077,6 +1123,8 @@ class NegativePromptInversionPipeline(
             scheduler=scheduler,
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
         )
         self.register_to_config(
             inversion_method=inversion_method,
@@ -1084,6 +1132,7 @@ class NegativePromptInversionPipeline(
             null_text_early_stop=null_text_early_stop,
             null_text_init=null_text_init,
             proximal_guidance=proximal_guidance,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -1108,26 +1157,65 @@ class NegativePromptInversionPipeline(
     # -------------------------------------------------------------------------------------------------------------
     # Building blocks
 
-    def encode_text(self, prompts: list[str], device) -> torch.Tensor:
-        """E(p) for each prompt: the text encoder's last hidden state over 77 padded tokens."""
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the UNet reads SDXL's added conditioning: text_encoder_2's pooled embedding and the time ids."""
+        return getattr(self, "text_encoder_2", None) is not None
+
+    def encode_text(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """E(p) for each prompt over 77 padded tokens, and the pooled embedding (`None` unless SDXL).
+
+        SD 1.x/2.x: the text encoder's last hidden state. SDXL (as diffusers' SDXL pipeline): the penultimate hidden
+        states of both encoders concatenated per token (768 + 1280 = 2048 features), and text_encoder_2's pooled
+        projection. Both tokenizers place every token at the same position (`_token_ids` checks it), so
+        prompt-to-prompt's token positions hold for both halves of the embedding.
+        """
+        if not self.is_sdxl:
+            embeds = self._run_text_encoder(self.text_encoder, self.tokenizer, prompts, device)[0]
+            return embeds.to(dtype=self.unet.dtype, device=device), None
+        first, second = (
+            self._run_text_encoder(encoder, tokenizer, prompts, device, output_hidden_states=True)
+            for encoder, tokenizer in ((self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2))
+        )
+        embeds = torch.cat([first.hidden_states[-2].to(device), second.hidden_states[-2].to(device)], dim=-1)
+        return embeds.to(dtype=self.unet.dtype), second.text_embeds.to(dtype=self.unet.dtype, device=device)
+
+    def _run_text_encoder(self, text_encoder, tokenizer, prompts: list[str], device, **kwargs):
         if isinstance(self, TextualInversionLoaderMixin):
-            prompts = self.maybe_convert_prompt(prompts, self.tokenizer)
-        tokens = self.tokenizer(
+            prompts = self.maybe_convert_prompt(prompts, tokenizer)
+        tokens = tokenizer(
             prompts,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
         mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
+        if getattr(text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(device)
-        embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-        return embeds.to(dtype=self.unet.dtype, device=device)
+        return text_encoder(tokens.input_ids.to(device), attention_mask=mask, **kwargs)
+
+    def null_embedding(self, empty: tuple[torch.Tensor, torch.Tensor | None]):
+        """The null embedding from E("") (``encode_text`` output): zeros on SDXL with ``force_zeros_for_empty_prompt``,
+        the unconditional embedding SDXL was trained with for dropped captions (as diffusers' SDXL pipeline)."""
+        if self.is_sdxl and self.config.force_zeros_for_empty_prompt:
+            return tuple(torch.zeros_like(tensor) for tensor in empty)
+        return empty
 
     def _token_ids(self, prompt: str) -> list[int]:
-        """The prompt's token ids without BOS / EOS, untruncated."""
-        return self.tokenizer(prompt, add_special_tokens=False).input_ids
+        """The prompt's token ids without BOS / EOS, untruncated.
+
+        On SDXL both tokenizers must split the prompt alike (they share CLIP's BPE vocabulary; only their padding
+        differs, EOS versus "!"): prompt-to-prompt edits, refinement alignment and the truncation checks all use
+        the first tokenizer's positions for the concatenated embedding of both encoders.
+        """
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        if self.is_sdxl and self.tokenizer_2(prompt, add_special_tokens=False).input_ids != ids:
+            raise ValueError(
+                f"tokenizer and tokenizer_2 split {prompt!r} into different tokens; prompt-to-prompt needs SDXL's pair"
+                " of tokenizers with one BPE vocabulary."
+            )
+        return ids
 
     def warn_truncated_prompts(self, prompts: list[str]) -> None:
         """Name the words the text encoder never sees: it reads ``model_max_length`` tokens, BOS and EOS included."""
@@ -1152,9 +1240,13 @@ class NegativePromptInversionPipeline(
                         " tokens, so the edit would return the reconstruction; shorten the prompts."
                     )
 
-    def _encode_unique(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    def _encode_unique(self, prompts: list[str], device) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each distinct prompt's ``(embedding, pooled embedding)`` from one text-encoder batch."""
         unique = list(dict.fromkeys(prompts))
-        return dict(zip(unique, self.encode_text(unique, device))) if unique else {}
+        if not unique:
+            return {}
+        embeds, pooled = self.encode_text(unique, device)
+        return {prompt: (embeds[k], _row(pooled, k)) for k, prompt in enumerate(unique)}
 
     def prepare_images(self, image, height: int | None, width: int | None, resize_mode: str) -> torch.Tensor:
         """Images → ``(batch, 3, height, width)`` in [-1, 1].
@@ -1180,7 +1272,8 @@ class NegativePromptInversionPipeline(
         """z_0 = E(x): the posterior *mean* times the VAE scaling factor (ALGORITHMS §0), float32. A deterministic
         encoder (``AutoencoderTiny``) has no posterior; its output is the latent."""
         device = self._execution_device
-        encoded = self.vae.encode(images.to(device=device, dtype=self.vae.dtype))
+        with self._vae_precision():
+            encoded = self.vae.encode(images.to(device=device, dtype=self.vae.dtype))
         posterior = getattr(encoded, "latent_dist", None)
         latents = (encoded.latents if posterior is None else posterior.mean).float()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -1189,7 +1282,24 @@ class NegativePromptInversionPipeline(
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         latents = latents / self.vae.config.scaling_factor + shift
-        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        with self._vae_precision():
+            return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+
+    @contextmanager
+    def _vae_precision(self):
+        """Run SDXL's VAE in float32 when it is float16 and its config says ``force_upcast``, as diffusers' SDXL
+        pipelines: its activations overflow float16 (inf, then NaN images). The fp16-fixed VAE
+        (madebyollin/sdxl-vae-fp16-fix, ``force_upcast=False``) stays in float16, faster and smaller.
+        SD 1.x/2.x VAEs run in their own dtype (they do not overflow)."""
+        dtype = self.vae.dtype
+        upcast = self.is_sdxl and dtype == torch.float16 and self.vae.config.get("force_upcast", False)
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            yield
+        finally:
+            if upcast:
+                self.vae.to(dtype=dtype)
 
     def ddim_schedule(self, num_inference_steps: int, device):
         """Timesteps (descending) and ᾱ before and after each denoising step.
@@ -1258,19 +1368,21 @@ class NegativePromptInversionPipeline(
         finally:
             self._unet_call_log = None
 
-    def predict_noise(self, latents, timestep, embeds, alpha) -> torch.Tensor:
-        """ε(z, t, c) in float32, converted from v-prediction when the model predicts v."""
+    def predict_noise(self, latents, timestep, embeds, alpha, added_cond: dict | None = None) -> torch.Tensor:
+        """ε(z, t, c) in float32, converted from v-prediction when the model predicts v. ``added_cond``: SDXL's
+        ``added_conditioning`` for the same rows."""
         runner = self._cuda_graphs
         log = self._unet_call_log
         if log is not None:
             log.calls.append((latents.shape[0], torch.is_grad_enabled()))
         if runner is not None and not torch.is_grad_enabled():
             captures = runner.captures
-            output = runner(latents.to(self.unet.dtype), timestep, embeds)
+            output = runner(latents.to(self.unet.dtype), timestep, embeds, added_cond)
             if log is not None:
                 log.captures += runner.captures - captures
         else:
-            output = self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+            inputs = {"latents": latents.to(self.unet.dtype), "timestep": timestep, "embeds": embeds}
+            output = _unet_forward(self.unet, {**inputs, **(added_cond or {})})
         output = output.float()
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         if prediction_type == "v_prediction":
@@ -1278,6 +1390,15 @@ class NegativePromptInversionPipeline(
         if prediction_type != "epsilon":
             raise ValueError(f"prediction_type {prediction_type!r} is not supported (use 'epsilon' or 'v_prediction').")
         return output
+
+    def added_conditioning(self, pooled: torch.Tensor | None, image_size: tuple[int, int]) -> dict | None:
+        """SDXL's added conditioning of each row (Podell et al. 2023, §2.2): its pooled text embedding and the time
+        ids of the inverted image, taken whole: original size = target size = ``image_size``, crop (0, 0). `None`
+        for SD 1.x/2.x (``pooled`` is `None`)."""
+        if pooled is None:
+            return None
+        time_ids = torch.tensor(sdxl_time_ids(image_size), dtype=pooled.dtype, device=pooled.device)
+        return {"text_embeds": pooled, "time_ids": time_ids.expand(len(pooled), -1)}
 
     def model_signature(self) -> dict:
         """Fingerprint of the models an inversion depends on: architecture configs exactly, a few weights approximately.
@@ -1291,16 +1412,15 @@ class NegativePromptInversionPipeline(
         configs = {
             "unet": dict(self.unet.config),
             "vae": dict(self.vae.config),
-            "text_encoder": self.text_encoder.config.to_diff_dict() if hasattr(self.text_encoder.config, "to_diff_dict") else {},
+            "text_encoder": _text_encoder_config(self.text_encoder),
         }
+        if self.is_sdxl:  # SD 1.x/2.x signatures stay those of files saved before SDXL support
+            configs["text_encoder_2"] = _text_encoder_config(self.text_encoder_2)
         digest = hashlib.sha256(
             json.dumps({name: _architecture_config(config) for name, config in configs.items()},
                        sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
-        return {
-            "config": digest,
-            "probe": {name: probe(getattr(self, name)) for name in ("unet", "vae", "text_encoder")},
-        }
+        return {"config": digest, "probe": {name: probe(getattr(self, name)) for name in configs}}
 
     def check_inversion(self, inversion: "InversionResult", num_inference_steps: int | None = None) -> InversionResult:
         """Raise if ``inversion`` is malformed or was made by other models or with another step count than asked for.
@@ -1309,6 +1429,12 @@ class NegativePromptInversionPipeline(
         """
         inversion = _as_inversion_result(inversion)
         inversion._check_consistency("inversion", self.vae_scale_factor)
+        if (inversion.pooled_prompt_embeds is not None) != self.is_sdxl:
+            made_by, this = ("SDXL", "SD 1.x/2.x") if not self.is_sdxl else ("SD 1.x/2.x", "SDXL")
+            raise ValueError(
+                f"This inversion was made by an {made_by} pipeline, this pipeline is {this}: their text embeddings"
+                " and UNet conditioning differ; invert the image again with this pipeline."
+            )
         if num_inference_steps is not None and num_inference_steps != inversion.num_inference_steps:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} but the inversion was made with"
@@ -1429,21 +1555,27 @@ class NegativePromptInversionPipeline(
         device = self._execution_device
 
         # 2. Encode prompts and images
-        prompt_embeds = self.encode_text(prompts, device)
+        prompt_embeds, pooled = self.encode_text(prompts, device)
         latents = self.encode_images(images)
+        image_size = tuple(images.shape[-2:])
+        added_cond = self.added_conditioning(pooled, image_size)
 
         # 3. DDIM inversion (w = 1, source prompt)
         timesteps, alphas, alphas_next = self.ddim_schedule(num_inference_steps, device)
-        null_embeds = losses = None
+        null_embeds = losses = null_pooled = None
         with self._controlled_unet(_Control()):
-            trajectory = self.ddim_inversion(latents, prompt_embeds, timesteps, alphas, alphas_next)
+            trajectory = self.ddim_inversion(latents, prompt_embeds, timesteps, alphas, alphas_next, added_cond)
 
-            # 4. Null-text optimisation around the trajectory
+            # 4. Null-text optimisation around the trajectory (the sequence embedding; SDXL's pooled one stays
+            # that of the initialisation)
             if INVERSION_METHODS[method].optimises_null_text:
-                start = self.encode_text([""], device).expand_as(prompt_embeds) if init == "null" else prompt_embeds
+                start, null_pooled = prompt_embeds, pooled
+                if init == "null":
+                    empty, empty_pooled = self.null_embedding(self.encode_text([""], device))
+                    start, null_pooled = empty.expand_as(prompt_embeds), _expand_rows(empty_pooled, len(prompts))
                 null_embeds, losses = self.null_text_optimization(
                     trajectory, prompt_embeds, start, timesteps, alphas, alphas_next, guidance_scale, inner_steps,
-                    early_stop,
+                    early_stop, added_cond, self.added_conditioning(null_pooled, image_size),
                 )
 
         self.maybe_free_model_hooks()
@@ -1454,27 +1586,37 @@ class NegativePromptInversionPipeline(
             timesteps=timesteps.cpu(),
             method=method,
             guidance_scale=float(guidance_scale),
-            image_size=tuple(images.shape[-2:]),
-            null_embeds=None if null_embeds is None else null_embeds.cpu(),
-            null_text_losses=None if losses is None else losses.cpu(),
+            image_size=image_size,
+            null_embeds=_on_cpu(null_embeds),
+            null_text_losses=_on_cpu(losses),
             model_signature=self.model_signature(),
+            pooled_prompt_embeds=_on_cpu(pooled),
+            null_pooled_embeds=_on_cpu(null_pooled),
         )
 
-    def ddim_inversion(self, latents, prompt_embeds, timesteps, alphas, alphas_next) -> torch.Tensor:
+    def ddim_inversion(self, latents, prompt_embeds, timesteps, alphas, alphas_next, added_cond=None) -> torch.Tensor:
         """ALGORITHMS §1: run DDIM upwards with ε(z, t, E(src)) evaluated at the destination t. → (B, N+1, …)."""
         trajectory = [latents]
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i in reversed(range(len(timesteps))):
-                noise = self.predict_noise(trajectory[-1], timesteps[i], prompt_embeds, alphas[i])
+                noise = self.predict_noise(trajectory[-1], timesteps[i], prompt_embeds, alphas[i], added_cond)
                 trajectory.append(ddim_step(trajectory[-1], noise, alphas_next[i], alphas[i]))
                 progress_bar.update()
         return torch.stack(trajectory, dim=1)
 
     def null_text_optimization(
-        self, trajectory, prompt_embeds, start_embeds, timesteps, alphas, alphas_next, guidance_scale, inner_steps, early_stop
+        self, trajectory, prompt_embeds, start_embeds, timesteps, alphas, alphas_next, guidance_scale, inner_steps,
+        early_stop, added_cond=None, null_added_cond=None,
     ):
         """ALGORITHMS §2 (Mokady et al. 2023, Alg. 1): per step, optimise the unconditional embedding so that the
         guided DDIM step lands on the inversion trajectory.
+
+        What is optimised is the unconditional *sequence* embedding (77 tokens × the UNet's cross-attention width;
+        2048 on SDXL), one per step, as in the paper. On SDXL the unconditional branch's added conditioning
+        (``null_added_cond``: pooled embedding and time ids) stays fixed at that of the initialisation: the pooled
+        vector enters only through the timestep embedding, so the sequence's 77 × 2048 values already reach every
+        cross-attention layer, and a fixed pooled null keeps NTI initialised from the prompt exactly NPI at zero
+        inner steps.
 
         The UNet is frozen and runs in its own dtype; the embeddings and the loss are float32. Images of a batch are
         optimised together but independently (per-image loss, element-wise Adam, per-image early stop).
@@ -1491,13 +1633,15 @@ class NegativePromptInversionPipeline(
         with self._frozen_unet(), self.progress_bar(total=steps * inner_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 target = trajectory[:, steps - i - 1]
-                noise_cond = self.predict_noise(latents, t, prompt_embeds, alphas[i])
+                noise_cond = self.predict_noise(latents, t, prompt_embeds, alphas[i], added_cond)
                 null = null.detach().clone().requires_grad_(True)
                 optimizer = torch.optim.Adam([null], lr=1e-2 * (1 - i / (2 * steps)))
                 active = torch.ones(batch, dtype=torch.bool, device=latents.device)
                 for j in range(inner_steps):
                     with torch.enable_grad():
-                        noise_uncond = self.predict_noise(latents, t, null.to(self.unet.dtype), alphas[i])
+                        noise_uncond = self.predict_noise(
+                            latents, t, null.to(self.unet.dtype), alphas[i], null_added_cond
+                        )
                         noise = classifier_free_guidance(noise_uncond, noise_cond - noise_uncond, guidance_scale)
                         loss = (ddim_step(latents, noise, alphas[i], alphas_next[i]) - target).pow(2).flatten(1).mean(1)
                         (loss.sum() * loss_scale).backward()
@@ -1515,7 +1659,7 @@ class NegativePromptInversionPipeline(
                         break
                 null = null.detach()
                 nulls.append(null.clone())
-                noise_uncond = self.predict_noise(latents, t, null.to(self.unet.dtype), alphas[i])
+                noise_uncond = self.predict_noise(latents, t, null.to(self.unet.dtype), alphas[i], null_added_cond)
                 noise = classifier_free_guidance(noise_uncond, noise_cond - noise_uncond, guidance_scale)
                 latents = ddim_step(latents, noise, alphas[i], alphas_next[i])
         return torch.stack(nulls, dim=1), losses
@@ -1619,8 +1763,9 @@ class NegativePromptInversionPipeline(
             attention_control, branches, rows, steps, tuple(inversion.latents.shape[-2:]), return_attention_maps, device
         )
 
-        # 4. Embeddings of every row at every step
-        row_embeds = self.row_embeddings(branches, rows, inversion, device)
+        # 4. Embeddings of every row at every step (and SDXL's added conditioning of every row)
+        row_embeds, row_pooled = self.row_embeddings(branches, rows, inversion, device)
+        added_cond = self.added_conditioning(row_pooled, inversion.image_size)
 
         # 5. Controlled denoising from z_T
         timesteps, alphas, alphas_next = self.ddim_schedule(steps, device)
@@ -1639,7 +1784,7 @@ class NegativePromptInversionPipeline(
                 if self.interrupt:
                     continue
                 control.step.fill_(i)
-                noise = self.predict_noise(latents[row_branch], t, row_embeds[i], alphas[i])
+                noise = self.predict_noise(latents[row_branch], t, row_embeds[i], alphas[i], added_cond)
                 noise_uncond, direction = noise[uncond_rows], noise[cond_rows] - noise[uncond_rows]
                 edit_mask = None
                 if proximal_guidance is not None:
@@ -1693,15 +1838,18 @@ class NegativePromptInversionPipeline(
     # Editing: building blocks
 
     def row_embeddings(self, branches: list[Branch], rows: RowLayout, inversion: InversionResult, device):
-        """``(steps, rows, tokens, dim)`` text embeddings; only NTI's rows change from step to step."""
-        source = inversion.prompt_embeds.to(device=device, dtype=self.unet.dtype)
+        """``(steps, rows, tokens, dim)`` text embeddings, and on SDXL ``(rows, dim)`` pooled embeddings (else
+        `None`); only NTI's rows change from step to step (its pooled null is fixed)."""
+        dtype = self.unet.dtype
+        on_device = lambda tensor: None if tensor is None else tensor.to(device=device, dtype=dtype)  # noqa: E731
+        source = (on_device(inversion.prompt_embeds), on_device(inversion.pooled_prompt_embeds))
+        null_text = (on_device(inversion.null_embeds), on_device(inversion.null_pooled_embeds))
         needed = [b.prompt for b in branches if b.prompt != b.source_prompt]
         texts = self._encode_unique(needed + [""] * any(b.uncond == "empty" for b in branches), device)
-        null_text = None if inversion.null_embeds is None else inversion.null_embeds.to(device=device, dtype=self.unet.dtype)
-        embedding = {  # by where an embedding comes from (see InversionMethod)
-            "source": lambda branch: source[branch.image],
-            "empty": lambda branch: texts[""],
-            "null_text": lambda branch: null_text[branch.image],
+        embedding = {  # (sequence, pooled) by where an embedding comes from (see InversionMethod)
+            "source": lambda branch: tuple(_row(tensor, branch.image) for tensor in source),
+            "empty": lambda branch: self.null_embedding(texts[""]),
+            "null_text": lambda branch: tuple(_row(tensor, branch.image) for tensor in null_text),
             "prompt": lambda branch: texts[branch.prompt],
         }
         embeds = [None] * rows.num_rows
@@ -1709,10 +1857,12 @@ class NegativePromptInversionPipeline(
             embeds[cond] = embedding["source" if branch.prompt == branch.source_prompt else "prompt"](branch)
             if uncond != cond:
                 embeds[uncond] = embedding[branch.uncond](branch)
+        embeds, pooled = zip(*embeds)
+        pooled = None if pooled[0] is None else torch.stack(pooled)
         steps = inversion.num_inference_steps
         if all(row.dim() == 2 for row in embeds):
-            return torch.stack(embeds)[None].expand(steps, -1, -1, -1)
-        return torch.stack([row.expand(steps, -1, -1) if row.dim() == 2 else row for row in embeds], dim=1)
+            return torch.stack(embeds)[None].expand(steps, -1, -1, -1), pooled
+        return torch.stack([row.expand(steps, -1, -1) if row.dim() == 2 else row for row in embeds], dim=1), pooled
 
     def _map_level(self, layers: list[AttentionLayer]) -> tuple[int, tuple[int, int]]:
         """Cross-attention map size read by local blend and visualisation: ¼ of the latent (16×16 at 512 px, as
@@ -1778,6 +1928,10 @@ _INCIDENTAL_CONFIG_KEYS = frozenset(
 _PROBE_TOLERANCE = torch.finfo(torch.bfloat16).eps
 
 
+def _text_encoder_config(text_encoder) -> dict:
+    return text_encoder.config.to_diff_dict() if hasattr(text_encoder.config, "to_diff_dict") else {}
+
+
 def _architecture_config(config) -> dict:
     return {key: value for key, value in config.items() if not (key.startswith("_") or key in _INCIDENTAL_CONFIG_KEYS)}
 
@@ -1803,6 +1957,41 @@ def _optional_component(name: str, value):
             )
         return None
     return value
+
+
+def _check_sdxl_components(unet, tokenizer, text_encoder_2, tokenizer_2) -> None:
+    """An SDXL UNet (``addition_embed_type="text_time"``) reads text_encoder_2's pooled projection and six time ids;
+    the two tokenizers must read the same number of tokens, as P2P places edits by token position in both."""
+    added = unet.config.get("addition_embed_type") == "text_time"
+    if (text_encoder_2 is None) != (tokenizer_2 is None):
+        raise ValueError("text_encoder_2 and tokenizer_2 come together (SDXL): pass both or neither.")
+    if not added and text_encoder_2 is not None:
+        raise ValueError(
+            "text_encoder_2 and tokenizer_2 belong with an SDXL UNet (addition_embed_type='text_time'); this UNet has"
+            f" addition_embed_type={unet.config.get('addition_embed_type')!r}."
+        )
+    if not added:
+        return
+    if text_encoder_2 is None:
+        raise ValueError(
+            "An SDXL UNet (addition_embed_type='text_time') needs text_encoder_2 and tokenizer_2."
+            " DiffusionPipeline.from_pipe(..., custom_pipeline=...) does not hand them over: pass"
+            " text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, or use"
+            " NegativePromptInversionPipeline.from_pipe(pipe)."
+        )
+    expected = unet.config.projection_class_embeddings_input_dim
+    given = text_encoder_2.config.projection_dim + 6 * unet.config.addition_time_embed_dim
+    if given != expected:
+        raise ValueError(
+            f"The UNet's added embedding reads {expected} features, SDXL's conditioning gives {given}: text_encoder_2's"
+            f" projection ({text_encoder_2.config.projection_dim}) and six time ids of"
+            f" {unet.config.addition_time_embed_dim} each (the refiner's aesthetic-score conditioning is not supported)."
+        )
+    if tokenizer_2.model_max_length != tokenizer.model_max_length:
+        raise ValueError(
+            f"tokenizer reads {tokenizer.model_max_length} tokens, tokenizer_2 {tokenizer_2.model_max_length}; SDXL's"
+            " tokenizers read the same number."
+        )
 
 
 def _check_choice(name: str, value, choices, allow_none: bool = False) -> None:
@@ -2018,6 +2207,19 @@ def _ensure_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> torch
 
 def _index(values, device) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.long, device=device)
+
+
+def _row(tensor: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """Row ``index`` of an optional per-sample tensor (SDXL's pooled embeddings, NTI's null embeddings)."""
+    return None if tensor is None else tensor[index]
+
+
+def _expand_rows(tensor: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    return None if tensor is None else tensor.expand(rows, *tensor.shape[1:])
+
+
+def _on_cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.cpu()
 
 
 def _masks_to_images(fraction: torch.Tensor, image_size: tuple[int, int]) -> list[PIL.Image.Image]:

@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,10 +52,27 @@ def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    with torch.no_grad():  # small ε keeps DDIM round trips stable on random weights
+    shrink_noise(unet)
+    vae = tiny_vae()
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, 32))
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return {
+        "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
+        "scheduler": ddim_scheduler(prediction_type),
+    }
+
+
+def shrink_noise(unet: UNet2DConditionModel) -> None:
+    """A small ε keeps DDIM round trips stable on random weights."""
+    with torch.no_grad():
         unet.conv_out.weight.mul_(0.05)
         unet.conv_out.bias.mul_(0.05)
-    vae = AutoencoderKL(
+
+
+def tiny_vae(**config) -> AutoencoderKL:
+    """A two-level VAE (factor 2)."""
+    return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
         out_channels=3,
@@ -58,21 +80,60 @@ def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
         norm_num_groups=32,
+        **config,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77,
-        )
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer, hidden_size: int, **config) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77, **config,
     )
-    scheduler = DDIMScheduler(
+
+
+def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """Stable Diffusion's (and SDXL's) noise schedule with deterministic DDIM steps."""
+    return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
-    for module in (unet, vae, text_encoder):
+
+
+def tiny_sdxl_components(tokenizer_dir: Path, seed: int = 0):
+    """SDXL's layout in miniature: no attention at full latent resolution, two cross-attention levels (the coarser
+    with two transformer blocks), added text-time conditioning, two text encoders of different widths (32 + 48 = 80
+    cross-attention features, a 24-d pooled projection) and a second tokenizer that pads with "!" as SDXL's."""
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=32 + 48,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=24 + 6 * 8,
+    )
+    shrink_noise(unet)
+    vae = tiny_vae(sample_size=64, scaling_factor=0.13025, force_upcast=True)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, 32))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, 48, projection_dim=24))
+    for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
-    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+    return {
+        "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2, "unet": unet, "scheduler": ddim_scheduler(),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +144,18 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def components(tokenizer_dir):
     return tiny_components(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl_components(tokenizer_dir):
+    return tiny_sdxl_components(tokenizer_dir)
+
+
+@pytest.fixture()
+def sdxl_pipe(sdxl_components):
+    pipeline = NegativePromptInversionPipeline(**copy.deepcopy(sdxl_components))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 @pytest.fixture()
