@@ -168,7 +168,7 @@ def load_pipeline(args) -> NegativePromptInversionPipeline:
     kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # the toy folder stores fp16
     pipe = NegativePromptInversionPipeline.from_pretrained(args.model, **kwargs).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    if args.compile:  # inductor's convolutions are fastest channels-last (benchmarks/speed.py's compiled mode)
+    if args.compile and pipe.device.type == "cuda":  # inductor's convolutions run fastest channels-last there
         pipe.unet.to(memory_format=torch.channels_last)
     if args.cuda_graphs or args.compile:
         pipe.enable_cuda_graphs(compile=args.compile)  # CUDA only; CPU tensors run eagerly

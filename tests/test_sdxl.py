@@ -7,6 +7,7 @@ import dataclasses
 import functools
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import (
@@ -328,3 +329,25 @@ def test_an_sdxl_model_folder_loads_as_a_custom_pipeline(sdxl_components, invers
     want = latents(NegativePromptInversionPipeline(**sdxl_components), prompt=TARGET, inversion=inversion)
     assert torch.equal(latents(loaded, prompt=TARGET, inversion=inversion), want)
 
+
+
+def test_command_line_edits_with_an_sdxl_folder(sdxl_components, tmp_path):
+    import cli
+
+    StableDiffusionXLPipeline(**sdxl_components, add_watermarker=False).save_pretrained(tmp_path / "sdxl")
+    PIL.Image.fromarray(scene_image(0, SIZE)).save(tmp_path / "cat.png")
+    common = ["--model", str(tmp_path / "sdxl"), "--steps", str(STEPS), "--device", "cpu"]
+    threads = torch.get_num_threads()
+    try:
+        cli.main(["invert", str(tmp_path / "cat.png"), "--prompt", SOURCE, "--out", str(tmp_path / "inv.safetensors"),
+                  *common])
+        cli.main(["edit", str(tmp_path / "inv.safetensors"), "--prompt", TARGET, "--p2p", "--blend", "cat", "dog",
+                  "--out", str(tmp_path / "dog.png"), *common])
+    finally:
+        torch.set_num_threads(threads)
+    pipe = NegativePromptInversionPipeline(**sdxl_components)
+    inversion = pipe.load_inversion(tmp_path / "inv.safetensors")
+    assert inversion.pooled_prompt_embeds is not None  # an SDXL inversion
+    p2p = PromptToPrompt(local_blend=LocalBlend(("cat", "dog")))
+    want = pipe(prompt=TARGET, inversion=inversion, attention_control=p2p).images[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "dog.png")), np.asarray(want))
