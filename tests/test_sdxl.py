@@ -239,10 +239,11 @@ def test_cuda_graph_runner_passes_the_added_conditioning(sdxl_pipe, inversion):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graphs_match_eager_on_cuda(sdxl_components, monkeypatch):
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graphs_match_eager_on_cuda(sdxl_components, monkeypatch, compile):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 picks would differ by ~1e-3 (test_fast_paths)
     eager, fast = (NegativePromptInversionPipeline(**copy.deepcopy(sdxl_components)).to("cuda") for _ in range(2))
-    fast.enable_cuda_graphs()
+    fast.enable_cuda_graphs(compile=compile)
     inversions = [pipe.invert(scene_image(0, SIZE), SOURCE, num_inference_steps=STEPS) for pipe in (eager, fast)]
     for prompt in (TARGET, "a blue cat on a white background", TARGET):  # new pooled embeddings replay the graph
         want, got = (latents(pipe, prompt=prompt, inversion=inv, attention_control=P2P)
