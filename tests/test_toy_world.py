@@ -241,6 +241,31 @@ def test_judge_tolerates_mild_blur_and_noise():
 # ------------------------------------------------------------- training run
 
 
+@pytest.mark.parametrize("reuse", [1, 3])
+def test_encoded_batches_hand_out_each_scene_reuse_times_with_its_caption(reuse):
+    from toy_world.train import Batches, EncodedBatches, parse_args
+
+    def batches():
+        return Batches(4, "cpu", torch.Generator().manual_seed(0), chunk=2, res=64)
+
+    source = batches()
+    rendered = [source.next(), source.next()]  # what training without EncodedBatches sees
+    encode = lambda images: images.mean(dim=(2, 3))  # noqa: E731  (stands in for the VAE: per-image, keeps identity)
+    data = EncodedBatches(batches(), encode, reuse)
+    handed = [data.next() for _ in range(2 * reuse)]
+    assert [tuple(z.shape) for z, _ in handed] == [(4, 3)] * (2 * reuse)
+    # pass 0 is the rendered order: with reuse 1, training sees exactly the batches it saw before
+    for (z, ids), (images, want_ids) in zip(handed[:2], rendered):
+        assert torch.equal(z, encode(images)) and torch.equal(ids, want_ids)
+    scenes = lambda part: sorted(  # noqa: E731
+        (tuple(z_row.tolist()), tuple(id_row.tolist())) for z, ids in part for z_row, id_row in zip(z, ids))
+    for k in range(1, reuse):  # every later pass: the same scenes, each with its own caption, in another order
+        assert scenes(handed[2 * k: 2 * k + 2]) == scenes(handed[:2])
+        assert not all(torch.equal(a[0], b[0]) for a, b in zip(handed[2 * k: 2 * k + 2], handed[:2]))
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--latent-reuse", "0"])
+
+
 @pytest.mark.skipif(os.environ.get("TOY_WORLD_SLOW") != "1", reason="set TOY_WORLD_SLOW=1 (~30 s CPU run)")
 def test_micro_training_run(tmp_path):
     from diffusers import StableDiffusionPipeline
