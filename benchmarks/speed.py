@@ -96,6 +96,11 @@ SCHEDULER = dict(
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
 )
 
+# SDXL's two text towers at tiny widths (CPU smoke tests)
+TINY_CLIP = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64,
+)
 # CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14): SD 1.5's text encoder and SDXL's first
 CLIP_VIT_L = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=49408,
@@ -176,14 +181,8 @@ MODELS = {
             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
             latent_channels=4, norm_num_groups=32, sample_size=256, scaling_factor=0.13025, force_upcast=True,
         ),
-        "text": dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64,
-        ),
-        "text_2": dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
-            max_position_embeddings=77, hidden_act="gelu", projection_dim=64,
-        ),
+        "text": TINY_CLIP,
+        "text_2": dict(TINY_CLIP, hidden_act="gelu"),  # OpenCLIP's activation, as SDXL's second encoder
     },
 }
 TINY_MODELS = {"sd15": "tiny", "sdxl": "tiny-sdxl"}  # the same block layout at tiny widths, for --quick on a CPU

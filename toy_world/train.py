@@ -276,11 +276,15 @@ def vae_psnr(vae, device, n: int, res: int) -> float:
 
 
 @torch.no_grad()
+def encode_scenes(vae, images: torch.Tensor, device) -> torch.Tensor:
+    """Unscaled latent means of [0, 1] scene images, in the training autocast."""
+    with autocast(device):
+        return vae.encode(images * 2 - 1).latent_dist.mean.float()
+
+
 def latent_std(vae, device, n: int, res: int) -> float:
     imgs, _ = scenes.render_batch(n, torch.Generator(device).manual_seed(VAE_EVAL_SEED + 1), device, res=res)
-    with autocast(device):
-        z = torch.cat([vae.encode(x * 2 - 1).latent_dist.mean.float() for x in imgs.split(128)])
-    return z.std().item()
+    return torch.cat([encode_scenes(vae, x, device) for x in imgs.split(128)]).std().item()
 
 
 def psnr(mse_pm1: float) -> float:
@@ -539,13 +543,7 @@ def main(argv=None):
     empty_ids = scenes.tokenize([""]).to(device)
     scenes_for_unet = Batches(args.batch_size, device, torch.Generator(device).manual_seed(args.seed * 2 + 2),
                               args.render_chunk, res)
-
-    @torch.no_grad()
-    def encode(images):
-        with autocast(device):
-            return vae.encode(images * 2 - 1).latent_dist.mean.float() * sf
-
-    data = EncodedBatches(scenes_for_unet, encode, args.latent_reuse)
+    data = EncodedBatches(scenes_for_unet, lambda images: encode_scenes(vae, images, device) * sf, args.latent_reuse)
     start = last_log = last_ckpt = time.time()
     step, recent = 0, []
     while time.time() < train_end and (args.max_steps is None or step < args.max_steps):
