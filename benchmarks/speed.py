@@ -2,7 +2,7 @@
 """Wall-clock speed of NegativePromptInversionPipeline and its peers on the Stable Diffusion 1.5 or SDXL architecture.
 
     python benchmarks/speed.py --out DIR [--model sd15|sdxl] [--device cuda] [--steps 50] [--size 512]
-                               [--repeats 5] [--no-compile] [--quick]
+                               [--repeats 5] [--modes eager cuda_graphs compiled] [--quick]
 
 Everything runs in ONE process on RANDOM weights built from configs written out below (no downloads): the
 SD 1.5 UNet (860M), the SD VAE, the CLIP ViT-L/14 text encoder, an offline CLIP BPE tokenizer and SD's DDIM
@@ -573,8 +573,9 @@ def parse_args(argv=None):
     parser.add_argument("--only", default=None, help="regex: run only rows whose name matches")
     parser.add_argument("--no-nti", action="store_true", help="skip the NTI rows")
     parser.add_argument("--no-peers", action="store_true", help="skip LEDITS++ and the plain CFG loop")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip the compiled rows (each new batch size compiles for ~1.5 min on an H100)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="modes of our rows (compiled: CUDA only; each new batch size compiles for ~1.5 min on an"
+                             " H100)")
     parser.add_argument("--time-budget", type=float, default=480.0,
                         help="seconds since start after which remaining rows are skipped and repeats cut short")
     parser.add_argument("--compile-reserve", type=float, default=150.0,
@@ -898,12 +899,12 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     bench = Benchmark(args)
     bench.warm_up()
-    bench.npi_rows(["eager", "cuda_graphs"])
+    bench.npi_rows([mode for mode in args.modes if mode != "compiled"])
     if not args.no_peers:
         bench.peer_rows()
     if not args.no_nti:
         bench.nti_rows()
-    if bench.device.type == "cuda" and not args.no_compile:
+    if bench.device.type == "cuda" and "compiled" in args.modes:
         bench.npi_rows(["compiled"])  # last: compilations are the longest rows and the first the budget cuts
     return bench.finish()
 
