@@ -14,7 +14,7 @@ attribute accuracy, objects kept.
     python benchmarks/pie_bench.py --data PIE-Bench_v1 --model PATH/TO/stable-diffusion-v1-4 --out results/pie
 
 Writes ``OUT/pie_bench.json`` (per-item records, means per row and per editing type, skipped metrics) and
-``OUT/pie_bench.md``.
+``OUT/pie_bench.md`` (after every batch of items), and ``OUT/examples.png``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -176,6 +177,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float16", "float32"], help="default: fp16 on CUDA")
+    p.add_argument("--grid", type=int, default=8, help="items in OUT/examples.png (0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared machine)")
     args = p.parse_args(argv)
     if args.threads:
@@ -191,6 +193,9 @@ def main(argv=None):
         print(message, flush=True)
 
     records = {row: [] for row in args.rows}
+    examples = {row: [] for row in args.rows}  # the first batch's edits, for the example grid
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     for first in range(0, len(items), args.batch_size):
         batch = items[first : first + args.batch_size]
@@ -203,17 +208,34 @@ def main(argv=None):
             seconds = (time.perf_counter() - t0 + reused) / len(batch)  # every row pays its inversion
             for rec in measure(batch, edited, learned):
                 records[row].append(dict(rec, seconds=seconds))
+            if first == 0:
+                examples[row] = edited[: args.grid]
             print(f"[{time.time() - start:7.1f}s] {row}: items {first}..{first + len(batch) - 1}", flush=True)
+        # Written after every batch, so a run stopped by a time limit keeps what it finished.
+        table = write_results(out, args, records, learned.skipped)
+        if first == 0 and args.grid:
+            grid = example_grid(batch[: args.grid], examples)
+            grid.quantize(256, dither=0).save(out / "examples.png", optimize=True)  # flat toy colours: ¼ the size
+    print(table)
 
-    result = {"args": vars(args), "items": len(items), "skipped": learned.skipped,
-              "rows": {row: summarise(recs) for row, recs in records.items() if recs}, "records": records}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def example_grid(items, examples: dict):
+    """Input, true edit (toy world; black otherwise), then each row's edit, one line per item."""
+    pairs = [SimpleNamespace(source_image=item.image,
+                             target_image=item.truth["target_image"] if item.truth else torch.zeros_like(item.image))
+             for item in items]
+    return evaluate.example_grid(pairs, {"images": examples}, count=len(items))
+
+
+def write_results(out: Path, args, records: dict, skipped: dict) -> str:
+    done = min(len(recs) for recs in records.values())
+    result = {"args": vars(args), "items": done, "skipped": skipped,
+              "rows": {row: summarise(recs[:done]) for row, recs in records.items()}, "records": records}
     (out / "pie_bench.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
-    (out / "pie_bench.md").write_text(f"{len(items)} items from `{args.data}`, model `{args.model}`, "
+    (out / "pie_bench.md").write_text(f"{done} items from `{args.data}`, model `{args.model}`, "
                                       f"{args.steps} steps, guidance {args.guidance}\n\n" + table)
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
