@@ -33,12 +33,13 @@ Public API (all deterministic given a seed / generator; pure torch + numpy):
 * ``render(scene) -> dict(image, caption, alphas, masks, background_mask, ...)``,
   image float32 [3, 64, 64] in [0, 1]
 * ``make_edit(scene, kind, seed) -> Edit`` for kind in ``EDIT_KINDS``
-* ``render_batch(n, generator, device, return_captions=False)
-  -> (images [n,3,64,64] float in [0, 1], token_ids [n,77] long[, captions])``,
+* ``render_batch(n, generator, device, return_captions=False, res=64, return_regions=False)
+  -> (images [n,3,64,64] float in [0, 1], token_ids [n,77] long[, regions, token_slots][, captions])``,
   fully vectorised for on-GPU training data
 * ``parse_caption(caption) -> (objects, background)``, ``tokenize(captions)``
 * lower level: ``sample_specs`` (attribute tensors), ``render_specs``,
-  ``spec_token_ids``, ``shape_alpha``
+  ``spec_token_ids``, ``spec_token_slots`` and ``scene_regions`` (which region each word names: the
+  training's token grounding), ``shape_alpha``
 """
 from __future__ import annotations
 
@@ -466,29 +467,57 @@ def _token_tables(device):
                 **{w: ids[w] for w in FILLER_WORDS}, bos=bos, eos=eos)
 
 
-def spec_token_ids(specs: dict, max_length: int = _tok.MAX_LENGTH) -> torch.Tensor:
-    """Token ids [n, max_length] of the specs' captions, straight from attribute
-    indices (BOS, one id per word, EOS, EOS padding) -- identical to what the
-    CLIPTokenizer written by ``tokenizer.save_tokenizer`` produces."""
+def _caption_columns(specs: dict, t: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every possible word of the specs' captions, in caption order: ``words`` (ids) [n, C], ``keep`` [n, C] (the word
+    is in this caption) and ``slots`` [n, C]: the region a word names (object slot k for its pattern, colour and
+    shape words; ``MAX_OBJECTS`` for the background's colour word and "background"; -1 for grammar words)."""
     dev = specs["shape"].device
-    t = _token_tables(dev)
     n, K = specs["shape"].shape
     full = lambda v: torch.full((n,), v, device=dev)  # noqa: E731
-    cols, keep = [], []
+    cols, keep, slots = [], [], []
     for k in range(K):
         p = specs["present"][:, k]
         cols += [full(t["and"]), full(t["a"]), t["pattern"][specs["pattern"][:, k]],
                  t["colour"][specs["colour"][:, k]], t["shape"][specs["shape"][:, k]]]
         keep += [p & (k > 0), p, p & (specs["pattern"][:, k] > 0), p, p]
+        slots += [full(-1), full(-1), full(k), full(k), full(k)]
     cols += [full(t["on"]), full(t["a"]), t["colour"][specs["background"]], full(t["background"])]
     keep += [torch.ones(n, dtype=torch.bool, device=dev)] * 4
-    words, keep = torch.stack(cols, 1), torch.stack(keep, 1)
-    # Left-align the kept words; dropped ones are scattered into a spare last column.
+    slots += [full(-1), full(-1), full(K), full(K)]
+    return torch.stack(cols, 1), torch.stack(keep, 1), torch.stack(slots, 1)
+
+
+def _left_align(values: torch.Tensor, keep: torch.Tensor, first: int, fill: int, max_length: int) -> torch.Tensor:
+    """[n, max_length]: ``first``, then the kept values in order, then ``fill``. Dropped values are scattered into a
+    spare last column."""
     pos = torch.where(keep, keep.long().cumsum(1), max_length)
-    out = torch.full((n, max_length + 1), t["eos"], dtype=torch.long, device=dev)
-    out[:, 0] = t["bos"]
-    out.scatter_(1, pos, words.long())
+    out = torch.full((len(values), max_length + 1), fill, dtype=torch.long, device=values.device)
+    out[:, 0] = first
+    out.scatter_(1, pos, values.long())
     return out[:, :max_length]
+
+
+def spec_token_ids(specs: dict, max_length: int = _tok.MAX_LENGTH) -> torch.Tensor:
+    """Token ids [n, max_length] of the specs' captions, straight from attribute
+    indices (BOS, one id per word, EOS, EOS padding) -- identical to what the
+    CLIPTokenizer written by ``tokenizer.save_tokenizer`` produces."""
+    t = _token_tables(specs["shape"].device)
+    words, keep, _ = _caption_columns(specs, t)
+    return _left_align(words, keep, t["bos"], t["eos"], max_length)
+
+
+def spec_token_slots(specs: dict, max_length: int = _tok.MAX_LENGTH) -> torch.Tensor:
+    """For each token of ``spec_token_ids``, the index of the region it names in ``scene_regions``' output (object
+    slot k for the object's pattern, colour and shape words; ``MAX_OBJECTS`` for the background's colour word and
+    "background") or -1 (BOS, grammar words, EOS and padding). [n, max_length] long."""
+    t = _token_tables(specs["shape"].device)
+    _, keep, slots = _caption_columns(specs, t)
+    return _left_align(slots, keep, -1, -1, max_length)
+
+
+def scene_regions(alphas: torch.Tensor) -> torch.Tensor:
+    """[n, MAX_OBJECTS + 1, H, W]: each object slot's coverage (objects never overlap), then the visible background."""
+    return torch.cat([alphas, (1 - alphas).prod(1, keepdim=True)], 1)
 
 
 def tokenize(captions, max_length: int = _tok.MAX_LENGTH) -> torch.Tensor:
@@ -505,17 +534,21 @@ def tokenize(captions, max_length: int = _tok.MAX_LENGTH) -> torch.Tensor:
 
 
 def render_batch(n: int, generator: torch.Generator | None = None, device="cpu",
-                 return_captions: bool = False, res: int = H):
+                 return_captions: bool = False, res: int = H, return_regions: bool = False):
     """Sample and render ``n`` scenes with tensor ops on ``device``.
 
     Returns ``images`` float32 [n,3,res,res] in **[0, 1]** (map to [-1, 1] for the VAE)
-    and ``token_ids`` long [n,77]; with ``return_captions`` also the caption strings.
-    ``generator`` must live on ``device`` (a fresh randomly seeded one if None).
+    and ``token_ids`` long [n,77]; with ``return_regions`` also ``scene_regions`` [n,4,res,res] and
+    ``spec_token_slots`` [n,77] (which region each token names), then with ``return_captions`` the caption strings.
+    ``generator`` must live on ``device`` (a fresh randomly seeded one if None); the scenes do not depend on what
+    is returned.
     """
     g = _generator(generator, device)
     specs = sample_specs(n, g, device)
-    images, _ = render_specs(specs, _texture(n, g, device, res))
-    ids = spec_token_ids(specs)
+    images, alphas = render_specs(specs, _texture(n, g, device, res))
+    out = [images, spec_token_ids(specs)]
+    if return_regions:
+        out += [scene_regions(alphas), spec_token_slots(specs)]
     if return_captions:
-        return images, ids, [_scene_from_specs(specs, i).caption for i in range(n)]
-    return images, ids
+        out.append([_scene_from_specs(specs, i).caption for i in range(n)])
+    return tuple(out)

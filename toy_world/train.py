@@ -59,6 +59,15 @@ convolutional) and is fine-tuned at 128 px (``--vae-from toy_world/model --vae-f
     python -m toy_world.train --world v2 --resume toy_world/model_v2 --out toy_world/model_v2 \
         --minutes 8.6 --seed 1 --device cuda --batch-size 512 --lr 3e-4
 
+Token grounding (``--grounding-weight W``, ``toy_world.grounding``): adds W times TokenCompose's token loss, the
+squared share of each object word's cross-attention outside its object (and of the background's colour word outside
+the background), averaged over every cross-attention layer, so that word maps localise as prompt-to-prompt needs.
+The logged ``loss`` stays the denoising loss alone; the token loss is logged beside it::
+
+    python -m toy_world.train --world v2 --resume toy_world/model_v2 --out toy_world/model_v2 --minutes 9.3 \
+        --seed 7 --device cuda --batch-size 512 --lr 3e-4 --checkpoint-minutes 1.5 --compile --channels-last \
+        --latent-reuse 2 --grounding-weight 0.5
+
 Micro check on CPU (~30 s, writes a loadable but untrained folder; add ``--world v2`` for v2)::
 
     python -m toy_world.train --out /tmp/toy_micro --minutes 0.3 --device cpu --batch-size 8
@@ -92,6 +101,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from . import judge, scenes, tokenizer  # noqa: E402
+from .grounding import GroundingAttnProcessor  # noqa: E402
 
 TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=77)
@@ -171,6 +181,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-samples", type=int, default=64, help="judge this many samples at the end if time allows")
     p.add_argument("--vae-eval-images", type=int, default=None,
                    help="held-out images for PSNR (2x for the latent std); default 256 on CUDA, 16 on CPU")
+    p.add_argument("--grounding-weight", type=float, default=0.0,
+                   help="weight of the token-grounding loss (toy_world.grounding: each object word's cross-attention "
+                        "inside its object; 0 = off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--channels-last", action="store_true")
     args = p.parse_args(argv)
@@ -178,6 +191,8 @@ def parse_args(argv=None):
         p.error("--resume and --vae-from are exclusive (--resume already loads DIR/vae)")
     if args.vae_finetune and not args.vae_from:
         p.error("--vae-finetune needs --vae-from")
+    if args.grounding_weight < 0:
+        p.error(f"--grounding-weight must be at least 0, got {args.grounding_weight}")
     if args.latent_reuse < 1:
         p.error(f"--latent-reuse must be at least 1, got {args.latent_reuse}")
     if args.warmup_steps is None:
@@ -194,16 +209,23 @@ def n_params(m) -> int:
 
 
 class Batches:
-    """Training data rendered on the device. Rendering costs a fixed number of kernel
-    launches per call, so several batches are rendered at once and handed out."""
+    """Training data rendered on the device: (images, token ids), with ``region_size`` also each word's region
+    (``scenes.scene_regions`` area-pooled to ``region_size``², ``scenes.spec_token_slots``) for token grounding.
+    Rendering costs a fixed number of kernel launches per call, so several batches are rendered at once and handed
+    out."""
 
-    def __init__(self, batch: int, device, generator, chunk: int, res: int):
+    def __init__(self, batch: int, device, generator, chunk: int, res: int, region_size: int | None = None):
         self.batch, self.device, self.g, self.chunk, self.queue, self.res = batch, device, generator, chunk, [], res
+        self.region_size = region_size
 
     def next(self):
         if not self.queue:
-            imgs, ids = scenes.render_batch(self.batch * self.chunk, self.g, self.device, res=self.res)
-            self.queue = list(zip(imgs.split(self.batch), ids.split(self.batch)))
+            rendered = scenes.render_batch(self.batch * self.chunk, self.g, self.device, res=self.res,
+                                           return_regions=self.region_size is not None)
+            if self.region_size is not None:
+                images, ids, regions, slots = rendered
+                rendered = (images, ids, F.adaptive_avg_pool2d(regions, self.region_size), slots)
+            self.queue = list(zip(*(part.split(self.batch) for part in rendered)))
         return self.queue.pop()
 
 
@@ -219,12 +241,12 @@ class EncodedBatches:
     def next(self):
         if not self.queue:
             rendered = [self.scenes.next() for _ in range(self.scenes.chunk)]
-            latents = torch.cat([self.encode(images) for images, _ in rendered])
-            ids = torch.cat([ids for _, ids in rendered])
+            latents = torch.cat([self.encode(images) for images, *_ in rendered])
+            parts = [latents] + [torch.cat(part) for part in list(zip(*rendered))[1:]]  # ids[, regions, slots]
             for index in range(self.reuse):
-                order = (torch.arange(len(ids), device=ids.device) if index == 0 else
-                         torch.randperm(len(ids), device=ids.device, generator=self.scenes.g))
-                self.queue += list(zip(latents[order].split(self.scenes.batch), ids[order].split(self.scenes.batch)))
+                order = (torch.arange(len(latents), device=latents.device) if index == 0 else
+                         torch.randperm(len(latents), device=latents.device, generator=self.scenes.g))
+                self.queue += list(zip(*(part[order].split(self.scenes.batch) for part in parts)))
             self.queue.reverse()  # pop() hands them out in order
         return self.queue.pop()
 
@@ -534,6 +556,9 @@ def main(argv=None):
     # ---- stage 2: UNet + text encoder
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
+    grounded = args.grounding_weight > 0
+    if grounded:
+        unet.set_attn_processor(GroundingAttnProcessor())
     unet_fwd = torch.compile(unet) if args.compile else unet
     unet.train(), text_encoder.train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -542,15 +567,20 @@ def main(argv=None):
     alphas = DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.to(device)
     empty_ids = scenes.tokenize([""]).to(device)
     scenes_for_unet = Batches(args.batch_size, device, torch.Generator(device).manual_seed(args.seed * 2 + 2),
-                              args.render_chunk, res)
+                              args.render_chunk, res, region_size=unet.config.sample_size if grounded else None)
     data = EncodedBatches(scenes_for_unet, lambda images: encode_scenes(vae, images, device) * sf, args.latent_reuse)
     start = last_log = last_ckpt = time.time()
-    step, recent = 0, []
+    step, recent, recent_grounding = 0, [], []
     while time.time() < train_end and (args.max_steps is None or step < args.max_steps):
-        z, ids = data.next()
+        z, ids, *regions_and_slots = data.next()
         b = z.shape[0]
         drop = torch.rand(b, device=device) < args.caption_dropout
         ids = torch.where(drop[:, None], empty_ids, ids)
+        attention_kwargs = None
+        if grounded:  # a dropped caption grounds no token
+            regions, slots = regions_and_slots
+            grounding = dict(regions=regions, slots=torch.where(drop[:, None], -1, slots), losses=[])
+            attention_kwargs = dict(grounding=grounding)
         t = torch.randint(0, len(alphas), (b,), device=device)
         noise = torch.randn_like(z)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -558,12 +588,15 @@ def main(argv=None):
         if args.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         with autocast(device):
-            pred = unet_fwd(noisy, t, text_encoder(ids)[0]).sample.float()
+            pred = unet_fwd(noisy, t, text_encoder(ids)[0], cross_attention_kwargs=attention_kwargs).sample.float()
         per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         if args.min_snr_gamma > 0:
             snr = a.flatten() / (1 - a.flatten())
             per_sample = per_sample * snr.clamp(max=args.min_snr_gamma) / snr
-        loss = per_sample.mean()
+        denoising_loss = loss = per_sample.mean()
+        if grounded:
+            grounding_loss = torch.stack(grounding["losses"]).mean()
+            loss = denoising_loss + args.grounding_weight * grounding_loss
         frac = (time.time() - start) / max(1e-6, train_end - start)
         if args.max_steps:
             frac = max(frac, step / args.max_steps)
@@ -576,12 +609,15 @@ def main(argv=None):
         ema.update(step + ema_offset if resume else step)
         step += 1
         if step % 10 == 0 or step < 50:
-            recent = (recent + [loss.item()])[-50:]
+            recent = (recent + [denoising_loss.item()])[-50:]  # comparable with and without grounding
+            if grounded:
+                recent_grounding = (recent_grounding + [grounding_loss.item()])[-50:]
         now = time.time()
         if now - last_log > args.log_seconds:
             last_log = now
             log(f"unet step {step} {step / (now - start):.2f} it/s loss {sum(recent) / len(recent):.4f} "
-                f"lr {opt.param_groups[0]['lr']:.2e}")
+                + (f"(token grounding {sum(recent_grounding) / len(recent_grounding):.4f}) " if grounded else "")
+                + f"lr {opt.param_groups[0]['lr']:.2e}")
         if now - last_ckpt > args.checkpoint_minutes * 60 and train_end - now > 20:
             last_ckpt = now
             record["unet"] = dict(seconds=now - start, steps=step, final_loss=sum(recent) / len(recent))
@@ -594,6 +630,8 @@ def main(argv=None):
     record["unet"] = dict(seconds=seconds, steps=step, steps_per_s=step / max(seconds, 1e-9),
                           final_loss=sum(recent) / len(recent) if recent else float("nan"),
                           batch_size=args.batch_size)
+    if grounded:
+        record["unet"]["final_grounding_loss"] = sum(recent_grounding) / max(1, len(recent_grounding))
     record["status"] = "final"
     add_cumulative(record)
     ema_unet, ema_text = ema.copies([unet, text_encoder])
