@@ -66,7 +66,7 @@ The logged ``loss`` stays the denoising loss alone; the token loss is logged bes
 
     python -m toy_world.train --world v2 --resume toy_world/model_v2 --out toy_world/model_v2 --minutes 9.3 \
         --seed 7 --device cuda --batch-size 512 --lr 3e-4 --checkpoint-minutes 1.5 --compile --channels-last \
-        --latent-reuse 2 --grounding-weight 0.5
+        --latent-reuse 2 --grounding-weight 0.1
 
 Micro check on CPU (~30 s, writes a loadable but untrained folder; add ``--world v2`` for v2)::
 
