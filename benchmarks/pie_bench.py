@@ -218,8 +218,7 @@ def main(argv=None):
         # Written after every batch, so a run stopped by a time limit keeps what it finished.
         table = write_results(out, args, records, learned.skipped)
         if first == 0 and args.grid:
-            grid = example_grid(batch[: args.grid], examples)
-            grid.quantize(256, dither=0).save(out / "examples.png", optimize=True)  # flat toy colours: ¼ the size
+            example_grid(batch[: args.grid], examples).save(out / "examples.png", optimize=True)
     print(table)
 
 

@@ -50,7 +50,7 @@ def main(argv=None):
     table = evaluate.markdown_table(summary)
     heading = f"Toy-world editing benchmark: {args.pairs} pairs, {args.steps} steps, device {summary['device']}\n\n"
     (out / "toy_edit.md").write_text(heading + table + "\n")
-    evaluate.example_grid(pairs, result).save(out / "toy_edit_grid.png")
+    evaluate.example_grid(pairs, result).save(out / "toy_edit_grid.png", optimize=True)
     print(heading + table)
     if "model_quality" in summary:
         print(json.dumps(summary["model_quality"], indent=2))
