@@ -233,7 +233,8 @@ class EncodedBatches:
     """Stage-2 data: rendered scenes encoded once by the frozen VAE, each latent then used in ``reuse`` passes (fresh
     noise, timestep and caption dropout every time). At 128 px the encoding costs a quarter of a UNet + text-encoder
     step's arithmetic (3.9 of 12.1 GFLOP per scene, v2). Pass 0 keeps the rendered order; later passes reshuffle the
-    chunk, so no batch repeats."""
+    chunk, so no batch repeats. Each latent travels with the rest of its scene's batch entry (token ids, and with
+    grounding its regions and token slots)."""
 
     def __init__(self, scenes: Batches, encode, reuse: int):
         self.scenes, self.encode, self.reuse, self.queue = scenes, encode, reuse, []
@@ -631,7 +632,8 @@ def main(argv=None):
                           final_loss=sum(recent) / len(recent) if recent else float("nan"),
                           batch_size=args.batch_size)
     if grounded:
-        record["unet"]["final_grounding_loss"] = sum(recent_grounding) / max(1, len(recent_grounding))
+        record["unet"]["final_grounding_loss"] = (sum(recent_grounding) / len(recent_grounding) if recent_grounding
+                                                  else float("nan"))
     record["status"] = "final"
     add_cumulative(record)
     ema_unet, ema_text = ema.copies([unet, text_encoder])
