@@ -188,6 +188,8 @@ def main(argv=None):
     if args.write_toy:
         pie_bench.write_pie_bench(args.data, args.write_toy, args.seed, args.res)
     items = pie_bench.read_pie_bench(args.data, types=args.types, limit=args.limit)
+    if not items:
+        p.error(f"no items in --data {args.data} (with --types {args.types}, --limit {args.limit})")
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     pipe = evaluate.load_pipeline(args.model, device=args.device, dtype=dtype)
     learned = pie_metrics.LearnedMetrics(args.device)

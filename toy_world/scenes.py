@@ -378,7 +378,7 @@ def render(scene: Scene, res: int = H) -> dict:
     texture = _texture(1, torch.Generator().manual_seed(scene.texture_seed), res=res)
     img, alphas = render_specs(_specs_from_scene(scene), texture)
     alphas = alphas[0]
-    bg_alpha = (1 - alphas).prod(0)
+    bg_alpha = scene_regions(alphas[None])[0, -1]
     return dict(image=img[0], caption=scene.caption, alphas=alphas, masks=alphas > 0,
                 background_alpha=bg_alpha, background_mask=bg_alpha > 0)
 
