@@ -562,15 +562,25 @@ class LocalBlend:
             pair per image. Words are a string or a list of strings.
         threshold (`float`, defaults to 0.3): Threshold on the words' max-normalised attention.
         start (`float`, defaults to 0.2): Fraction of the steps after which blending starts.
+        map_level (`int`, *optional*): Which cross-attention maps the mask is read from, as the number of 2×
+            downsamplings below the latent (2: ¼ of the latent's side, the references' 16×16 at 512 px). Default:
+            ¼ of the latent's side, but no coarser than 16 on the short side (the finest level when none is that
+            large): on a small latent, such as the toy model's 32×32, a ¼-side cell spans a whole object and the
+            mask spreads far beyond it. ``return_attention_maps`` then returns maps of this level too.
     """
 
     words: tuple | list
     threshold: float = 0.3
     start: float = 0.2
+    map_level: int | None = None
 
-    def check(self) -> None:
+    def check(self, layers: list["AttentionLayer"]) -> None:
         _check_number("LocalBlend.threshold", self.threshold, 0, 1)
         _check_number("LocalBlend.start", self.start, 0, 1)
+        if self.map_level is not None:
+            levels = sorted({layer.level for layer in layers if layer.cross})
+            _check_number("LocalBlend.map_level", self.map_level, 0, max(levels), integer=True)
+            _check_choice("LocalBlend.map_level", self.map_level, levels)
 
     def prepare(self, plan: "EditPlan") -> "_LocalBlendStep":
         words_of = _blend_words_per_branch(plan.branches, self.words, plan.num_images)
@@ -638,6 +648,10 @@ class PromptToPrompt:
     def needs_attention_maps(self) -> bool:
         return self.local_blend is not None
 
+    @property
+    def attention_map_level(self) -> int | None:
+        return None if self.local_blend is None else self.local_blend.map_level
+
     def check(self, num_steps: int, layers: list["AttentionLayer"]) -> None:
         _check_choice("PromptToPrompt.edit_type", self.edit_type, EDIT_TYPES, allow_none=True)
         windows = self.cross_replace_steps
@@ -645,7 +659,7 @@ class PromptToPrompt:
             check_window("PromptToPrompt.cross_replace_steps", window)
         check_window("PromptToPrompt.self_replace_steps", self.self_replace_steps)
         if self.local_blend is not None:
-            self.local_blend.check()
+            self.local_blend.check(layers)
 
     def prepare(self, plan: "EditPlan"):
         targets, sources, tokenizer, device = plan.targets, plan.sources, plan.tokenizer, plan.device
@@ -1864,12 +1878,13 @@ class NegativePromptInversionPipeline(
             return torch.stack(embeds)[None].expand(steps, -1, -1, -1), pooled
         return torch.stack([row.expand(steps, -1, -1) if row.dim() == 2 else row for row in embeds], dim=1), pooled
 
-    def _map_level(self, layers: list[AttentionLayer]) -> tuple[int, tuple[int, int]]:
-        """Cross-attention map size read by local blend and visualisation: ¼ of the latent (16×16 at 512 px, as
-        the references), but not coarser than 8 tokens on the short side when the latent is small."""
+    def _map_level(self, layers: list[AttentionLayer], level: int | None = None) -> tuple[int, tuple[int, int]]:
+        """Cross-attention map size read by local blend and visualisation: ``level`` if given, else ¼ of the
+        latent (16×16 at 512 px, as the references) but not coarser than 16 on the short side (`LocalBlend`)."""
         sizes = {layer.level: layer.size for layer in layers if layer.cross}
-        wanted = max([level for level, size in sizes.items() if min(size) >= 8 and level <= 2], default=min(sizes))
-        height, width = sizes[wanted]
+        if level is None:
+            level = max([lv for lv, size in sizes.items() if min(size) >= 16 and lv <= 2], default=min(sizes))
+        height, width = sizes[level]
         return height * width, (height, width)
 
     def prepare_control(
@@ -1883,7 +1898,7 @@ class NegativePromptInversionPipeline(
             return control
         layers = self.attention_layers(latent_size)
         if needs_maps:
-            length, size = self._map_level(layers)
+            length, size = self._map_level(layers, getattr(attention_control, "attention_map_level", None))
             control.store = AttentionStore(length, size, len(branches), self.tokenizer.model_max_length, device)
         plan = EditPlan(branches, rows, layers, steps, control.step, control.store, self.tokenizer, device)
         rules, hook = attention_control.prepare(plan) if attention_control is not None else ({}, None)

@@ -5,7 +5,8 @@ The folder is the real PIE-Bench (with Stable Diffusion weights: ``--model``) or
 (``toy_world.pie_metrics``): background PSNR / MSE / SSIM on (1 − mask); structure distance, CLIP whole / edited
 and LPIPS when their weights are on this machine (otherwise skipped, with the reason in the output); on a toy
 folder also the exact ones: edit PSNR against the true edited image, unedited PSNR on the exact mask,
-attribute accuracy, objects kept.
+attribute accuracy, objects kept. Also the reconstruction PSNR of every inversion the rows use (the input
+regenerated with no edit, at the benchmark's guidance), against the VAE's round trip, the ceiling of all of them.
 
     # toy world v2 pairs as a PIE-Bench folder, then the benchmark (GPU: ~minutes; CPU: use --limit)
     python benchmarks/pie_bench.py --write-toy 200 --res 128 --data /tmp/pie_toy \\
@@ -108,6 +109,22 @@ def ledits_edit(pipe, item, steps: int) -> torch.Tensor:
         pipe.unet.set_attn_processor(processors)  # LEDITS++ installs its own processors on the shared UNet
 
 
+RECONSTRUCTIONS = {"ddim": "DDIM+CFG", "nti": "NTI", "npi": "NPI"}  # what regenerating each inversion is called
+
+
+@torch.no_grad()
+def reconstruction_psnr(pipe, items, inversions: dict, guidance: float) -> dict[str, list[float]]:
+    """Whole-image PSNR of each cached inversion regenerating its input, and of the VAE's encode–decode."""
+    sources = torch.stack([item.image for item in items])
+    decoded = (pipe.decode_latents(pipe.encode_images(sources * 2 - 1)).float().cpu() / 2 + 0.5).clamp(0, 1)
+    psnrs = {"VAE": [evaluate.psnr(d, s) for d, s in zip(decoded, sources)]}
+    for method in ("ddim", "nti", "npi"):
+        if method in inversions:
+            images = pipe(inversion=inversions[method], guidance_scale=guidance, output_type="pt").images
+            psnrs[RECONSTRUCTIONS[method]] = [evaluate.psnr(i.float().cpu(), s) for i, s in zip(images, sources)]
+    return psnrs
+
+
 # ---------------------------------------------------------------------------------------------- benchmark
 
 
@@ -156,6 +173,10 @@ def markdown(result) -> str:
             v = s.get(key, float("nan"))
             cells.append("—" if isinstance(v, float) and math.isnan(v) else fmt.format(v * (scale[0] if scale else 1)))
         lines.append(f"| {name} | {result['items'][name]} | " + " | ".join(cells) + " |")
+    if result["reconstruction"]:
+        lines += ["", f"Reconstruction (no edit, guidance {result['args']['guidance']}), whole-image PSNR:", "",
+                  "| inversion | items | PSNR (dB) |", "|---|---:|---:|"]
+        lines += [f"| {name} | {len(v)} | {mean(v):.2f} |" for name, v in result["reconstruction"].items()]
     lines += [""] + [f"- {m}" for m in result["skipped"].values()]
     return "\n".join(lines) + "\n"
 
@@ -197,6 +218,7 @@ def main(argv=None):
         print(message, flush=True)
 
     records = {row: [] for row in args.rows}
+    reconstruction: dict[str, list[float]] = {}
     examples = {row: [] for row in args.rows}  # the first batch's edits, for the example grid
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,8 +239,10 @@ def main(argv=None):
             if first == 0:
                 examples[row] = edited[: args.grid]
             print(f"[{time.time() - start:7.1f}s] {row}: items {first}..{first + len(batch) - 1}", flush=True)
+        for name, psnrs in reconstruction_psnr(pipe, batch, inversions, args.guidance).items():
+            reconstruction.setdefault(name, []).extend(psnrs)
         # Written after every batch, so a run stopped by a time limit keeps what it finished.
-        table = write_results(out, args, records, learned.skipped)
+        table = write_results(out, args, records, reconstruction, learned.skipped)
         if first == 0 and args.grid:
             example_grid(batch[: args.grid], examples).save(out / "examples.png", optimize=True)
     print(table)
@@ -232,9 +256,10 @@ def example_grid(items, examples: dict):
     return evaluate.example_grid(pairs, {"images": examples}, count=len(items))
 
 
-def write_results(out: Path, args, records: dict, skipped: dict) -> str:
+def write_results(out: Path, args, records: dict, reconstruction: dict, skipped: dict) -> str:
     result = {"args": vars(args), "items": {row: len(recs) for row, recs in records.items()}, "skipped": skipped,
-              "rows": {row: summarise(recs) for row, recs in records.items() if recs}, "records": records}
+              "rows": {row: summarise(recs) for row, recs in records.items() if recs}, "records": records,
+              "reconstruction": reconstruction}
     (out / "pie_bench.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     (out / "pie_bench.md").write_text(f"Items from `{args.data}`, model `{args.model}`, {args.steps} steps, "

@@ -1,6 +1,7 @@
 """Toy-world editing benchmark: edit accuracy against the true edited image, for every inversion/edit method.
 
-    python benchmarks/toy_edit_benchmark.py --pairs 200 --device cuda --out benchmarks/results/toy
+    python benchmarks/toy_edit_benchmark.py --pairs 200 --device cuda --out benchmarks/results/toy_v2_edit
+    python benchmarks/toy_edit_benchmark.py --model toy_world/model --res 64 ...   # the small v1 model
 
 Writes ``toy_edit.json`` (per-method means, per-kind breakdown, model quality), ``toy_edit.md`` (tables) and
 ``toy_edit_grid.png`` (input, ground truth, each method) to ``--out``. The pair set is fixed by ``--seed``.
@@ -22,6 +23,7 @@ from toy_world import evaluate  # noqa: E402
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(evaluate.MODEL_DIR))
+    parser.add_argument("--res", type=int, default=evaluate.MODEL_RES, help="the model's image size (v1: 64)")
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=50)
@@ -36,13 +38,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pipe = evaluate.load_pipeline(args.model, device=args.device)
-    pairs = evaluate.make_pairs(args.pairs, args.seed)
+    pairs = evaluate.make_pairs(args.pairs, args.seed, res=args.res)
     result = evaluate.evaluate(pipe, pairs, args.methods, steps=args.steps, batch_size=args.batch_size)
     summary = evaluate.summarise(result)
     summary["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     summary["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     if args.quality_samples:
-        quality = evaluate.model_quality(pipe, args.quality_samples, args.steps)
+        quality = evaluate.model_quality(pipe, args.quality_samples, args.steps, res=args.res)
         quality.pop("samples")
         summary["model_quality"] = quality
     summary["wall_seconds"] = time.perf_counter() - started

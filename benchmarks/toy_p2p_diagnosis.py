@@ -59,11 +59,11 @@ def mean(xs):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(evaluate.MODEL_DIR))
-    p.add_argument("--res", type=int, default=scenes.H, help="render size of the scenes (the model's)")
+    p.add_argument("--res", type=int, default=evaluate.MODEL_RES, help="render size of the scenes (the model's)")
     p.add_argument("--pairs", type=int, default=12)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/toy_v2"))
-    p.add_argument("--tag", default="v1")
+    p.add_argument("--tag", default="v2")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared machine, more threads than free cores is far slower)")
     args = p.parse_args(argv)

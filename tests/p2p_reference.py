@@ -40,11 +40,13 @@ class Controller:
         probs = probs.unflatten(0, (4, heads))  # [4, heads, query, key]
         src, tgt = 2, 3
         if cross:
-            cond = probs[src:].sum(1)
-            self.maps[cond.shape[1]] = self.maps.get(cond.shape[1], 0) + cond  # stored before replacement
             if self.step < self.cross_until:
                 probs = probs.clone()
                 probs[tgt] = probs[src]  # identity mapper: each swapped word has one token
+            # Stored after replacement, as in P2P's code, where the store holds the tensor the edit then
+            # overwrites in place: inside the window the target's blend map is the source's.
+            cond = probs[src:].sum(1)
+            self.maps[cond.shape[1]] = self.maps.get(cond.shape[1], 0) + cond
         elif self.step < self.self_until and probs.shape[2] <= self.self_max_length:
             probs = probs.clone()
             probs[tgt] = probs[src]

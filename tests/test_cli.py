@@ -1,4 +1,4 @@
-"""The ``npi-edit`` command line on the embedded toy model (CPU, 3 steps): single images, batches over a toy
+"""The ``npi-edit`` command line on the small toy model (v1, 64 px; CPU, 3 steps): single images, batches over a toy
 PIE-Bench folder and a JSONL manifest with bad rows, resume, two processes, evaluate.
 
 Every run uses one torch thread, so the in-process runs and the two launched processes compute alike; outputs are
@@ -22,9 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cli
+from toy_world.evaluate import SMALL_MODEL_DIR, SMALL_MODEL_RES
 from toy_world.pie_bench import write_pie_bench
 
-COMMON = ["--steps", "3", "--threads", "1", "--device", "cpu"]
+COMMON = ["--model", str(SMALL_MODEL_DIR), "--steps", "3", "--threads", "1", "--device", "cpu"]
 BATCH = ["--batch-size", "2", "--p2p", *COMMON]
 
 
@@ -38,7 +39,7 @@ def restore_threads():
 @pytest.fixture(scope="module")
 def pie(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pie")
-    mapping = write_pie_bench(folder, count=4)
+    mapping = write_pie_bench(folder, count=4, res=SMALL_MODEL_RES)
     return folder, mapping
 
 

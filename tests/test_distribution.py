@@ -640,7 +640,7 @@ def test_pip_install_ships_one_top_level_package(background):
     installed = set(result["installed"])
     assert {PIPELINE_FILE.name, "__init__.py", "cli.py", "__main__.py", *publish_hub.sibling_files(PIPELINE_FILE)} <= installed
     # inside the package: the CLI's default model, its PIE-Bench reader and metrics
-    assert {"toy_world/pie_bench.py", "toy_world/model/unet/diffusion_pytorch_model.safetensors"} <= installed
+    assert {"toy_world/pie_bench.py", "toy_world/model_v2/unet/diffusion_pytorch_model.safetensors"} <= installed
     assert result["scripts"] == ["npi-edit"]
     assert not any(name.split("/")[0] in ("tests", "benchmarks", "scripts")
                    or name.endswith("conftest.py") for name in installed), installed

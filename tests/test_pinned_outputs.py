@@ -60,6 +60,11 @@ CASES = {
 def pinned_run(components):
     pipe = NegativePromptInversionPipeline(**copy.deepcopy(components))
     pipe.set_progress_bar_config(disable=True)
+    # The pins were made when local blend and the returned maps read the 8×8 maps of this 16×16 latent (level 1).
+    # The default is now the 16×16 maps on latents this small (`LocalBlend.map_level`), so the pinned level is
+    # asked for explicitly.
+    default_level = pipe._map_level
+    pipe._map_level = lambda layers, level=None: default_level(layers, 1 if level is None else level)
     inversions = {
         method: pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method=method,
                             null_text_inner_steps=2)

@@ -193,7 +193,11 @@ def test_non_square_latents_with_local_blend(pipe):
                attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"))), output_type="np",
                return_attention_maps=True)
     assert out.images.shape == (1, 24, 40, 3)
-    assert out.attention_maps[0].shape[:2] == (12, 20)  # ½ would leave 6 < 8 tokens on the short side
+    assert out.attention_maps[0].shape[:2] == (12, 20)  # the finest: no level has 16 tokens on the short side
+    reference_level = PromptToPrompt(local_blend=LocalBlend(("cat", "dog"), map_level=1))
+    out = pipe(prompt="a red dog on a white background", inversion=inv, attention_control=reference_level,
+               output_type="latent", return_attention_maps=True)
+    assert out.attention_maps[0].shape[:2] == (6, 10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -242,6 +246,12 @@ def test_processors_restored_after_an_exception_inside_a_step(pipe, inversion):
          "prompt must be a string or a non-empty list"),
         (dict(prompt="a blue cat", attention_control=PromptToPrompt(edit_type="swap")),
          "PromptToPrompt.edit_type must be one of"),
+        (dict(prompt="a red dog on a white background",
+              attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"), map_level=7))),
+         "LocalBlend.map_level must be an integer in"),
+        (dict(prompt="a red dog on a white background",
+              attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"), map_level=True))),
+         "LocalBlend.map_level must be an integer in"),
     ],
 )
 def test_bad_input_is_rejected_and_pipeline_stays_usable(pipe, inversion, kwargs, message):

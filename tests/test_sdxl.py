@@ -99,7 +99,8 @@ def test_layers_masactrl_choice_and_local_blend_level_are_resolution_relative(sd
     layers = sdxl_pipe.attention_layers((SIZE // 2, SIZE // 2))
     assert len(layers) == len(sdxl_pipe.unet.attn_processors) == 22  # 11 transformer blocks, two with depth 2
     assert {layer.level for layer in layers} == {1, 2}  # no attention at full latent resolution, as SDXL
-    assert sdxl_pipe._map_level(layers) == (64, (8, 8))  # ¼ of the latent: SDXL's 32² at 1024 px
+    assert sdxl_pipe._map_level(layers) == (256, (16, 16))  # ¼ (8²) would be coarser than 16²
+    assert sdxl_pipe._map_level(sdxl_pipe.attention_layers((128, 128))) == (1024, (32, 32))  # ¼: 1024 px
     plan = npi.EditPlan(
         [npi.Branch(0, SOURCE, SOURCE, True, "source", False), npi.Branch(0, SOURCE, TARGET, False, "empty", True)],
         npi.RowLayout((1, 2), (1, 0)), layers, STEPS, torch.zeros((), dtype=torch.long), None, sdxl_pipe.tokenizer,

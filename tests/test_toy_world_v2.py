@@ -55,7 +55,7 @@ def test_128px_render_is_the_64px_scene_upsampled():
 
 
 def test_make_pairs_same_scenes_at_every_resolution():
-    small, large = evaluate.make_pairs(4, seed=2), evaluate.make_pairs(4, seed=2, res=128)  # one of each kind
+    small, large = evaluate.make_pairs(4, seed=2, res=64), evaluate.make_pairs(4, seed=2, res=128)  # each kind
     for a, b in zip(small, large):
         assert (a.kind, a.source_caption, a.target_caption) == (b.kind, b.source_caption, b.target_caption)
 
@@ -125,7 +125,7 @@ def test_mapping_file_has_pie_bench_schema(folder):
     assert json.loads((path / "mapping_file.json").read_text()) == mapping
     fields = {"image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
               "blended_word", "mask"}
-    pairs = evaluate.make_pairs(4, seed=1)
+    pairs = evaluate.make_pairs(4, seed=1, res=64)
     for (key, entry), edit in zip(mapping.items(), pairs):
         assert set(entry) == fields
         assert len(key) == 12 and key.isdigit() and key[0] == entry["editing_type_id"]
@@ -145,7 +145,7 @@ def test_mapping_file_has_pie_bench_schema(folder):
 def test_reader_loads_the_toy_folder(folder):
     path, _ = folder
     items = pie_bench.read_pie_bench(path)
-    pairs = evaluate.make_pairs(4, seed=1)
+    pairs = evaluate.make_pairs(4, seed=1, res=64)
     assert len(items) == 4
     for item, edit in zip(items, pairs):
         assert "[" not in item.source_prompt + item.target_prompt
@@ -223,7 +223,7 @@ def test_pipeline_p2p_matches_the_independent_reference():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from p2p_reference import ReferenceP2P
 
-    pipe = evaluate.load_pipeline()
+    pipe = evaluate.load_pipeline(evaluate.SMALL_MODEL_DIR)
     edit = scenes.make_edit(scenes.sample_scene(7_000_000), "colour", 0)
     words = (edit.source_words[0], edit.target_words[0])
     steps = 5

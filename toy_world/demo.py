@@ -2,7 +2,8 @@
 
     python -m toy_world.demo                       # → outputs/demo.png (input, ground truth, each method)
 
-Runs on the embedded toy model (``toy_world/model``) on the CPU in about a minute; no downloads.
+Runs on the embedded toy model (``toy_world/model_v2``, 128 px) on the CPU in about four minutes (null-text
+inversion is most of it); no downloads.
 """
 
 import argparse

@@ -111,11 +111,13 @@ def instruction(edit: scenes.Edit) -> str:
 # -------------------------------------------------------------------------------------------- the folder
 
 
-def write_pie_bench(folder, count: int, seed: int = 0, res: int = scenes.H) -> dict:
-    """Write ``evaluate.make_pairs(count, seed)`` rendered at ``res`` px as a PIE-Bench folder; returns the
-    mapping. Ids are ``<type><11-digit pair index>``, as PIE-Bench's start with the type digit."""
-    from .evaluate import blend_words, make_pairs
+def write_pie_bench(folder, count: int, seed: int = 0, res: int | None = None) -> dict:
+    """Write ``evaluate.make_pairs(count, seed)`` rendered at ``res`` px (default: the default model's) as a
+    PIE-Bench folder; returns the mapping. Ids are ``<type><11-digit pair index>``, as PIE-Bench's start with the
+    type digit."""
+    from .evaluate import MODEL_RES, blend_words, make_pairs
 
+    res = MODEL_RES if res is None else res
     folder = Path(folder)
     (folder / "toy_world_truth").mkdir(parents=True, exist_ok=True)
     mapping, truth = {}, {"count": count, "seed": seed, "res": res, "pairs": {}}
