@@ -47,7 +47,7 @@ def main(argv=None):
     pairs = evaluate.make_pairs(args.pairs, seed=args.seed, res=args.res)
     inversion = pipe.invert([e.source_image for e in pairs], [e.source_caption for e in pairs],
                             num_inference_steps=args.steps)
-    words = [tuple((w,) if isinstance(w, str) else tuple(w) for w in evaluate.blend_words(e)) for e in pairs]
+    words = [evaluate.blend_words(e) for e in pairs]
     results = {}
     for setting in args.settings:
         level, threshold, cross, self_ = (float(v) for v in (setting + ":0.4:0.6").split(":")[:4])
