@@ -187,7 +187,8 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="a PIE-Bench folder (mapping_file.json + annotation_images/)")
     p.add_argument("--write-toy", type=int, default=0, metavar="N", help="first write N toy-world pairs to --data")
     p.add_argument("--seed", type=int, default=0, help="toy pairs' seed")
-    p.add_argument("--res", type=int, default=128, help="toy pairs' resolution (the model's: v1 64, v2 128)")
+    p.add_argument("--res", type=int, default=evaluate.MODEL_RES,
+                   help="toy pairs' resolution (the model's: v1 64, v2 128)")
     p.add_argument("--model", default=str(evaluate.MODEL_DIR))
     p.add_argument("--out", required=True)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))

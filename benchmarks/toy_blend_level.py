@@ -28,8 +28,8 @@ from toy_world import evaluate  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "toy_world/model_v2"))
-    p.add_argument("--res", type=int, default=128)
+    p.add_argument("--model", default=str(evaluate.MODEL_DIR))
+    p.add_argument("--res", type=int, default=evaluate.MODEL_RES)
     p.add_argument("--pairs", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=11)

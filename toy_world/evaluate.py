@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from . import judge as judge_module
 from . import scenes
 
-MODEL_DIR = Path(__file__).resolve().parent / "model_v2"  # toy world v2: the embedded default, SD's geometry
-MODEL_RES = 128  # its image size
+# Toy world v2 (128 px, SD's UNet layout): the embedded default, and its image size.
+MODEL_DIR, MODEL_RES = Path(__file__).resolve().parent / "model_v2", scenes.RES_V2
 # Toy world v1 (64 px, 16 × 16 latents): too coarse for attention control (benchmarks/results/toy_v2/diagnosis.md),
 # but a quarter of v2's compute, so the unit tests run the pipeline's exact identities on it.
-SMALL_MODEL_DIR, SMALL_MODEL_RES = Path(__file__).resolve().parent / "model", 64
+SMALL_MODEL_DIR, SMALL_MODEL_RES = Path(__file__).resolve().parent / "model", scenes.H
 
 P2P = {"cross_replace_steps": 0.4, "self_replace_steps": 0.6}
 # name → (inversion method, call arguments, prompt-to-prompt settings (with local blend of the edit's words) or None)
