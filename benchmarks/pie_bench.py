@@ -114,14 +114,18 @@ RECONSTRUCTIONS = {"ddim": "DDIM+CFG", "nti": "NTI", "npi": "NPI"}  # what regen
 
 @torch.no_grad()
 def reconstruction_psnr(pipe, items, inversions: dict, guidance: float) -> dict[str, list[float]]:
-    """Whole-image PSNR of each cached inversion regenerating its input, and of the VAE's encode–decode."""
+    """Whole-image PSNR of each cached inversion regenerating its input, and of the VAE's encode–decode (the
+    decoded z_0 every inversion starts from). Empty when no row inverted (LEDITS++ alone)."""
+    inverted = {method: inversions[method] for method in RECONSTRUCTIONS if method in inversions}
+    if not inverted:
+        return {}
     sources = torch.stack([item.image for item in items])
-    decoded = (pipe.decode_latents(pipe.encode_images(sources * 2 - 1)).float().cpu() / 2 + 0.5).clamp(0, 1)
+    z0 = next(iter(inverted.values())).latents[:, 0]
+    decoded = (pipe.decode_latents(z0).float().cpu() / 2 + 0.5).clamp(0, 1)
     psnrs = {"VAE": [evaluate.psnr(d, s) for d, s in zip(decoded, sources)]}
-    for method in ("ddim", "nti", "npi"):
-        if method in inversions:
-            images = pipe(inversion=inversions[method], guidance_scale=guidance, output_type="pt").images
-            psnrs[RECONSTRUCTIONS[method]] = [evaluate.psnr(i.float().cpu(), s) for i, s in zip(images, sources)]
+    for method, inversion in inverted.items():
+        images = pipe(inversion=inversion, guidance_scale=guidance, output_type="pt").images
+        psnrs[RECONSTRUCTIONS[method]] = [evaluate.psnr(i.float().cpu(), s) for i, s in zip(images, sources)]
     return psnrs
 
 

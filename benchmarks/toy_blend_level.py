@@ -3,7 +3,7 @@ level and threshold (and a few replacement windows), on toy-world pairs of every
 
     python benchmarks/toy_blend_level.py --pairs 16 --steps 25 --out benchmarks/results/toy_v2   # CPU, ~9 min
 
-For each setting: unedited-region PSNR (on the exact mask), attribute accuracy and objects kept (the toy judge),
+For each setting: unedited-region PSNR (on the exact mask), attribute accuracy and objects kept (the toy judge).
 Writes ``OUT/blend_level.json`` and ``OUT/blend_level.md``. The mask's area at each level is
 ``toy_p2p_diagnosis.py``'s to measure (it needs the source's maps as well as the target's).
 """
