@@ -38,7 +38,8 @@ from pipeline_negative_prompt_inversion import LocalBlend, MasaCtrl, PromptToPro
 from toy_world import evaluate, pie_bench, pie_metrics  # noqa: E402
 
 P2P = {"attention_control": PromptToPrompt(cross_replace_steps=0.4, self_replace_steps=0.6)}
-# row -> (inversion, edit arguments, uses local blend). Names are the issue's.
+REWEIGHT = 2.0  # PnPInversion's P2P runs scale the target's blended word's attention by 2
+# row -> (inversion, edit arguments, uses blended_word: local blend and re-weighting). Names are the issue's.
 ROWS = {
     "DDIM+CFG": ("ddim", {}, False),
     "DDIM+P2P": ("ddim", P2P, True),
@@ -76,7 +77,9 @@ def run_row(pipe, row: str, items, inversions: dict, steps: int, guidance: float
     call = dict(kwargs)
     if blend and all(all(item.blended_word) for item in items):  # PIE-Bench leaves some blended_word empty
         words = [tuple((w,) for w in item.blended_word) for item in items]
-        call["attention_control"] = dataclasses.replace(call["attention_control"], local_blend=LocalBlend(words))
+        call["attention_control"] = dataclasses.replace(
+            call["attention_control"], local_blend=LocalBlend(words),
+            reweight=[{item.blended_word[1]: REWEIGHT} for item in items])
     out = pipe(prompt=[item.target_prompt for item in items], inversion=inversions[method],
                guidance_scale=guidance, output_type="pt", **call)
     return list(out.images.float().cpu())
@@ -120,7 +123,7 @@ def reconstruction_psnr(pipe, items, inversions: dict, guidance: float) -> dict[
     if not inverted:
         return {}
     sources = torch.stack([item.image for item in items])
-    z0 = next(iter(inverted.values())).latents[:, 0]
+    z0 = next(iter(inverted.values())).latents[:, 0].to(pipe.device)  # inversions keep their latents on the CPU
     decoded = (pipe.decode_latents(z0).float().cpu() / 2 + 0.5).clamp(0, 1)
     psnrs = {"VAE": [evaluate.psnr(d, s) for d, s in zip(decoded, sources)]}
     for method, inversion in inverted.items():

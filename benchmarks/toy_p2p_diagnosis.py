@@ -64,6 +64,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/toy_v2"))
     p.add_argument("--tag", default="v2")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared machine, more threads than free cores is far slower)")
     args = p.parse_args(argv)
@@ -72,7 +73,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    pipe = evaluate.load_pipeline(args.model)
+    pipe = evaluate.load_pipeline(args.model, device=args.device)
     ref = ReferenceP2P(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
     pairs, i = [], 0
     while len(pairs) < args.pairs:  # colour and shape swaps only: one token each, identity mapper
@@ -93,14 +94,14 @@ def main(argv=None):
                                              num_inference_steps=args.steps, attention_control=control, **kw)
             piped = run(dataclasses.replace(p2p, local_blend=LocalBlend(bw)), return_attention_maps=True)
             no_blend = run(p2p).images[0].cpu()
-            latent0 = pipe.encode_images(src[None] * 2 - 1)
+            latent0 = pipe.encode_images(src[None].to(pipe.device) * 2 - 1)
             level = piped.attention_maps[0].shape[:2]
             r = ref.edit(latent0, edit.source_caption, edit.target_caption, bw, steps=args.steps, blend_size=level)
-            ref_img = (pipe.decode_latents(r.latents[1:]).float() / 2 + 0.5).clamp(0, 1)[0]
+            ref_img = (pipe.decode_latents(r.latents[1:]).float().cpu() / 2 + 0.5).clamp(0, 1)[0]
             finest = max(r.maps, key=lambda s: s[0])
             r_fine = ref.edit(latent0, edit.source_caption, edit.target_caption, bw, steps=args.steps,
                               blend_size=finest)
-            ref_fine_img = (pipe.decode_latents(r_fine.latents[1:]).float() / 2 + 0.5).clamp(0, 1)[0]
+            ref_fine_img = (pipe.decode_latents(r_fine.latents[1:]).float().cpu() / 2 + 0.5).clamp(0, 1)[0]
         img = piped.images[0].cpu()
         keep = ~edit.mask[None]
         src_scene = edit.source_scene
@@ -139,13 +140,15 @@ def main(argv=None):
                                  mask=r.masks[-1].float().expand(3, -1, -1), fine_mask=r_fine.masks[-1].float().expand(3, -1, -1),
                                  label=f"{edit.kind}: {bw[0]}->{bw[1]}"))
         print(f"[{time.time() - start:6.1f}s] pair {n}: {json.dumps(row)}", flush=True)
+        write(out, args, rows, pictures)  # after every pair: a long run may be cut short
+    print(markdown(summarise(rows), args))
 
-    summary = summarise(rows)
-    tag = args.tag
+
+def write(out: Path, args, rows: list, pictures: list) -> None:
+    summary, tag = summarise(rows), args.tag
     (out / f"diagnosis_{tag}.json").write_text(json.dumps(dict(args=vars(args), summary=summary, rows=rows), indent=1))
     (out / f"diagnosis_{tag}_numbers.md").write_text(markdown(summary, args))
     picture(pictures).save(out / f"diagnosis_{tag}.png")
-    print(markdown(summary, args))
 
 
 def summarise(rows):
@@ -197,7 +200,7 @@ def picture(items, cell: int = 96):
     from PIL import Image, ImageDraw
 
     def tile(x):
-        x = x.float()
+        x = x.float().cpu()
         if x.dim() == 2:
             x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
             x = torch.stack([x, 0.2 + 0 * x, 1 - x])

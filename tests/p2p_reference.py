@@ -99,7 +99,7 @@ class ReferenceP2P:
     def embed(self, prompts):
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids)[0]
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     def timesteps(self, steps: int) -> torch.Tensor:
         """DDIM's evenly spaced timesteps with SD's offset of 1, descending."""
@@ -137,7 +137,7 @@ class ReferenceP2P:
             context = torch.stack([src_emb, src_emb, src_emb, tgt_emb])
             weights = None
             if blend_words is not None:
-                weights = torch.zeros(2, self.tokenizer.model_max_length)
+                weights = torch.zeros(2, self.tokenizer.model_max_length, device=latent0.device)
                 for row, (prompt, word) in enumerate(zip((source, target), blend_words)):
                     weights[row, prompt.split().index(word) + 1] = 1.0  # toy grammar: one token per word, BOS first
             z = zT.expand(2, -1, -1, -1).clone()

@@ -266,6 +266,21 @@ def test_encoded_batches_hand_out_each_scene_reuse_times_with_its_caption(reuse)
         parse_args(["--out", "x", "--latent-reuse", "0"])
 
 
+def test_offset_noise_adds_one_constant_per_sample_and_channel():
+    from toy_world.train import parse_args, training_noise
+
+    z = torch.zeros(3, 4, 8, 8)
+    torch.manual_seed(0)
+    plain = training_noise(z)
+    torch.manual_seed(0)
+    offset = training_noise(z, 0.5) - plain
+    eps = torch.finfo(torch.float32).eps * 8  # the subtraction rounds at the scale of the noise (|ε| < 8)
+    assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset), rtol=0, atol=eps)
+    assert offset[:, :, 0, 0].abs().min() > 0  # every sample and channel gets its own constant
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--offset-noise", "-0.1"])
+
+
 @pytest.mark.skipif(os.environ.get("TOY_WORLD_SLOW") != "1", reason="set TOY_WORLD_SLOW=1 (~30 s CPU run)")
 def test_micro_training_run(tmp_path):
     from diffusers import StableDiffusionPipeline

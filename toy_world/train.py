@@ -68,6 +68,10 @@ The logged ``loss`` stays the denoising loss alone; the token loss is logged bes
         --seed 7 --device cuda --batch-size 512 --lr 3e-4 --checkpoint-minutes 1.5 --compile --channels-last \
         --latent-reuse 2 --grounding-weight 0.1
 
+Offset noise (``--offset-noise S``, Guttenberg 2023) adds a per-channel constant of std S to the training noise. A
+fine-tune with S = 0.1 freed background colour edits but cost colour edits; the embedded model does not use it
+(``benchmarks/results/toy_v2/offset_noise/``).
+
 Micro check on CPU (~30 s, writes a loadable but untrained folder; add ``--world v2`` for v2)::
 
     python -m toy_world.train --out /tmp/toy_micro --minutes 0.3 --device cpu --batch-size 8
@@ -164,6 +168,9 @@ def parse_args(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR loss weighting (0 = plain MSE)")
+    p.add_argument("--offset-noise", type=float, default=0.0,
+                   help="std of a per-channel constant added to the training noise (Guttenberg 2023), so the noisy "
+                        "latent's mean stops telling the UNet the image's overall colour (0 = off)")
     p.add_argument("--max-steps", type=int, default=None, help="also stop stage 2 after this many steps")
     p.add_argument("--max-vae-steps", type=int, default=None, help="also stop stage 1 after this many steps")
     p.add_argument("--vae-from", default=None, help="reuse the VAE of this pipeline folder, skip stage 1")
@@ -193,6 +200,8 @@ def parse_args(argv=None):
         p.error("--vae-finetune needs --vae-from")
     if args.grounding_weight < 0:
         p.error(f"--grounding-weight must be at least 0, got {args.grounding_weight}")
+    if args.offset_noise < 0:
+        p.error(f"--offset-noise must be at least 0, got {args.offset_noise}")
     if args.latent_reuse < 1:
         p.error(f"--latent-reuse must be at least 1, got {args.latent_reuse}")
     if args.warmup_steps is None:
@@ -272,6 +281,13 @@ class EMA:
             for p, s in zip([p for m in out for p in m.parameters()], self.shadow):
                 p.copy_(s)
         return out
+
+
+def training_noise(z: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise like ``z``, plus (offset noise, Guttenberg 2023) one constant of std ``offset`` per sample and
+    channel."""
+    noise = torch.randn_like(z)
+    return noise + offset * torch.randn_like(z[:, :, :1, :1]) if offset else noise
 
 
 def lr_factor(step: int, frac: float, warmup: int, floor: float = 0.05) -> float:
@@ -583,7 +599,7 @@ def main(argv=None):
             grounding = dict(regions=regions, slots=torch.where(drop[:, None], -1, slots), losses=[])
             attention_kwargs = dict(grounding=grounding)
         t = torch.randint(0, len(alphas), (b,), device=device)
-        noise = torch.randn_like(z)
+        noise = training_noise(z, args.offset_noise)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         if args.channels_last:
