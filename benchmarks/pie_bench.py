@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -268,7 +267,7 @@ def write_results(out: Path, args, records: dict, reconstruction: dict, skipped:
     result = {"args": vars(args), "items": {row: len(recs) for row, recs in records.items()}, "skipped": skipped,
               "rows": {row: summarise(recs) for row, recs in records.items() if recs}, "records": records,
               "reconstruction": reconstruction}
-    (out / "pie_bench.json").write_text(json.dumps(result, indent=1))
+    (out / "pie_bench.json").write_text(evaluate.compact_json(result))
     table = markdown(result)
     (out / "pie_bench.md").write_text(f"Items from `{args.data}`, model `{args.model}`, {args.steps} steps, "
                                       f"guidance {args.guidance}\n\n" + table)

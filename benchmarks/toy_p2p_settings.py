@@ -98,7 +98,7 @@ def main(argv=None):
 
 def write(out_dir: Path, args, results: dict, pairs, examples: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "p2p_settings.json").write_text(json.dumps(dict(args=vars(args), results=results), indent=1))
+    (out_dir / "p2p_settings.json").write_text(evaluate.compact_json(dict(args=vars(args), results=results)))
     (out_dir / "p2p_settings.md").write_text(markdown(results, args))
     if args.grid:
         evaluate.example_grid(pairs, {"images": examples}, count=args.grid).save(out_dir / "p2p_settings.png")

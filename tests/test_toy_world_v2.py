@@ -164,6 +164,19 @@ def _image(seed, size=32):
     return torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def test_compact_json_keeps_six_significant_digits_at_every_depth():
+    import json
+    import math
+
+    value = {"psnr": 29.673115558624268, "mse": 0.0011149876, "rows": [{"ok": True, "n": 3, "x": (1 / 3,)}],
+             "nan": float("nan"), "kind": "colour"}
+    back = json.loads(evaluate.compact_json(value))
+    assert back["psnr"] == 29.6731 and back["mse"] == 0.00111499
+    assert back["rows"] == [{"ok": True, "n": 3, "x": [0.333333]}]
+    assert math.isnan(back["nan"]) and back["kind"] == "colour"
+    assert "\n" not in evaluate.compact_json(value)
+
+
 def test_background_metrics_of_identical_images():
     image = _image(0)
     mask = torch.zeros(32, 32, dtype=torch.bool)

@@ -15,6 +15,7 @@ command) and the CPU tests (a small subset).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -75,6 +76,19 @@ def blend_words(edit: scenes.Edit) -> tuple:
         shape = edit.source_scene.objects[edit.object_index].shape
         return (shape, shape)
     return (edit.source_words, edit.target_words)
+
+
+def compact_json(value) -> str:
+    """Benchmark records as JSON with floats cut to 6 significant digits and no indentation: a 200-pair run's
+    per-item records are a third of their full-precision size, and every figure a table shows survives."""
+    def cut(v):
+        if isinstance(v, float):
+            return float(f"{v:.6g}")
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        return [cut(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(cut(value), separators=(",", ":"))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
