@@ -7,7 +7,8 @@ toy-world pairs of every edit kind.
 
 A setting is ``key=value`` pairs joined by commas; unnamed keys keep the references' values:
 ``level`` (local blend's map level: 2× downsamplings below the latent; ``auto`` is the pipeline's default),
-``th`` (0.3), ``start`` (0.2), ``cross`` (0.4), ``self`` (0.6), ``rw`` (factor on the target's blend word; 1),
+``th`` (0.3), ``start`` (0.2), ``cross`` (0.4), ``self`` (0.6), ``rw`` (factor on the target's blend word; 1: none,
+as P2P's defaults; PnPInversion's benchmark runs use 2),
 ``blend`` (1; 0: no local blend). ``cross=0,self=0,blend=0`` amounts to NPI editing with no attention control.
 For each: unedited-region PSNR on the exact mask, attribute accuracy and objects kept (the toy judge), overall and
 per edit kind. Writes ``OUT/p2p_settings.json``, ``OUT/p2p_settings.md`` and ``OUT/p2p_settings.png`` (the first
@@ -51,7 +52,6 @@ def attention_control(setting: dict, pairs) -> PromptToPrompt:
     words = [evaluate.blend_words(e) for e in pairs]
     level = None if setting["level"] == "auto" else int(setting["level"])
     blend = LocalBlend(words, threshold=setting["th"], start=setting["start"], map_level=level)
-    # PnPInversion's P2P runs re-weight the target's blend word (by 2).
     targets = [(target,) if isinstance(target, str) else target for _, target in words]
     reweight = None if setting["rw"] == 1 else [dict.fromkeys(target, setting["rw"]) for target in targets]
     return PromptToPrompt(setting["cross"], setting["self"], reweight=reweight,
@@ -115,7 +115,8 @@ def summary(rows) -> dict:
 def markdown(results, args) -> str:
     model = Path(args.model).resolve()
     model = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
-    lines = [f"`{model}`, {args.pairs} pairs (every edit kind), {args.steps} steps, guidance 7.5, NPI + P2P with "
+    pairs = len(next(iter(results.values()))["rows"])
+    lines = [f"`{model}`, {pairs} pairs ({', '.join(args.kinds)}), {args.steps} steps, guidance 7.5, NPI + P2P with "
              "`LocalBlend` on the changed words; unnamed settings keep the references' values "
              f"({', '.join(f'{k}={v}' for k, v in REFERENCE.items())}).", "",
              "| setting | unedited PSNR | attribute acc. | objects kept | " + " | ".join(KINDS) + " |",
