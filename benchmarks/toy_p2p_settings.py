@@ -52,8 +52,7 @@ def attention_control(setting: dict, pairs) -> PromptToPrompt:
     words = [evaluate.blend_words(e) for e in pairs]
     level = None if setting["level"] == "auto" else int(setting["level"])
     blend = LocalBlend(words, threshold=setting["th"], start=setting["start"], map_level=level)
-    targets = [(target,) if isinstance(target, str) else target for _, target in words]
-    reweight = None if setting["rw"] == 1 else [dict.fromkeys(target, setting["rw"]) for target in targets]
+    reweight = None if setting["rw"] == 1 else [dict.fromkeys(target, setting["rw"]) for _, target in words]
     return PromptToPrompt(setting["cross"], setting["self"], reweight=reweight,
                           local_blend=blend if setting["blend"] else None)
 

@@ -70,10 +70,11 @@ def make_pairs(count: int, seed: int = 0, res: int = MODEL_RES) -> list[scenes.E
     ]
 
 
-def blend_words(edit: scenes.Edit) -> tuple:
-    """Prompt-to-prompt local-blend words: the changed words, or the object's shape word for pattern edits."""
+def blend_words(edit: scenes.Edit) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Prompt-to-prompt local-blend words, (source words, target words): the changed words, or the object's shape
+    word for pattern edits."""
     if edit.kind == "pattern":
-        shape = edit.source_scene.objects[edit.object_index].shape
+        shape = (edit.source_scene.objects[edit.object_index].shape,)
         return (shape, shape)
     return (edit.source_words, edit.target_words)
 

@@ -145,7 +145,6 @@ def write_pie_bench(folder, count: int, seed: int = 0, res: int | None = None) -
 
 def _one(words) -> str:
     """PIE-Bench's blended_word holds one word per side."""
-    words = (words,) if isinstance(words, str) else tuple(words)
     if len(words) != 1:
         raise ValueError(f"blended_word needs one word per side, got {words!r}")
     return words[0]
