@@ -157,6 +157,14 @@ def classifier_free_guidance(noise_uncond, direction, guidance_scale):
     return noise_uncond + guidance_scale * direction
 
 
+def rescale_guidance(noise: torch.Tensor, noise_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    # Lin et al. 2024, §3.4: φ·ε̃·σ_c/σ̃ + (1 − φ)·ε̃, written ε̃·(1 + φ(σ_c/σ̃ − 1)) so that a branch whose
+    # guidance changed nothing (NPI's source: ε̃ = ε_c) is returned bit for bit
+    dims = tuple(range(1, noise.dim()))
+    ratio = noise_cond.std(dim=dims, keepdim=True) / noise.std(dim=dims, keepdim=True)
+    return noise * (1 + guidance_rescale * (ratio - 1))
+
+
 def sdxl_time_ids(image_size: tuple[int, int]) -> list[int]:
     # SDXL micro-conditioning (Podell et al. 2023, §2.2): (original h, w, crop top, left, target h, w). A photo
     # inverted whole is its own original, uncropped: the conditioning SDXL generates well-framed images with.
@@ -1685,12 +1693,14 @@ class NegativePromptInversionPipeline(
         self,
         inversion,
         guidance_scale,
+        guidance_rescale,
         attention_control,
         proximal_guidance,
         output_type,
         callback_on_step_end_tensor_inputs,
     ):
         _check_guidance(guidance_scale, inversion.method)
+        _check_number("guidance_rescale", guidance_rescale, 0, 1)
         if attention_control is not None:
             layers = self.attention_layers(tuple(inversion.latents.shape[-2:]))
             attention_control.check(inversion.num_inference_steps, layers)
@@ -1718,6 +1728,7 @@ class NegativePromptInversionPipeline(
         return_attention_maps: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_rescale: float = 0.0,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ):
@@ -1743,6 +1754,11 @@ class NegativePromptInversionPipeline(
                 (`attention_heat_maps` draws them).
             output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict (`bool`, defaults to True): Return a `NegativePromptInversionPipelineOutput`, else a tuple.
+            guidance_rescale (`float`, defaults to 0.0): Guidance rescale factor φ from [Common Diffusion Noise
+                Schedules and Sample Steps are Flawed](https://huggingface.co/papers/2305.08891) (§3.4), as in
+                diffusers' pipelines: the guided prediction is scaled toward the conditional one's standard
+                deviation, against the over-exposure of strong guidance (the paper uses 0.7 with zero-terminal-SNR
+                models). 0 leaves guidance as is.
             callback_on_step_end, callback_on_step_end_tensor_inputs: As in diffusers' pipelines. ``latents``
                 holds every branch (per image: its source branch when attention control is on, then its targets);
                 ``edit_mask`` is proximal guidance's mask M of the edited branches (`None` without it).
@@ -1758,9 +1774,8 @@ class NegativePromptInversionPipeline(
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         inversion = self.check_inversion(inversion, num_inference_steps)  # as this file's class, whichever made it
-        self.check_inputs(
-            inversion, guidance_scale, attention_control, proximal_guidance, output_type, callback_on_step_end_tensor_inputs
-        )
+        self.check_inputs(inversion, guidance_scale, guidance_rescale, attention_control, proximal_guidance,
+                          output_type, callback_on_step_end_tensor_inputs)
         targets = _targets_per_image(prompt, inversion.source_prompts)
         self.check_target_prompts(targets, inversion.source_prompts)
         self._guidance_scale = guidance_scale
@@ -1799,13 +1814,16 @@ class NegativePromptInversionPipeline(
                     continue
                 control.step.fill_(i)
                 noise = self.predict_noise(latents[row_branch], t, row_embeds[i], alphas[i], added_cond)
-                noise_uncond, direction = noise[uncond_rows], noise[cond_rows] - noise[uncond_rows]
+                noise_cond, noise_uncond = noise[cond_rows], noise[uncond_rows]
+                direction = noise_cond - noise_uncond
                 edit_mask = None
                 if proximal_guidance is not None:
-                    prox_direction, edit_mask = proximal_guidance.guide(direction[edited], noise[cond_rows[edited]])
+                    prox_direction, edit_mask = proximal_guidance.guide(direction[edited], noise_cond[edited])
                     direction = direction.index_copy(0, edited, prox_direction)
                     edit_fraction += edit_mask.mean(dim=1, keepdim=True)
                 noise = classifier_free_guidance(noise_uncond, direction, guidance_scale)
+                if guidance_rescale > 0:
+                    noise = rescale_guidance(noise, noise_cond, guidance_rescale)
 
                 x0 = predict_x0(latents, noise, alphas[i])
                 if edit_mask is not None and proximal_guidance.reconstruction_guidance and pulled_steps[i]:

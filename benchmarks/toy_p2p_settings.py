@@ -9,7 +9,8 @@ A setting is ``key=value`` pairs joined by commas; unnamed keys keep the referen
 ``level`` (local blend's map level: 2× downsamplings below the latent; ``auto`` is the pipeline's default),
 ``th`` (0.3), ``start`` (0.2), ``cross`` (0.4), ``self`` (0.6), ``rw`` (factor on the target's blend word; 1: none,
 as P2P's defaults; PnPInversion's benchmark runs use 2),
-``blend`` (1; 0: no local blend). ``cross=0,self=0,blend=0`` amounts to NPI editing with no attention control.
+``blend`` (1; 0: no local blend), ``g`` (the guidance scale, 7.5), ``phi`` (the guidance rescale factor, 0).
+``cross=0,self=0,blend=0`` amounts to NPI editing with no attention control.
 For each: unedited-region PSNR on the exact mask, attribute accuracy and objects kept (the toy judge), overall and
 per edit kind. Writes ``OUT/p2p_settings.json``, ``OUT/p2p_settings.md`` and ``OUT/p2p_settings.png`` (the first
 ``--grid`` pairs under every setting). The mask's area is ``toy_p2p_diagnosis.py``'s to measure.
@@ -32,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline_negative_prompt_inversion import LocalBlend, PromptToPrompt  # noqa: E402
 from toy_world import evaluate  # noqa: E402
 
-REFERENCE = {"level": "auto", "th": 0.3, "start": 0.2, "cross": 0.4, "self": 0.6, "rw": 1.0, "blend": 1.0}
+REFERENCE = {"level": "auto", "th": 0.3, "start": 0.2, "cross": 0.4, "self": 0.6, "rw": 1.0, "blend": 1.0, "g": 7.5,
+             "phi": 0.0}
 DEFAULT_SETTINGS = ["level=2", "", "th=0.5", "level=0", "cross=0.2,self=0.4", "cross=0.8,self=0.2", "rw=2",
                     "rw=2,self=0.4", "rw=2,self=0.2", "rw=2,cross=0.2,self=0.4", "rw=4", "rw=4,self=0.4"]
 KINDS = ("colour", "shape", "background", "pattern")
@@ -84,7 +86,9 @@ def main(argv=None):
         start = time.time()
         with torch.no_grad():
             images = pipe(prompt=[e.target_caption for e in pairs], inversion=inversion, output_type="pt",
-                          attention_control=attention_control(setting, pairs)).images.float().cpu()
+                          guidance_scale=setting["g"], guidance_rescale=setting["phi"],
+                          attention_control=attention_control(setting, pairs)).images
+        images = images.float().cpu()
         rows = [dict(kind=edit.kind, unedited_psnr=evaluate.psnr(image, edit.source_image, ~edit.mask[None]),
                      attribute_ok=evaluate.attribute_ok(image, edit), objects_kept=evaluate.objects_kept(image, edit))
                 for image, edit in zip(images, pairs)]
@@ -115,7 +119,7 @@ def markdown(results, args) -> str:
     model = Path(args.model).resolve()
     model = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
     pairs = len(next(iter(results.values()))["rows"])
-    lines = [f"`{model}`, {pairs} pairs ({', '.join(args.kinds)}), {args.steps} steps, guidance 7.5, NPI + P2P with "
+    lines = [f"`{model}`, {pairs} pairs ({', '.join(args.kinds)}), {args.steps} steps, NPI + P2P with "
              "`LocalBlend` on the changed words; unnamed settings keep the references' values "
              f"({', '.join(f'{k}={v}' for k, v in REFERENCE.items())}).", "",
              "| setting | unedited PSNR | attribute acc. | objects kept | " + " | ".join(KINDS) + " |",

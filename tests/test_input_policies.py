@@ -92,6 +92,7 @@ def test_bad_invert_input_fails_before_any_model_pass(pipe, call, message):
     "kwargs, message",
     [
         (dict(guidance_scale=1e30), "guidance_scale must lie in"),
+        (dict(guidance_rescale=1.5), r"guidance_rescale must lie in \[0, 1\]"),
         (dict(attention_control=PromptToPrompt(cross_replace_steps="abc")), r"cross_replace_steps must lie in \[0, 1\]"),
         (dict(attention_control=PromptToPrompt(cross_replace_steps=(0.1, "x"))), r"cross_replace_steps must lie in"),
         (dict(attention_control=PromptToPrompt(cross_replace_steps={"blue": "x"})), r"cross_replace_steps must lie in"),

@@ -18,6 +18,7 @@ from pipeline_negative_prompt_inversion import (
     InversionResult,
     NegativePromptInversionPipeline,
     _file_digest,
+    rescale_guidance,
     v_prediction_to_noise,
 )
 
@@ -43,6 +44,26 @@ def test_npi_reconstruction_equals_ddim_reconstruction_at_guidance_one(pipe, inv
     npi = reconstruct(pipe, inversion, guidance_scale=7.5)
     ddim = reconstruct(pipe, dataclasses.replace(inversion, method="ddim"), guidance_scale=1.0)
     assert torch.equal(npi, ddim)  # the same single UNet row, and ε + w·0 = ε + 1·0 exactly
+
+
+def test_guidance_rescale_mixes_toward_the_conditional_std():
+    # Lin et al. 2024, §3.4, against its equations written out
+    g = torch.Generator().manual_seed(0)
+    guided, cond = 3 * torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    std = lambda x: x.std(dim=(1, 2, 3), keepdim=True)  # noqa: E731
+    for phi in (0.0, 0.7, 1.0):
+        want = phi * guided * std(cond) / std(guided) + (1 - phi) * guided
+        assert_rounding_close(rescale_guidance(guided, cond, phi), want, ops=64)  # two 256-term stds, a few products
+    assert_rounding_close(std(rescale_guidance(guided, cond, 1.0)), std(cond), ops=64)
+    assert torch.equal(rescale_guidance(cond, cond, 0.7), cond)  # guidance that changed nothing stays exact
+
+
+def test_npi_reconstruction_is_unchanged_by_guidance_rescale(pipe, inversion):
+    # NPI's source branch has ε̃ = ε_c, which rescaling leaves bit for bit; an edit it does change
+    plain, rescaled = reconstruct(pipe, inversion), reconstruct(pipe, inversion, guidance_rescale=0.7)
+    assert torch.equal(plain, rescaled)
+    edit = dict(prompt="a blue cat on a white background", inversion=inversion, output_type="latent")
+    assert not torch.equal(pipe(**edit).images, pipe(**edit, guidance_rescale=0.7).images)
 
 
 def test_npi_reconstruction_costs_one_unet_pass_per_step(pipe, inversion):

@@ -6,7 +6,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from toy_world import scenes
-from toy_world.grounding import GroundingAttnProcessor, token_loss
+from toy_world.grounding import GroundingAttnProcessor, pixel_loss, token_loss
 from toy_world.train import Batches, EncodedBatches
 
 EPS = torch.finfo(torch.float32).eps
@@ -54,6 +54,21 @@ def test_token_loss_is_the_squared_share_of_attention_outside_the_region():
     assert token_loss(probs, regions, torch.full_like(slots, -1)) == 0  # nothing grounded
 
 
+def test_pixel_loss_is_the_cross_entropy_of_each_cell_against_the_region():
+    regions = torch.zeros(1, 1, 8, 8)
+    regions[0, 0, :, :4] = 1  # the left half
+    slots = torch.tensor([[0, -1]])  # the second token is ungrounded
+    left = torch.zeros(4, 4)
+    left[:, :2] = 1
+    probs = torch.stack([left.flatten(), 1 - left.flatten()], -1)[None]  # [1, 16, 2]: token 0 holds its region
+    assert pixel_loss(probs, regions, slots) < 2 * EPS  # −log(1 − ε) per cell, from the clamp
+    probs[0, :, 0] = 0.5  # half of every cell: −log ½ whatever the mask
+    torch.testing.assert_close(pixel_loss(probs, regions, slots), torch.tensor(0.6931472), atol=4 * EPS, rtol=0)
+    probs[0, :, 0] = left.flip(-1).flatten()  # all on the wrong half: the clamp's −log ε per cell
+    torch.testing.assert_close(pixel_loss(probs, regions, slots), -torch.tensor(EPS).log(), rtol=4 * EPS, atol=0)
+    assert pixel_loss(probs, regions, torch.full_like(slots, -1)) == 0  # nothing grounded
+
+
 def tiny_unet():
     torch.manual_seed(0)
     return UNet2DConditionModel(
@@ -75,15 +90,15 @@ def test_grounding_processor_keeps_the_output_and_grounds_every_cross_attention_
     with torch.no_grad():
         assert torch.equal(unet(latents, t, text).sample, fused)  # no grounding: diffusers' attention itself
     _, _, regions, slots = scenes.render_batch(2, torch.Generator().manual_seed(2), res=64, return_regions=True)
-    grounding = dict(regions=regions, slots=slots, losses=[])
+    grounding = dict(regions=regions, slots=slots, losses=[], pixel_losses=[])
     explicit = unet(latents, t, text, cross_attention_kwargs=dict(grounding=grounding)).sample
     # explicit softmax(QKᵀ/√d)V against the fused kernel: rounding only, a few eps of the output's scale per layer
     scale = fused.abs().max()
     torch.testing.assert_close(explicit, fused, atol=1e3 * EPS * scale, rtol=0)
     cross_layers = [name for name, _ in unet.attn_processors.items() if name.endswith("attn2.processor")]
-    assert len(grounding["losses"]) == len(cross_layers) == 10  # 3 down, mid, 3 up blocks of 2
+    assert len(grounding["losses"]) == len(grounding["pixel_losses"]) == len(cross_layers) == 10  # 3 down, mid, 3 up
     loss = torch.stack(grounding["losses"]).mean()
-    assert 0 < loss < 1
+    assert 0 < loss < 1 and torch.stack(grounding["pixel_losses"]).min() > 0
     loss.backward()
     assert text.grad.abs().sum() > 0  # the text side learns where its words attend
 
@@ -108,7 +123,7 @@ def test_encoded_batches_carry_each_scenes_regions_and_slots():
 
 
 def test_token_loss_needs_square_maps():
-    with pytest.raises(ValueError, match="probs"):
+    with pytest.raises(ValueError, match="square maps"):
         token_loss(torch.rand(1, 15, 3), torch.ones(1, 1, 8, 8), torch.zeros(1, 3, dtype=torch.long))
 
 
@@ -122,8 +137,11 @@ def test_training_with_token_grounding_runs_and_logs_both_losses(tmp_path, monke
     out = tmp_path / "grounded"
     train.main(["--resume", str(train.__file__.replace("train.py", "model")), "--out", str(out), "--device", "cpu",
                 "--minutes", "2", "--max-steps", "2", "--batch-size", "2", "--eval-samples", "0",
-                "--vae-eval-images", "2", "--grounding-weight", "0.5", "--log-seconds", "0"])
+                "--vae-eval-images", "2", "--grounding-weight", "0.5", "--pixel-grounding-weight", "0.01",
+                "--log-seconds", "0"])
     unet = json.loads((out / "training_log.json").read_text())["unet"]
     assert unet["steps"] == 2 and 0 < unet["final_grounding_loss"] < 1 and unet["final_loss"] > 0
-    with pytest.raises(SystemExit):
-        train.parse_args(["--out", "x", "--grounding-weight", "-1"])
+    assert unet["final_pixel_grounding_loss"] > 0
+    for flag in ("--grounding-weight", "--pixel-grounding-weight"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--out", "x", flag, "-1"])

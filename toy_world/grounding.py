@@ -4,11 +4,13 @@ Why: prompt-to-prompt and local blend need word maps that pick out their objects
 web-scale data; the toy model, trained from scratch on a few million captions, does not: after 11.5k steps of 512
 scenes the peak of a word's map is in its object about 45% of the time and not rising, and the local-blend mask is
 the whole image (``benchmarks/results/toy_v2/diagnosis.md``). The toy world knows every word's region exactly, so
-training can ask for it directly, as TokenCompose does for SD (Wang et al., CVPR 2024, §3.2: the token loss).
+training can ask for it directly, as TokenCompose does for SD (Wang et al., CVPR 2024, §3.2: the token loss, and
+the pixel loss that makes a word's map cover its whole region rather than its rim).
 
 ``GroundingAttnProcessor`` is diffusers' attention unchanged unless the UNet is called with
 ``cross_attention_kwargs={"grounding": {"regions": …, "slots": …, "losses": []}}``; then each cross-attention layer
-computes its probabilities explicitly and appends its ``token_loss`` to ``losses``.
+computes its probabilities explicitly and appends its ``token_loss`` to ``losses`` (and its ``pixel_loss`` to
+``pixel_losses`` when the dict has that list).
 """
 from __future__ import annotations
 
@@ -17,6 +19,21 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
+
+
+def _token_masks(probs: torch.Tensor, regions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[b, T, HW]: the share of each map cell inside the region each token names (rows of ungrounded tokens, slot -1,
+    hold region 0's mask: ``_mean_over_grounded`` drops them)."""
+    side = math.isqrt(probs.shape[1])
+    if side * side != probs.shape[1]:
+        raise ValueError(f"grounding losses need square maps: probs has {probs.shape[1]} positions")
+    masks = F.adaptive_avg_pool2d(regions.to(probs.dtype), side).flatten(2)  # share of each map cell in the region
+    return masks.gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, masks.shape[-1]))
+
+
+def _mean_over_grounded(per_token: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    grounded = slots >= 0
+    return (per_token.float() * grounded).sum() / grounded.sum().clamp(min=1)
 
 
 def token_loss(probs: torch.Tensor, regions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -28,15 +45,22 @@ def token_loss(probs: torch.Tensor, regions: torch.Tensor, slots: torch.Tensor) 
         regions: [b, S, h, w] soft region masks at any resolution divisible by the map's side.
         slots: [b, T] the region each token names, -1 for none.
     """
-    side = math.isqrt(probs.shape[1])
-    if side * side != probs.shape[1]:
-        raise ValueError(f"token_loss needs square maps: probs has {probs.shape[1]} positions")
-    masks = F.adaptive_avg_pool2d(regions.to(probs.dtype), side).flatten(2)  # share of each map cell in the region
-    token_masks = masks.gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, masks.shape[-1]))  # [b, T, HW]
-    inside = torch.einsum("bpt,btp->bt", probs, token_masks)
+    inside = torch.einsum("bpt,btp->bt", probs, _token_masks(probs, regions, slots))
     outside_share = 1 - inside / probs.sum(1).clamp(min=torch.finfo(probs.dtype).tiny)
-    grounded = slots >= 0
-    return (outside_share.float() ** 2 * grounded).sum() / grounded.sum().clamp(min=1)
+    return _mean_over_grounded(outside_share**2, slots)
+
+
+def pixel_loss(probs: torch.Tensor, regions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's pixel loss (Wang et al. 2024, §3.2): mean over grounded tokens of the binary cross-entropy
+    between the token's attention probability A_u at each cell u and the region's mask M_u,
+    −mean_u[M_u log A_u + (1 − M_u) log(1 − A_u)]. The token loss only asks a word's attention to stay inside its
+    region, which a map on the region's rim satisfies; this one asks the word to hold every cell of it, which is
+    what a local-blend mask thresholded at a share of its maximum needs. Arguments as ``token_loss``'s."""
+    masks = _token_masks(probs, regions, slots).float()
+    tiny = torch.finfo(torch.float32).eps
+    a = probs.float().transpose(1, 2).clamp(tiny, 1 - tiny)  # [b, T, HW]
+    bce = -(masks * a.log() + (1 - masks) * (1 - a).log()).mean(-1)
+    return _mean_over_grounded(bce, slots)
 
 
 class GroundingAttnProcessor:
@@ -62,4 +86,6 @@ class GroundingAttnProcessor:
             out = out + hidden_states
         heads_mean = probs.unflatten(0, (-1, attn.heads)).mean(1)
         grounding["losses"].append(token_loss(heads_mean, grounding["regions"], grounding["slots"]))
+        if "pixel_losses" in grounding:
+            grounding["pixel_losses"].append(pixel_loss(heads_mean, grounding["regions"], grounding["slots"]))
         return out / attn.rescale_output_factor

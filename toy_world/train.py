@@ -69,8 +69,13 @@ The logged ``loss`` stays the denoising loss alone; the token loss is logged bes
         --latent-reuse 2 --grounding-weight 0.1
 
 Offset noise (``--offset-noise S``, Guttenberg 2023) adds a per-channel constant of std S to the training noise. A
-fine-tune with S = 0.1 freed background colour edits but cost colour edits; the embedded model does not use it
-(``benchmarks/results/toy_v2/offset_noise/``).
+fine-tune with S = 0.1 freed background colour edits but cost colour edits, one with 0.05 gained nothing overall;
+the embedded model does not use it (``benchmarks/results/toy_v2/offset_noise/``).
+
+TokenCompose's pixel loss (``--pixel-grounding-weight W``, ``toy_world.grounding.pixel_loss``) adds W times the
+cross-entropy of each grounded word's attention against its whole region. A fine-tune with W = 0.005 made the
+background's colour word cover the background but cost pattern edits and unedited PSNR; the embedded model does not
+use it (``benchmarks/results/toy_v2/pixel_loss/``).
 
 Micro check on CPU (~30 s, writes a loadable but untrained folder; add ``--world v2`` for v2)::
 
@@ -191,6 +196,9 @@ def parse_args(argv=None):
     p.add_argument("--grounding-weight", type=float, default=0.0,
                    help="weight of the token-grounding loss (toy_world.grounding: each object word's cross-attention "
                         "inside its object; 0 = off)")
+    p.add_argument("--pixel-grounding-weight", type=float, default=0.0,
+                   help="weight of TokenCompose's pixel loss (toy_world.grounding.pixel_loss: each grounded word's "
+                        "attention over the whole of its region; 0 = off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--channels-last", action="store_true")
     args = p.parse_args(argv)
@@ -198,8 +206,9 @@ def parse_args(argv=None):
         p.error("--resume and --vae-from are exclusive (--resume already loads DIR/vae)")
     if args.vae_finetune and not args.vae_from:
         p.error("--vae-finetune needs --vae-from")
-    if args.grounding_weight < 0:
-        p.error(f"--grounding-weight must be at least 0, got {args.grounding_weight}")
+    for name in ("grounding_weight", "pixel_grounding_weight"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     if args.offset_noise < 0:
         p.error(f"--offset-noise must be at least 0, got {args.offset_noise}")
     if args.latent_reuse < 1:
@@ -573,7 +582,7 @@ def main(argv=None):
     # ---- stage 2: UNet + text encoder
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
-    grounded = args.grounding_weight > 0
+    grounded = args.grounding_weight > 0 or args.pixel_grounding_weight > 0
     if grounded:
         unet.set_attn_processor(GroundingAttnProcessor())
     unet_fwd = torch.compile(unet) if args.compile else unet
@@ -587,7 +596,7 @@ def main(argv=None):
                               args.render_chunk, res, region_size=unet.config.sample_size if grounded else None)
     data = EncodedBatches(scenes_for_unet, lambda images: encode_scenes(vae, images, device) * sf, args.latent_reuse)
     start = last_log = last_ckpt = time.time()
-    step, recent, recent_grounding = 0, [], []
+    step, recent, recent_grounding, recent_pixel = 0, [], [], []
     while time.time() < train_end and (args.max_steps is None or step < args.max_steps):
         z, ids, *regions_and_slots = data.next()
         b = z.shape[0]
@@ -597,6 +606,8 @@ def main(argv=None):
         if grounded:  # a dropped caption grounds no token
             regions, slots = regions_and_slots
             grounding = dict(regions=regions, slots=torch.where(drop[:, None], -1, slots), losses=[])
+            if args.pixel_grounding_weight > 0:
+                grounding["pixel_losses"] = []
             attention_kwargs = dict(grounding=grounding)
         t = torch.randint(0, len(alphas), (b,), device=device)
         noise = training_noise(z, args.offset_noise)
@@ -614,6 +625,9 @@ def main(argv=None):
         if grounded:
             grounding_loss = torch.stack(grounding["losses"]).mean()
             loss = denoising_loss + args.grounding_weight * grounding_loss
+            if args.pixel_grounding_weight > 0:
+                pixel_grounding_loss = torch.stack(grounding["pixel_losses"]).mean()
+                loss = loss + args.pixel_grounding_weight * pixel_grounding_loss
         frac = (time.time() - start) / max(1e-6, train_end - start)
         if args.max_steps:
             frac = max(frac, step / args.max_steps)
@@ -629,11 +643,14 @@ def main(argv=None):
             recent = (recent + [denoising_loss.item()])[-50:]  # comparable with and without grounding
             if grounded:
                 recent_grounding = (recent_grounding + [grounding_loss.item()])[-50:]
+            if args.pixel_grounding_weight > 0:
+                recent_pixel = (recent_pixel + [pixel_grounding_loss.item()])[-50:]
         now = time.time()
         if now - last_log > args.log_seconds:
             last_log = now
             log(f"unet step {step} {step / (now - start):.2f} it/s loss {sum(recent) / len(recent):.4f} "
                 + (f"(token grounding {sum(recent_grounding) / len(recent_grounding):.4f}) " if grounded else "")
+                + (f"(pixel grounding {sum(recent_pixel) / len(recent_pixel):.4f}) " if recent_pixel else "")
                 + f"lr {opt.param_groups[0]['lr']:.2e}")
         if now - last_ckpt > args.checkpoint_minutes * 60 and train_end - now > 20:
             last_ckpt = now
@@ -650,6 +667,8 @@ def main(argv=None):
     if grounded:
         record["unet"]["final_grounding_loss"] = (sum(recent_grounding) / len(recent_grounding) if recent_grounding
                                                   else float("nan"))
+    if recent_pixel:
+        record["unet"]["final_pixel_grounding_loss"] = sum(recent_pixel) / len(recent_pixel)
     record["status"] = "final"
     add_cumulative(record)
     ema_unet, ema_text = ema.copies([unet, text_encoder])
