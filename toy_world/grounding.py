@@ -57,8 +57,8 @@ def pixel_loss(probs: torch.Tensor, regions: torch.Tensor, slots: torch.Tensor) 
     region, which a map on the region's rim satisfies; this one asks the word to hold every cell of it, which is
     what a local-blend mask thresholded at a share of its maximum needs. Arguments as ``token_loss``'s."""
     masks = _token_masks(probs, regions, slots).float()
-    tiny = torch.finfo(torch.float32).eps
-    a = probs.float().transpose(1, 2).clamp(tiny, 1 - tiny)  # [b, T, HW]
+    eps = torch.finfo(torch.float32).eps
+    a = probs.float().transpose(1, 2).clamp(eps, 1 - eps)  # [b, T, HW]; log 0 would be −inf
     bce = -(masks * a.log() + (1 - masks) * (1 - a).log()).mean(-1)
     return _mean_over_grounded(bce, slots)
 
