@@ -582,7 +582,8 @@ def main(argv=None):
     # ---- stage 2: UNet + text encoder
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
-    grounded = args.grounding_weight > 0 or args.pixel_grounding_weight > 0
+    pixel_grounded = args.pixel_grounding_weight > 0
+    grounded = args.grounding_weight > 0 or pixel_grounded
     if grounded:
         unet.set_attn_processor(GroundingAttnProcessor())
     unet_fwd = torch.compile(unet) if args.compile else unet
@@ -606,7 +607,7 @@ def main(argv=None):
         if grounded:  # a dropped caption grounds no token
             regions, slots = regions_and_slots
             grounding = dict(regions=regions, slots=torch.where(drop[:, None], -1, slots), losses=[])
-            if args.pixel_grounding_weight > 0:
+            if pixel_grounded:
                 grounding["pixel_losses"] = []
             attention_kwargs = dict(grounding=grounding)
         t = torch.randint(0, len(alphas), (b,), device=device)
@@ -625,7 +626,7 @@ def main(argv=None):
         if grounded:
             grounding_loss = torch.stack(grounding["losses"]).mean()
             loss = denoising_loss + args.grounding_weight * grounding_loss
-            if args.pixel_grounding_weight > 0:
+            if pixel_grounded:
                 pixel_grounding_loss = torch.stack(grounding["pixel_losses"]).mean()
                 loss = loss + args.pixel_grounding_weight * pixel_grounding_loss
         frac = (time.time() - start) / max(1e-6, train_end - start)
@@ -643,7 +644,7 @@ def main(argv=None):
             recent = (recent + [denoising_loss.item()])[-50:]  # comparable with and without grounding
             if grounded:
                 recent_grounding = (recent_grounding + [grounding_loss.item()])[-50:]
-            if args.pixel_grounding_weight > 0:
+            if pixel_grounded:
                 recent_pixel = (recent_pixel + [pixel_grounding_loss.item()])[-50:]
         now = time.time()
         if now - last_log > args.log_seconds:
