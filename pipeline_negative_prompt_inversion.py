@@ -638,7 +638,7 @@ class PromptToPrompt:
         self_replace_steps (`float` or `tuple`, defaults to 0.6): Self-attention replacement window (in every
             layer below full latent resolution, the references' "≤ 32²" at 512 px).
         edit_type (`str`, *optional*): ``"replace"`` (word swap, equal word counts) or ``"refine"`` (added or
-            removed words); `None` picks per target by word count.
+            removed words); `None` picks per target by word count. PnPInversion's PIE-Bench runs refine every pair.
         reweight (`dict` or `list[dict]`, *optional*): ``{"word": factor}`` scaling target words' attention (one
             dict for every target, or one per target).
         local_blend (`LocalBlend`, *optional*): Keep the image outside the edited words' attention.

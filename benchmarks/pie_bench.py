@@ -11,8 +11,9 @@ regenerated with no edit, at the benchmark's guidance), against the VAE's round 
     # toy world v2 pairs as a PIE-Bench folder, then the benchmark (GPU: ~minutes; CPU: use --limit)
     python benchmarks/pie_bench.py --write-toy 200 --res 128 --data /tmp/pie_toy \\
         --model toy_world/model_v2 --out benchmarks/results/pie_toy_v2 --device cuda
-    # the real PIE-Bench
-    python benchmarks/pie_bench.py --data PIE-Bench_v1 --model PATH/TO/stable-diffusion-v1-4 --out results/pie
+    # the real PIE-Bench, every row as its reference code runs it (comparable with published numbers)
+    python benchmarks/pie_bench.py --data PIE-Bench_v1 --model PATH/TO/stable-diffusion-v1-4 --out results/pie \\
+        --protocol references
 
 Writes ``OUT/pie_bench.json`` (per-item records, means per row and per editing type, skipped metrics) and
 ``OUT/pie_bench.md`` (after every batch of items), and ``OUT/examples.png``.
@@ -33,32 +34,55 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_negative_prompt_inversion import LocalBlend, MasaCtrl, PromptToPrompt  # noqa: E402
+from pipeline_negative_prompt_inversion import LocalBlend, MasaCtrl, PromptToPrompt, ProximalGuidance  # noqa: E402
 from toy_world import evaluate, pie_bench, pie_metrics  # noqa: E402
 
-P2P = {"attention_control": PromptToPrompt(cross_replace_steps=0.4, self_replace_steps=0.6)}
 REWEIGHT = 2.0  # PnPInversion's P2P runs scale the target's blended word's attention by 2
-# row -> (inversion, edit arguments, uses blended_word: local blend and re-weighting). Names are the issue's.
-ROWS = {
-    "DDIM+CFG": ("ddim", {}, False),
-    "DDIM+P2P": ("ddim", P2P, True),
-    "NTI+P2P": ("nti", P2P, True),
-    "NPI+P2P": ("npi", P2P, True),
-    "ProxNPI": ("npi", {"proximal_guidance": "soft"}, False),
-    "ProxNPI+P2P": ("npi", {**P2P, "proximal_guidance": "soft"}, True),
-    "MasaCtrl": ("npi", {"attention_control": MasaCtrl()}, False),
-    "ProxMasaCtrl": ("npi", {"attention_control": MasaCtrl(), "proximal_guidance": "soft"}, False),
-    "LEDITS++": ("ledits", {}, False),
+# How the rows set up prompt-to-prompt and proximal guidance (`--protocol`):
+# - "pipeline": the pipeline's defaults: word swap for pairs of equal word counts, refinement otherwise (P2P's own
+#   choice); proximal guidance "soft" (ProxEdit's README: quantile 0.7 of each target's, inversion guidance).
+# - "references": as the reference code computes them, for numbers comparable with published ones. PnPInversion's
+#   `run_editing_p2p.py` refines every pair (its editor never asks for word swap), and thresholds at quantile 0.75
+#   over the whole batch, whose NPI source half is all zeros: 0.5 of each target's (ALGORITHMS §4). It asks for
+#   inversion guidance, but its step never applies it. ProxMasaCtrl's reference: 0.7 of the target's, no inversion
+#   guidance.
+PROTOCOLS = {
+    "pipeline": {"edit_type": None, "proximal": "soft", "proximal_masactrl": "soft"},
+    "references": {"edit_type": "refine",
+                   "proximal": ProximalGuidance("soft", quantile=0.5, inversion_guidance=False),
+                   "proximal_masactrl": ProximalGuidance("soft", quantile=0.7, inversion_guidance=False)},
 }
+
+
+def rows(protocol: str) -> dict:
+    """row -> (inversion, edit arguments, uses blended_word: local blend and re-weighting). Names are the issue's."""
+    settings = PROTOCOLS[protocol]
+    p2p = {"attention_control": PromptToPrompt(0.4, 0.6, edit_type=settings["edit_type"])}
+    proximal = {"proximal_guidance": settings["proximal"]}
+    return {
+        "DDIM+CFG": ("ddim", {}, False),
+        "DDIM+P2P": ("ddim", p2p, True),
+        "NTI+P2P": ("nti", p2p, True),
+        "NPI+P2P": ("npi", p2p, True),
+        "ProxNPI": ("npi", proximal, False),
+        "ProxNPI+P2P": ("npi", {**p2p, **proximal}, True),
+        "MasaCtrl": ("npi", {"attention_control": MasaCtrl()}, False),
+        "ProxMasaCtrl": ("npi", {"attention_control": MasaCtrl(), "proximal_guidance": settings["proximal_masactrl"]},
+                         False),
+        "LEDITS++": ("ledits", {}, False),
+    }
+
+
+ROW_NAMES = list(rows("pipeline"))
 
 
 # ------------------------------------------------------------------------------------------ pipeline calls
 
 
-def run_row(pipe, row: str, items, inversions: dict, steps: int, guidance: float) -> list[torch.Tensor]:
+def run_row(pipe, row: tuple, items, inversions: dict, steps: int, guidance: float) -> list[torch.Tensor]:
     """Every call into the pipelines: invert (cached per method in ``inversions``) and edit ``items`` for one
-    row. Returns [3, H, W] images in [0, 1]."""
-    method, kwargs, blend = ROWS[row]
+    row (a value of `rows`). Returns [3, H, W] images in [0, 1]."""
+    method, kwargs, blend = row
     if method == "ledits":
         return [ledits_edit(pipe, item, steps) for item in items]
     images = [item.image for item in items]
@@ -197,7 +221,9 @@ def main(argv=None):
                    help="toy pairs' resolution (the model's: v1 64, v2 128)")
     p.add_argument("--model", default=str(evaluate.MODEL_DIR))
     p.add_argument("--out", required=True)
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--rows", nargs="+", default=ROW_NAMES, choices=ROW_NAMES)
+    p.add_argument("--protocol", default="pipeline", choices=list(PROTOCOLS),
+                   help="the rows' P2P and proximal settings: the pipeline's defaults, or the reference code's")
     p.add_argument("--types", nargs="+", default=None, help="editing_type_id values to keep")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--steps", type=int, default=50)
@@ -224,6 +250,7 @@ def main(argv=None):
     for message in learned.skipped.values():
         print(message, flush=True)
 
+    settings = rows(args.protocol)
     records = {row: [] for row in args.rows}
     reconstruction: dict[str, list[float]] = {}
     examples = {row: [] for row in args.rows}  # the first batch's edits, for the example grid
@@ -236,10 +263,10 @@ def main(argv=None):
         for row in args.rows:
             if row == "LEDITS++" and args.peer_limit is not None and first >= args.peer_limit:
                 continue  # one image per call: 60x the others' time per image
-            method = ROWS[row][0]
+            method = settings[row][0]
             reused = inversions.get("seconds", {}).get(method, 0.0) if method in inversions else 0.0
             t0 = time.perf_counter()
-            edited = run_row(pipe, row, batch, inversions, args.steps, args.guidance)
+            edited = run_row(pipe, settings[row], batch, inversions, args.steps, args.guidance)
             seconds = (time.perf_counter() - t0 + reused) / len(batch)  # every row pays its inversion
             for rec in measure(batch, edited, learned):
                 records[row].append(dict(rec, seconds=seconds))
@@ -270,7 +297,7 @@ def write_results(out: Path, args, records: dict, reconstruction: dict, skipped:
     (out / "pie_bench.json").write_text(evaluate.compact_json(result))
     table = markdown(result)
     (out / "pie_bench.md").write_text(f"Items from `{args.data}`, model `{args.model}`, {args.steps} steps, "
-                                      f"guidance {args.guidance}\n\n" + table)
+                                      f"guidance {args.guidance}, protocol `{args.protocol}`\n\n" + table)
     return table
 
 

@@ -9,7 +9,10 @@ A setting is ``key=value`` pairs joined by commas; unnamed keys keep the referen
 ``level`` (local blend's map level: 2× downsamplings below the latent; ``auto`` is the pipeline's default),
 ``th`` (0.3), ``start`` (0.2), ``cross`` (0.4), ``self`` (0.6), ``rw`` (factor on the target's blend word; 1: none,
 as P2P's defaults; PnPInversion's benchmark runs use 2),
-``blend`` (1; 0: no local blend), ``g`` (the guidance scale, 7.5), ``phi`` (the guidance rescale factor, 0).
+``blend`` (1; 0: no local blend), ``g`` (the guidance scale, 7.5), ``phi`` (the guidance rescale factor, 0),
+``edit`` (``auto``: word swap for equal word counts, else refinement, the pipeline's default; ``refine``: always
+refinement, as PnPInversion's runs; ``replace``), ``prox`` (proximal guidance's quantile, soft mode; 0: none) and
+``ig`` (1: proximal guidance's inversion guidance on, as the pipeline's default; 0: off).
 ``cross=0,self=0,blend=0`` amounts to NPI editing with no attention control.
 For each: unedited-region PSNR on the exact mask, attribute accuracy and objects kept (the toy judge), overall and
 per edit kind. Writes ``OUT/p2p_settings.json``, ``OUT/p2p_settings.md`` and ``OUT/p2p_settings.png`` (the first
@@ -30,11 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_negative_prompt_inversion import LocalBlend, PromptToPrompt  # noqa: E402
+from pipeline_negative_prompt_inversion import LocalBlend, PromptToPrompt, ProximalGuidance  # noqa: E402
 from toy_world import evaluate  # noqa: E402
 
 REFERENCE = {"level": "auto", "th": 0.3, "start": 0.2, "cross": 0.4, "self": 0.6, "rw": 1.0, "blend": 1.0, "g": 7.5,
-             "phi": 0.0}
+             "phi": 0.0, "edit": "auto", "prox": 0.0, "ig": 1.0}
+WORDS = {"level": ("auto",), "edit": ("auto", "refine", "replace")}  # keys that also take these words
 DEFAULT_SETTINGS = ["level=2", "", "th=0.5", "level=0", "cross=0.2,self=0.4", "cross=0.8,self=0.2", "rw=2",
                     "rw=2,self=0.4", "rw=2,self=0.2", "rw=2,cross=0.2,self=0.4", "rw=4", "rw=4,self=0.4"]
 KINDS = ("colour", "shape", "background", "pattern")
@@ -46,7 +50,12 @@ def parse_setting(text: str) -> dict:
         key, _, value = part.partition("=")
         if key not in REFERENCE:
             raise ValueError(f"--settings: unknown key {key!r} in {text!r}; keys: {', '.join(REFERENCE)}")
-        setting[key] = value if key == "level" and value == "auto" else float(value)
+        if value in WORDS.get(key, ()):
+            setting[key] = value
+        elif key == "edit":
+            raise ValueError(f"--settings: edit must be one of {WORDS['edit']}, got {value!r} in {text!r}")
+        else:
+            setting[key] = float(value)
     return setting
 
 
@@ -55,8 +64,15 @@ def attention_control(setting: dict, pairs) -> PromptToPrompt:
     level = None if setting["level"] == "auto" else int(setting["level"])
     blend = LocalBlend(words, threshold=setting["th"], start=setting["start"], map_level=level)
     reweight = None if setting["rw"] == 1 else [dict.fromkeys(target, setting["rw"]) for _, target in words]
-    return PromptToPrompt(setting["cross"], setting["self"], reweight=reweight,
+    edit_type = None if setting["edit"] == "auto" else setting["edit"]
+    return PromptToPrompt(setting["cross"], setting["self"], edit_type=edit_type, reweight=reweight,
                           local_blend=blend if setting["blend"] else None)
+
+
+def proximal_guidance(setting: dict) -> ProximalGuidance | bool:
+    if not setting["prox"]:
+        return False
+    return ProximalGuidance("soft", quantile=setting["prox"], inversion_guidance=bool(setting["ig"]))
 
 
 def main(argv=None):
@@ -87,7 +103,8 @@ def main(argv=None):
         with torch.no_grad():
             images = pipe(prompt=[e.target_caption for e in pairs], inversion=inversion, output_type="pt",
                           guidance_scale=setting["g"], guidance_rescale=setting["phi"],
-                          attention_control=attention_control(setting, pairs)).images
+                          attention_control=attention_control(setting, pairs),
+                          proximal_guidance=proximal_guidance(setting)).images
         images = images.float().cpu()
         rows = [dict(kind=edit.kind, unedited_psnr=evaluate.psnr(image, edit.source_image, ~edit.mask[None]),
                      attribute_ok=evaluate.attribute_ok(image, edit), objects_kept=evaluate.objects_kept(image, edit))

@@ -53,6 +53,20 @@ def test_quantile_is_per_sample():
         assert torch.equal(lam[k], alone[0])
 
 
+def test_per_target_quantile_2q_minus_1_matches_the_references_batch_quantile_under_npi():
+    # The references take one quantile over the batch; under NPI the source's direction is exactly zero, so q over
+    # (zeros, d) falls between the same two order statistics of |d| as 2q − 1 over d alone (benchmarks/pie_bench.py
+    # runs PnPInversion's q = 0.75 as 0.5). Positions: 0.75·(2n − 1) − n = n/2 − 0.75 and 0.5·(n − 1) = n/2 − 0.5.
+    torch.manual_seed(0)
+    d = torch.randn(1, 4, 16, 16)
+    batch_lambda = torch.cat([torch.zeros_like(d), d]).abs().flatten().quantile(0.75)
+    _, ours = proximal_direction(d, "soft", 2 * 0.75 - 1, None)
+    ordered = d.abs().flatten().sort().values
+    n = ordered.numel()
+    for lam in (batch_lambda, ours.flatten()[0]):
+        assert ordered[n // 2 - 1] <= lam <= ordered[n // 2]
+
+
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_everything_zeroed_is_exactly_the_ddim_reconstruction(pipe, inversion, mode):
     edit = latents(pipe, prompt=TARGET, inversion=inversion,
