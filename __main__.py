@@ -3,4 +3,5 @@
 
 from .cli import main
 
+
 main()

@@ -17,7 +17,6 @@ run was interrupted; only the unfinished items are written again.
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import hashlib
 import json
@@ -26,94 +25,29 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-if not __package__:  # imported as a top-level module from a checkout: act as the package (as the pipeline file)
-    __path__ = [os.path.dirname(os.path.abspath(__file__))]
-    __package__ = __name__
-
-import numpy as np
 import torch
 from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .pie_bench import Item, background_metrics, load_image, load_mask, read_manifest
 from .pipeline_negative_prompt_inversion import (
     LocalBlend,
     MasaCtrl,
     NegativePromptInversionPipeline,
     PromptToPrompt,
 )
-from .toy_world import pie_bench, pie_metrics
-from .toy_world.evaluate import MODEL_DIR
+
+
+# The embedded toy model, shipped inside this package (the one place the product refers to the toy world).
+MODEL_DIR = Path(__file__).resolve().parent / "toy_world" / "model_v2"
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 # ------------------------------------------------------------------------------------------------ manifests
-
-
-@dataclass
-class Item:
-    """One manifest row: an image, its source prompt, its target prompt(s), optional blend words and mask."""
-
-    id: str
-    image: Path
-    source_prompt: str
-    target_prompts: list[str]
-    blend: tuple[str, str] | None = None
-    mask: list[int] | Path | None = None  # PIE-Bench run-length code, or a mask image file
-    problem: str | None = None  # a row that could not be parsed: recorded as an error, never raised
-
-
-def read_manifest(path, images: str | None = None) -> list[Item]:
-    """Items of a PIE-Bench ``mapping_file.json`` (images under ``annotation_images/`` beside it) or of a JSONL /
-    CSV file (columns ``image, source_prompt, target_prompt`` or JSONL ``target_prompts`` (a list), optional
-    ``id``, ``blend`` ("source_word target_word") and ``mask`` (an image file, white = edited)). Relative image
-    and mask paths resolve against ``images`` (default: the manifest's folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MANIFEST: no file {path}")
-    if path.suffix == ".json":
-        root = Path(images) if images else path.parent / "annotation_images"
-        return [_pie_item(key, entry, root) for key, entry in json.loads(path.read_text()).items()]
-    root = Path(images) if images else path.parent
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".csv":
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        raise ValueError(f"MANIFEST: {path} is not a mapping_file.json, .jsonl or .csv file")
-    return [_row_item(index, row, root) for index, row in enumerate(rows)]
-
-
-def _pie_item(key: str, entry: dict, root: Path) -> Item:
-    words = (entry.get("blended_word") or "").split()
-    try:
-        return Item(
-            id=key, image=root / entry["image_path"], source_prompt=pie_bench.strip_brackets(entry["original_prompt"]),
-            target_prompts=[pie_bench.strip_brackets(entry["editing_prompt"])],
-            blend=tuple(words) if len(words) == 2 else None, mask=entry.get("mask"),
-        )
-    except (KeyError, TypeError) as error:
-        return Item(key, root, "", [], problem=f"mapping entry {key}: missing or bad field {error}")
-
-
-def _row_item(index: int, row: dict, root: Path) -> Item:
-    item_id = str(row.get("id") or f"{index:06d}")
-    try:
-        targets = row.get("target_prompts") or [row["target_prompt"]]
-        blend = row.get("blend") or None
-        blend = tuple(blend.split() if isinstance(blend, str) else blend) if blend else None
-        if blend is not None and len(blend) != 2:
-            raise ValueError(f"blend must be 'source_word target_word', got {row.get('blend')!r}")
-        return Item(item_id, root / row["image"], row["source_prompt"], list(targets), blend,
-                    root / row["mask"] if row.get("mask") else None)
-    except (KeyError, TypeError, ValueError) as error:
-        message = f"missing column {error}" if isinstance(error, KeyError) else str(error)
-        return Item(item_id, root, "", [], problem=f"manifest row {index}: {message}")
 
 
 def load_item(item: Item, check_blend: bool = True) -> torch.Tensor:
@@ -124,7 +58,7 @@ def load_item(item: Item, check_blend: bool = True) -> torch.Tensor:
     if not item.image.is_file():
         raise FileNotFoundError(f"no image file {item.image}")
     try:
-        image = pie_bench.load_image(item.image)
+        image = load_image(item.image)
     except Exception as error:
         raise ValueError(f"unreadable image {item.image}: {error}") from error
     if check_blend and item.blend is not None:
@@ -133,24 +67,6 @@ def load_item(item: Item, check_blend: bool = True) -> torch.Tensor:
                 raise ValueError(f"blend word {word!r} is not in the prompt {prompt!r}")
     load_mask(item, tuple(image.shape[-2:]))  # a bad mask is the item's error now, not at evaluation
     return image
-
-
-def load_mask(item: Item, size: tuple[int, int]) -> torch.Tensor:
-    """The edited region, bool [H, W] (PIE-Bench's decoder: the 1-px border counts as edited); all False without
-    a mask."""
-    if item.mask is None:
-        return torch.zeros(size, dtype=torch.bool)
-    if isinstance(item.mask, Path):
-        if not item.mask.is_file():
-            raise FileNotFoundError(f"no mask file {item.mask}")
-        mask = np.array(Image.open(item.mask).convert("L")) > 127
-        if mask.shape != size:
-            raise ValueError(f"mask {item.mask} is {mask.shape[1]}x{mask.shape[0]}, the image {size[1]}x{size[0]}")
-        return torch.from_numpy(mask)
-    starts = np.asarray(item.mask, dtype=np.int64).reshape(-1, 2)[:, 0]
-    if len(starts) and starts.max() >= size[0] * size[1]:
-        raise ValueError(f"mask runs start past the end of the {size[1]}x{size[0]} image")
-    return torch.from_numpy(pie_bench.decode_mask(item.mask, size))
 
 
 # ------------------------------------------------------------------------------------------------- pipeline
@@ -416,24 +332,19 @@ def evaluate_command(args) -> None:
     settings = json.loads((out / "batch.json").read_text())
     manifest = Path(settings["manifest"])
     items = {item.id: item for item in read_manifest(manifest, settings.get("images"))}
-    truth = {}
-    if (manifest.parent / "toy_world_truth.json").is_file():
-        truth = {item.id: item.truth for item in pie_bench.read_pie_bench(manifest.parent)}
     rows = []
     for record in finished_items(out).values():
         if record["id"] not in items:  # the manifest file was edited since the batch ran
             continue
-        source = pie_bench.load_image(items[record["id"]].image)
+        source = load_image(items[record["id"]].image)
         mask = load_mask(items[record["id"]], tuple(source.shape[-2:]))
         for name in record["outputs"]["edits"]:
-            edited = pie_bench.load_image(out / name)
+            edited = load_image(out / name)
             if edited.shape != source.shape:  # the pipeline resized the input to the model's size
                 print(f"  {name}: not evaluated, {tuple(edited.shape[1:])} px against a {tuple(source.shape[1:])} px source")
                 continue
             row = {"id": record["id"], "edit": name}
-            row.update({f"background_{k}": v for k, v in pie_metrics.background_metrics(source, edited, mask).items()})
-            if truth.get(record["id"]) is not None:
-                row.update(pie_metrics.toy_metrics(edited, truth[record["id"]]))
+            row.update({f"background_{k}": v for k, v in background_metrics(source, edited, mask).items()})
             rows.append(row)
     means = {key: _mean([row[key] for row in rows]) for key in (rows[0] if rows else {}) if key not in ("id", "edit")}
     (out / "metrics.json").write_text(json.dumps({"count": len(rows), "mean": means, "items": rows}, indent=1))

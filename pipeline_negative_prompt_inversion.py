@@ -42,9 +42,6 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
@@ -53,6 +50,9 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusio
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from safetensors.torch import load_file, save_file
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
 
 if not __package__:  # copy-paste use: a top-level module beside the ``attention_processors`` folder
     # Acting as the package of that folder lets the relative imports below serve every way of loading this file
@@ -75,6 +75,7 @@ from .attention_processors.npi_prompt_to_prompt import (
     stack_edits,
     word_swap,
 )
+
 
 logger = logging.get_logger(__name__)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Words and tokens
 

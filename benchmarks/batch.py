@@ -36,9 +36,13 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import transformers
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from diffusers.utils import logging as diffusers_logging
 
-from speed import (  # noqa: E402  (speed.py puts the repository on sys.path and sets offline env defaults)
+from benchmarks.speed import (  # speed.py sets offline env defaults first
     MODELS,
     SOURCE,
     SOURCE_WORD,
@@ -53,14 +57,12 @@ from speed import (  # noqa: E402  (speed.py puts the repository on sys.path and
     set_pipeline_mode,
     summarize_calls,
 )
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
+    LocalBlend,
+    NegativePromptInversionPipeline,
+    PromptToPrompt,
+)
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-from accelerate.utils import gather_object  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-
-from pipeline_negative_prompt_inversion import LocalBlend, NegativePromptInversionPipeline, PromptToPrompt  # noqa: E402
 
 MODES = ("eager", "cuda_graphs", "compiled")
 TARGET_EDITS_PER_S = 2.5  # the batch-editing issue's targets: one H200 …

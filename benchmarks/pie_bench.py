@@ -24,18 +24,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from negative_prompt_inversion import pie_bench as pie_format
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
+    LocalBlend,
+    MasaCtrl,
+    PromptToPrompt,
+    ProximalGuidance,
+)
+from toy_world import evaluate, pie_bench
 
-from pipeline_negative_prompt_inversion import LocalBlend, MasaCtrl, PromptToPrompt, ProximalGuidance  # noqa: E402
-from toy_world import evaluate, pie_bench, pie_metrics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 REWEIGHT = 2.0  # PnPInversion's P2P runs scale the target's blended word's attention by 2
 # How the rows set up prompt-to-prompt and proximal guidance (`--protocol`):
@@ -126,7 +132,7 @@ def ledits_edit(pipe, item, steps: int) -> torch.Tensor:
         peer.invert(image=item.image[None], source_prompt=item.source_prompt, num_inversion_steps=steps,
                     height=size, width=size, generator=generator)
         # The bracketed words: remove the source's, add the target's.
-        removed, added = pie_bench.bracketed(item.entry["original_prompt"]), pie_bench.bracketed(item.entry["editing_prompt"])
+        removed, added = pie_format.bracketed(item.entry["original_prompt"]), pie_format.bracketed(item.entry["editing_prompt"])
         words, reverse = removed + added, [True] * len(removed) + [False] * len(added)
         out = peer(editing_prompt=words, reverse_editing_direction=reverse, edit_guidance_scale=[5.0] * len(words),
                    edit_threshold=[0.9] * len(words), generator=generator, output_type="pt")
@@ -162,10 +168,10 @@ def measure(items, edited, learned) -> list[dict]:
     records = []
     for item, image in zip(items, edited):
         rec = {"id": item.id, "editing_type_id": item.editing_type_id}
-        rec.update({f"background_{k}": v for k, v in pie_metrics.background_metrics(item.image, image, item.mask).items()})
+        rec.update({f"background_{k}": v for k, v in pie_format.background_metrics(item.image, image, item.mask).items()})
         rec.update(learned(item.image, image, item.mask, item.target_prompt))
         if item.truth is not None:
-            rec.update(pie_metrics.toy_metrics(image, item.truth))
+            rec.update(pie_bench.toy_metrics(image, item.truth))
         records.append(rec)
     return records
 
@@ -246,7 +252,7 @@ def main(argv=None):
         p.error(f"no items in --data {args.data} (with --types {args.types}, --limit {args.limit})")
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     pipe = evaluate.load_pipeline(args.model, device=args.device, dtype=dtype)
-    learned = pie_metrics.LearnedMetrics(args.device)
+    learned = pie_format.LearnedMetrics(args.device)
     for message in learned.skipped.values():
         print(message, flush=True)
 

@@ -61,32 +61,32 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 T0 = time.perf_counter()
 
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
-import torch  # noqa: E402
+import diffusers
+import numpy as np
+import PIL.Image
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-import diffusers  # noqa: E402
-import transformers  # noqa: E402
-from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
-
-from pipeline_negative_prompt_inversion import (  # noqa: E402
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     LocalBlend,
     MasaCtrl,
     NegativePromptInversionPipeline,
     PromptToPrompt,
     UNetCallLog,
 )
-from toy_world.tokenizer import write_word_tokenizer  # noqa: E402
+from toy_world.tokenizer import write_word_tokenizer
+
 
 # =================================================================================================================
 # Configs

@@ -9,15 +9,12 @@ Writes ``toy_edit.json`` (per-method means, per-kind breakdown, model quality), 
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from toy_world import evaluate  # noqa: E402
+from toy_world import evaluate
 
 
 def main(argv=None):

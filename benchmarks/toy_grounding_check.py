@@ -9,21 +9,20 @@ for 256 scenes)::
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from toy_world import scenes
+from toy_world.grounding import GroundingAttnProcessor
+from toy_world.train import SCHEDULER_CONFIG, encode_scenes
+
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextModel  # noqa: E402
-
-from toy_world import scenes  # noqa: E402
-from toy_world.grounding import GroundingAttnProcessor  # noqa: E402
-from toy_world.train import SCHEDULER_CONFIG, encode_scenes  # noqa: E402
 
 SEED = 4_000_003  # not a training or evaluation seed of toy_world.train
 

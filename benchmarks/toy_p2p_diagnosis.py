@@ -21,21 +21,18 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import LocalBlend, PromptToPrompt
+from toy_world import evaluate, scenes
+from toy_world.p2p_reference import ReferenceP2P
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from p2p_reference import ReferenceP2P  # noqa: E402
-
-from pipeline_negative_prompt_inversion import LocalBlend, PromptToPrompt  # noqa: E402
-from toy_world import evaluate, scenes  # noqa: E402
 
 
 def cell_fraction(mask: torch.Tensor, size) -> torch.Tensor:

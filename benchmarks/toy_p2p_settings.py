@@ -24,17 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import LocalBlend, PromptToPrompt, ProximalGuidance
+from toy_world import evaluate
 
-from pipeline_negative_prompt_inversion import LocalBlend, PromptToPrompt, ProximalGuidance  # noqa: E402
-from toy_world import evaluate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 REFERENCE = {"level": "auto", "th": 0.3, "start": 0.2, "cross": 0.4, "self": 0.6, "rw": 1.0, "blend": 1.0, "g": 7.5,
              "phi": 0.0, "edit": "auto", "prox": 0.0, "ig": 1.0}

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.toy_p2p_settings import KINDS, attention_control, parse_setting, proximal_guidance
+from toy_world import evaluate
 
-from toy_p2p_settings import KINDS, attention_control, parse_setting, proximal_guidance  # noqa: E402
-from toy_world import evaluate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None):

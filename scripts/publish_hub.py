@@ -40,6 +40,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILE = ROOT / "pipeline_negative_prompt_inversion.py"
 MODEL_CARD = ROOT / "model_card.md"

@@ -6,6 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+
 # Hermetic: no network, and diffusers' dynamic-module cache in a throw-away folder.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="npi-hf-home-"))
@@ -21,11 +22,13 @@ from transformers import (
     CLIPTokenizer,
 )
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline  # noqa: E402
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import NegativePromptInversionPipeline  # noqa: E402
 from toy_world.tokenizer import write_word_tokenizer  # noqa: E402
+
 
 WORDS = (
     "a cat dog tiger red blue green circle square triangle on white black background big small striped and sitting"

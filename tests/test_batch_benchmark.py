@@ -3,12 +3,9 @@
 Timings are only checked to be positive; their values belong to the benchmark's outputs, not to tests."""
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks import batch
 
-import batch  # noqa: E402
 
 STEPS = 3
 

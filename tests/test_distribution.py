@@ -28,7 +28,8 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
 from huggingface_hub.errors import OfflineModeIsEnabled
 
-from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+
 
 PIPELINE_FILE = ROOT / "pipeline_negative_prompt_inversion.py"
 CLASS_NAME = "NegativePromptInversionPipeline"

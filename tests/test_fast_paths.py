@@ -12,13 +12,14 @@ import pytest
 import torch
 from conftest import scene_image, tiny_components
 
-from pipeline_negative_prompt_inversion import (
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     LocalBlend,
     MasaCtrl,
     NegativePromptInversionPipeline,
     PromptToPrompt,
     ProximalGuidance,
 )
+
 
 STEPS = 6
 SOURCE = "a red cat on a white background"

@@ -12,17 +12,18 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import ROOT, scene_image
 from diffusers import AutoencoderTiny
 from diffusers.utils import logging as diffusers_logging
 
-from conftest import ROOT, scene_image
-from pipeline_negative_prompt_inversion import (
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     LocalBlend,
     MasaCtrl,
     NegativePromptInversionPipeline,
     PromptToPrompt,
     ProximalGuidance,
 )
+
 
 SOURCE = "a red circle on a white background"
 TARGET = "a blue circle on a white background"

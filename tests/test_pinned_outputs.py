@@ -8,16 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_rounding_close, edit_ops, scene_image
 from safetensors.torch import load_file
 
-from conftest import assert_rounding_close, edit_ops, scene_image
-from pipeline_negative_prompt_inversion import (
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     LocalBlend,
     MasaCtrl,
     NegativePromptInversionPipeline,
     PromptToPrompt,
     ProximalGuidance,
 )
+
 
 PINS = Path(__file__).parent / "data" / "pinned_outputs.safetensors"
 SOURCE = "a red cat on a white background"

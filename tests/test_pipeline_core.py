@@ -13,7 +13,7 @@ from diffusers import PNDMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline_negative_prompt_inversion import (
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     InvalidInversionError,
     InversionResult,
     NegativePromptInversionPipeline,
@@ -21,6 +21,7 @@ from pipeline_negative_prompt_inversion import (
     rescale_guidance,
     v_prediction_to_noise,
 )
+
 
 STEPS = 10
 SOURCE = "a red cat on a white background"

@@ -10,9 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import CLIPTokenizer
 
-import pipeline_negative_prompt_inversion as npi
-from attention_processors import npi_prompt_to_prompt as p2p
-from pipeline_negative_prompt_inversion import LocalBlend, NegativePromptInversionPipeline, PromptToPrompt
+from negative_prompt_inversion import pipeline_negative_prompt_inversion as npi
+from negative_prompt_inversion.attention_processors import npi_prompt_to_prompt as p2p
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
+    LocalBlend,
+    NegativePromptInversionPipeline,
+    PromptToPrompt,
+)
+
 
 STEPS = 6
 SOURCE = "a red cat on a white background"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import UNetCalls, assert_rounding_close, edit_ops, scene_image, tolerance
 
-from pipeline_negative_prompt_inversion import (
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     LocalBlend,
     MasaCtrl,
     MutualSelfAttention,
@@ -17,6 +17,7 @@ from pipeline_negative_prompt_inversion import (
     proximal_direction,
     soft_threshold,
 )
+
 
 STEPS = 6
 SOURCE = "a red cat on a white background"
@@ -181,7 +182,7 @@ def test_a_target_equal_to_its_source_is_never_in_the_edit_mask(pipe, inversion,
 
 
 def test_proximal_flag_in_config_is_the_default(components, inversion):
-    from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+    from negative_prompt_inversion.pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
 
     prox = NegativePromptInversionPipeline(**components, proximal_guidance="soft")
     prox.set_progress_bar_config(disable=True)

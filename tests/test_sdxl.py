@@ -22,8 +22,8 @@ from diffusers import StableDiffusionXLPipeline
 from test_prompt_to_prompt import explicit_cross, explicit_self_replace
 from transformers import CLIPTokenizer
 
-import pipeline_negative_prompt_inversion as npi
-from pipeline_negative_prompt_inversion import (
+from negative_prompt_inversion import pipeline_negative_prompt_inversion as npi
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     LocalBlend,
     MasaCtrl,
     NegativePromptInversionPipeline,
@@ -31,6 +31,7 @@ from pipeline_negative_prompt_inversion import (
     ProximalGuidance,
 )
 from toy_world.tokenizer import write_word_tokenizer
+
 
 STEPS = 4
 SIZE = 64  # the tiny VAE halves it: a 32² latent, attention maps of 16² and 8² (SDXL at 1024 px: 64² and 32²)
@@ -334,7 +335,7 @@ def test_an_sdxl_model_folder_loads_as_a_custom_pipeline(sdxl_components, invers
 
 
 def test_command_line_edits_with_an_sdxl_folder(sdxl_components, tmp_path):
-    import cli
+    from negative_prompt_inversion import cli
 
     StableDiffusionXLPipeline(**sdxl_components, add_watermarker=False).save_pretrained(tmp_path / "sdxl")
     PIL.Image.fromarray(scene_image(0, SIZE)).save(tmp_path / "cat.png")

@@ -9,6 +9,7 @@ from toy_world import scenes
 from toy_world.grounding import GroundingAttnProcessor, pixel_loss, token_loss
 from toy_world.train import Batches, EncodedBatches
 
+
 EPS = torch.finfo(torch.float32).eps
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from toy_world import judge, scenes, tokenizer
 
+
 SEEDS = range(12)
 
 

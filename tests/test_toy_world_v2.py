@@ -3,7 +3,6 @@ metrics, and the pipeline's prompt-to-prompt against the independent reference i
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline_negative_prompt_inversion import LocalBlend, PromptToPrompt
-from toy_world import evaluate, pie_bench, pie_metrics, scenes
+from negative_prompt_inversion import pie_bench as pie_format
+from negative_prompt_inversion.pipeline_negative_prompt_inversion import LocalBlend, PromptToPrompt
+from toy_world import evaluate, pie_bench, scenes
+from toy_world.p2p_reference import ReferenceP2P
+
 
 ROOT = Path(__file__).resolve().parents[1]
 U8 = 1 / 255  # one 8-bit step: the resolution of every image file in a PIE-Bench folder
@@ -93,20 +95,20 @@ def test_rle_round_trip_and_known_code():
     mask = np.zeros((3, 4), dtype=bool)
     mask[0, 1:3] = True   # flat 1, 2
     mask[1, 3] = mask[2, 0] = True  # flat 7, 8: one run across the row end
-    assert pie_bench.encode_mask(mask) == [1, 2, 7, 2]
+    assert pie_format.encode_mask(mask) == [1, 2, 7, 2]
     rng = np.random.default_rng(0)
     for _ in range(20):
         m = rng.random((17, 23)) < rng.random()
-        code = pie_bench.encode_mask(m)
+        code = pie_format.encode_mask(m)
         assert all(length > 0 for length in code[1::2])
-        assert np.array_equal(pie_bench.decode_mask(code, m.shape, border=False), m)
+        assert np.array_equal(pie_format.decode_mask(code, m.shape, border=False), m)
 
 
 def test_decode_marks_the_border_and_clips_long_runs():
-    empty = pie_bench.decode_mask([], (6, 5))
+    empty = pie_format.decode_mask([], (6, 5))
     assert empty[0].all() and empty[-1].all() and empty[:, 0].all() and empty[:, -1].all()
     assert not empty[1:-1, 1:-1].any()
-    clipped = pie_bench.decode_mask([28, 100], (6, 5), border=False)  # 2 pixels left from 28
+    clipped = pie_format.decode_mask([28, 100], (6, 5), border=False)  # 2 pixels left from 28
     assert clipped.sum() == 2 and clipped.reshape(-1)[28:].all()
 
 
@@ -129,17 +131,17 @@ def test_mapping_file_has_pie_bench_schema(folder):
     for (key, entry), edit in zip(mapping.items(), pairs):
         assert set(entry) == fields
         assert len(key) == 12 and key.isdigit() and key[0] == entry["editing_type_id"]
-        assert entry["editing_type_id"] in pie_bench.EDITING_TYPES
+        assert entry["editing_type_id"] in pie_format.EDITING_TYPES
         assert entry["image_path"].startswith(f"{entry['editing_type_id']}_")
         assert (path / "annotation_images" / entry["image_path"]).is_file()
-        assert pie_bench.strip_brackets(entry["original_prompt"]) == edit.source_caption
-        assert pie_bench.strip_brackets(entry["editing_prompt"]) == edit.target_caption
-        assert pie_bench.bracketed(entry["original_prompt"]) == list(edit.source_words)
-        assert pie_bench.bracketed(entry["editing_prompt"]) == list(edit.target_words)
+        assert pie_format.strip_brackets(entry["original_prompt"]) == edit.source_caption
+        assert pie_format.strip_brackets(entry["editing_prompt"]) == edit.target_caption
+        assert pie_format.bracketed(entry["original_prompt"]) == list(edit.source_words)
+        assert pie_format.bracketed(entry["editing_prompt"]) == list(edit.target_words)
         source_word, target_word = entry["blended_word"].split(" ")
         assert source_word in edit.source_caption.split() and target_word in edit.target_caption.split()
         assert isinstance(entry["mask"], list) and all(isinstance(v, int) for v in entry["mask"])
-        assert np.array_equal(pie_bench.decode_mask(entry["mask"], (64, 64), border=False), edit.mask.numpy())
+        assert np.array_equal(pie_format.decode_mask(entry["mask"], (64, 64), border=False), edit.mask.numpy())
 
 
 def test_reader_loads_the_toy_folder(folder):
@@ -150,7 +152,7 @@ def test_reader_loads_the_toy_folder(folder):
     for item, edit in zip(items, pairs):
         assert "[" not in item.source_prompt + item.target_prompt
         assert (item.image - edit.source_image).abs().max() <= U8 / 2 + 1e-6  # PNG rounding only
-        border = torch.from_numpy(pie_bench.decode_mask([], (64, 64)))
+        border = torch.from_numpy(pie_format.decode_mask([], (64, 64)))
         assert torch.equal(item.mask, edit.mask | border)  # the reference's border quirk
         assert item.truth["edit"].target_caption == edit.target_caption
         assert (item.truth["target_image"] - edit.target_image).abs().max() <= U8 / 2 + 1e-6
@@ -181,7 +183,7 @@ def test_background_metrics_of_identical_images():
     image = _image(0)
     mask = torch.zeros(32, 32, dtype=torch.bool)
     mask[8:16, 8:20] = True
-    m = pie_metrics.background_metrics(image, image, mask)
+    m = pie_format.background_metrics(image, image, mask)
     assert m["psnr"] == math.inf and m["mse"] == 0.0
     assert m["ssim"] == pytest.approx(1.0, abs=1e-5)  # float32 sums of 121-pixel windows
 
@@ -192,7 +194,7 @@ def test_edits_inside_the_mask_do_not_change_background_metrics():
     mask[4:20, 6:30] = True
     edited = source * 0.9 + 0.05  # a background change
     inside = torch.where(mask, other, edited)
-    assert pie_metrics.background_metrics(source, edited, mask) == pie_metrics.background_metrics(source, inside, mask)
+    assert pie_format.background_metrics(source, edited, mask) == pie_format.background_metrics(source, inside, mask)
 
 
 def test_background_psnr_is_the_reference_whole_image_kind():
@@ -201,8 +203,8 @@ def test_background_psnr_is_the_reference_whole_image_kind():
     edited = (source + 3 * U8 * torch.sign(torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(3)))).clamp(0, 1)
     mask = torch.zeros(32, 32, dtype=torch.bool)
     mask[:12] = True
-    m = pie_metrics.background_metrics(source, edited, mask)
-    q_src, q_edt = pie_metrics.quantise(source), pie_metrics.quantise(edited)
+    m = pie_format.background_metrics(source, edited, mask)
+    q_src, q_edt = pie_format.quantise(source), pie_format.quantise(edited)
     only = evaluate.psnr(q_edt, q_src, ~mask[None])
     fraction = (~mask).float().mean().item()
     assert m["psnr"] == pytest.approx(only + 10 * math.log10(1 / fraction), abs=1e-3)
@@ -211,7 +213,7 @@ def test_background_psnr_is_the_reference_whole_image_kind():
 
 def test_learned_metrics_are_skipped_without_local_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    learned = pie_metrics.LearnedMetrics("cpu")
+    learned = pie_format.LearnedMetrics("cpu")
     assert "structure_distance" in learned.skipped and str(tmp_path) in learned.skipped["structure_distance"]
     assert "lpips" in learned.skipped
     out = learned(_image(0), _image(1), torch.zeros(32, 32, dtype=torch.bool), "a red circle")
@@ -220,8 +222,8 @@ def test_learned_metrics_are_skipped_without_local_weights(tmp_path, monkeypatch
 
 def test_toy_metrics_of_the_true_edit_are_perfect():
     edit = evaluate.make_pairs(2, seed=5)[1]
-    truth = {"edit": edit, "target_image": pie_metrics.quantise(edit.target_image)}
-    m = pie_metrics.toy_metrics(edit.target_image, truth)
+    truth = {"edit": edit, "target_image": pie_format.quantise(edit.target_image)}
+    m = pie_bench.toy_metrics(edit.target_image, truth)
     assert m["edit_psnr"] == pytest.approx(10 * math.log10(1 / 1e-10))  # evaluate.psnr's clamp: identical
     # only 8-bit rounding outside the mask, at most half a step per value: PSNR ≥ 20 log10(2 · 255) = 54.2 dB
     assert m["unedited_psnr_exact"] >= 20 * math.log10(2 * 255) - 1e-3
@@ -233,9 +235,6 @@ def test_toy_metrics_of_the_true_edit_are_perfect():
 
 def test_pipeline_p2p_matches_the_independent_reference():
     """Word swap with cross/self replacement and local blend, NPI, on the v1 toy model: same image."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from p2p_reference import ReferenceP2P
-
     pipe = evaluate.load_pipeline(evaluate.SMALL_MODEL_DIR)
     edit = scenes.make_edit(scenes.sample_scene(7_000_000), "colour", 0)
     words = (edit.source_words[0], edit.target_words[0])

@@ -23,8 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from negative_prompt_inversion.pie_bench import psnr, ssim
+
 from . import judge as judge_module
 from . import scenes
+
 
 # Toy world v2 (128 px, SD's UNet layout): the embedded default, and its image size.
 MODEL_DIR, MODEL_RES = Path(__file__).resolve().parent / "model_v2", scenes.RES_V2
@@ -49,10 +52,7 @@ METHODS = {
 
 def load_pipeline(model_dir=MODEL_DIR, device="cpu", dtype=torch.float32):
     """Our pipeline over the toy model (imported from the repository root)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipeline_negative_prompt_inversion import NegativePromptInversionPipeline
+    from negative_prompt_inversion import NegativePromptInversionPipeline
 
     kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # the folder stores fp16; fp32 is the default
     pipe = NegativePromptInversionPipeline.from_pretrained(str(model_dir), **kwargs).to(device)
@@ -90,31 +90,6 @@ def compact_json(value) -> str:
         return [cut(x) for x in v] if isinstance(v, (list, tuple)) else v
 
     return json.dumps(cut(value), separators=(",", ":"))
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """PSNR in dB of images in [0, 1]; over ``mask`` pixels only when given."""
-    error = (a.float() - b.float()) ** 2
-    if mask is not None:
-        mask = mask.expand_as(error)
-        if not mask.any():
-            return float("nan")
-        error = error[mask]
-    return float(10 * torch.log10(1 / error.mean().clamp_min(1e-10)))
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Structural similarity (Wang et al. 2004) with an 11×11 Gaussian window (σ 1.5), averaged over channels."""
-    coords = torch.arange(11, dtype=torch.float32) - 5
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
-    a, b = a.float()[None], b.float()[None]
-    blur = lambda x: F.conv2d(x, window, groups=3)  # noqa: E731
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(value.mean())
 
 
 def judge_size(image: torch.Tensor) -> torch.Tensor:

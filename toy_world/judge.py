@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from . import scenes as S
 from .scenes import H, W
 
+
 MIN_AREA = 30            # px; smaller components count as "object missing"
 MIN_IOU = 0.7            # template IoU below this = no recognisable shape (clean renders >= 0.88)
 MIN_BACKGROUND_FRAC = 0.3

@@ -1,36 +1,15 @@
-"""PIE-Bench folders: write the toy world's edit pairs as one, and read any.
+"""The toy world as PIE-Bench: write its edit pairs as a PIE-Bench folder, read one back with its exact ground truth,
+and score edits against that truth.
 
-PIE-Bench (Ju et al., "Direct Inversion"; cure-lab/PnPInversion) is a folder::
-
-    annotation_images/<type>_<name>/<id>.jpg   the source images (512 x 512 there; any square size here)
-    mapping_file.json                          {id: entry}, id a 12-digit string
-
-with one entry per edit::
-
-    image_path           relative to annotation_images/
-    original_prompt      the source caption; "[...]" marks the words the edit changes
-    editing_prompt       the target caption, "[...]" marking the new words (brackets are stripped before use)
-    editing_instruction  the edit as an instruction
-    editing_type_id      "0".."9" (EDITING_TYPES)
-    blended_word         "source_word target_word" (prompt-to-prompt's local-blend words)
-    mask                 the edited region, run-length encoded: flat list [start, length, start, length, ...]
-                         over the row-major flattened H x W image, 1 = edited
-
-Mask convention, as PnPInversion's ``mask_decode``: a run's length is clipped at the end of the image, and the
-decoder then sets the 1-px image border to 1 (edited), "to avoid annotation errors in boundary". So the
-border never counts as background in the reference metrics; ``decode_mask(..., border=False)`` gives the
-annotation as written. ``encode_mask`` writes the runs of exactly the given mask (border included as is).
-
-The toy world's folder is a valid PIE-Bench folder (PNG images: lossless, and the format does not fix the
-extension). Its exact ground truth goes beside, in files PIE-Bench readers ignore: ``toy_world_truth.json``
-(the ``make_pairs`` arguments, each id's pair index and kind) and ``toy_world_truth/<id>.png`` (the true
-edited image).
+The format itself (manifests, masks, the reference's metrics) is the product's ``negative_prompt_inversion.pie_bench``.
+The toy world's folder is a valid PIE-Bench folder (PNG images: lossless, and the format does not fix the extension).
+Its exact ground truth goes beside, in files PIE-Bench readers ignore: ``toy_world_truth.json`` (the ``make_pairs``
+arguments, each id's pair index and kind) and ``toy_world_truth/<id>.png`` (the true edited image).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,42 +17,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from negative_prompt_inversion.pie_bench import (
+    EDITING_TYPES,
+    encode_mask,
+    load_image,
+    load_mask,
+    psnr,
+    quantise,
+    read_manifest,
+)
+
 from . import scenes
 
-# PIE-Bench's editing_type_id values (the folder-name prefixes of annotation_images/).
-EDITING_TYPES = {
-    "0": "random", "1": "change_object", "2": "add_object", "3": "delete_object", "4": "change_attribute_content",
-    "5": "change_attribute_pose", "6": "change_attribute_color", "7": "change_attribute_material",
-    "8": "change_background", "9": "change_style",
-}
+
 # Toy edit kind -> PIE-Bench type. A shape swap changes what the object is; stripes and dots are its material.
 TOY_EDIT_TYPES = {"colour": "6", "shape": "1", "pattern": "7", "background": "8"}
-
-
-# --------------------------------------------------------------------------------------------------- masks
-
-
-def encode_mask(mask) -> list[int]:
-    """Run-length code of a boolean [H, W] mask: [start, length, ...] over the row-major flattening."""
-    flat = np.asarray(mask, dtype=bool).reshape(-1)
-    padded = np.concatenate([[False], flat, [False]])
-    edges = np.flatnonzero(padded[1:] != padded[:-1])  # run starts and ends alternate
-    starts, ends = edges[0::2], edges[1::2]
-    return np.stack([starts, ends - starts], axis=1).reshape(-1).astype(int).tolist()
-
-
-def decode_mask(encoded, shape=(512, 512), border: bool = True) -> np.ndarray:
-    """Boolean [H, W] mask from PIE-Bench's run-length code (1 = edited). ``border=True`` reproduces
-    PnPInversion's decoder, which marks the 1-px image border as edited."""
-    height, width = shape
-    flat = np.zeros(height * width, dtype=bool)
-    runs = np.asarray(encoded, dtype=np.int64).reshape(-1, 2)
-    for start, length in runs:
-        flat[start : min(start + length, flat.size)] = True  # runs past the end are clipped
-    mask = flat.reshape(height, width)
-    if border:
-        mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
-    return mask
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -85,15 +43,6 @@ def bracket(caption: str, positions) -> str:
     for p in positions:
         words[p] = f"[{words[p]}]"
     return " ".join(words)
-
-
-def strip_brackets(prompt: str) -> str:
-    return prompt.replace("[", "").replace("]", "")
-
-
-def bracketed(prompt: str) -> list[str]:
-    """The [...] phrases of a PIE-Bench prompt, in order."""
-    return re.findall(r"\[([^\]]*)\]", prompt)
 
 
 def instruction(edit: scenes.Edit) -> str:
@@ -162,52 +111,77 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class PieItem:
-    """One PIE-Bench edit, prompts without brackets; ``truth`` only for toy-world folders."""
+    """One PIE-Bench edit, loaded: the manifest item, its image and mask; ``truth`` only for toy-world folders."""
 
-    id: str
-    image: torch.Tensor            # [3, H, W] float in [0, 1]
-    source_prompt: str
-    target_prompt: str
-    instruction: str
-    editing_type_id: str
-    blended_word: tuple[str, str]
-    mask: torch.Tensor             # bool [H, W], decoded as the reference (border marked edited)
-    entry: dict                    # the raw mapping entry
-    truth: dict | None = None      # toy world: {"edit": scenes.Edit, "target_image": tensor}
+    item: object  # negative_prompt_inversion.pie_bench.Item
+    image: torch.Tensor  # [3, H, W] float in [0, 1]
+    mask: torch.Tensor  # bool [H, W], decoded as the reference (border marked edited)
+    truth: dict | None = None  # toy world: {"edit": scenes.Edit, "target_image": tensor}
+
+    @property
+    def id(self) -> str:
+        return self.item.id
+
+    @property
+    def source_prompt(self) -> str:
+        return self.item.source_prompt
+
+    @property
+    def target_prompt(self) -> str:
+        return self.item.target_prompts[0]
+
+    @property
+    def editing_type_id(self) -> str:
+        return self.item.editing_type
+
+    @property
+    def blended_word(self) -> tuple[str, str]:
+        return self.item.blend or ("", "")
+
+    @property
+    def entry(self) -> dict:
+        return self.item.entry
+
+
+def read_truth(folder) -> dict:
+    """A toy-world PIE-Bench folder's ground truth by id: ``{"edit": scenes.Edit, "target_image": tensor}``; empty
+    for any other folder."""
+    folder = Path(folder)
+    truth_file = folder / "toy_world_truth.json"
+    if not truth_file.exists():
+        return {}
+    from .evaluate import make_pairs
+
+    truth = json.loads(truth_file.read_text())
+    edits = make_pairs(truth["count"], truth["seed"], res=truth["res"])
+    return {key: {"edit": edits[pair["index"]], "target_image": load_image(folder / "toy_world_truth" / f"{key}.png")}
+            for key, pair in truth["pairs"].items()}
 
 
 def read_pie_bench(folder, types=None, limit: int | None = None) -> list[PieItem]:
-    """Load a PIE-Bench folder (the real one or a toy-world one), in the mapping file's order.
-    ``types``: keep only these editing_type_id values."""
+    """Load a PIE-Bench folder (the real one or a toy-world one), in the mapping file's order, with the toy world's
+    ground truth where the folder has it. ``types``: keep only these editing_type_id values."""
     folder = Path(folder)
-    mapping = json.loads((folder / "mapping_file.json").read_text())
-    truth_file = folder / "toy_world_truth.json"
-    truth = json.loads(truth_file.read_text()) if truth_file.exists() else None
-    edits = None
-    if truth is not None:
-        from .evaluate import make_pairs
-
-        edits = make_pairs(truth["count"], truth["seed"], res=truth["res"])
-    items = []
-    for key, entry in mapping.items():
-        if types is not None and entry["editing_type_id"] not in types:
-            continue
-        if limit is not None and len(items) >= limit:
-            break
-        image = load_image(folder / "annotation_images" / entry["image_path"])
-        source_word, target_word = entry["blended_word"].split(" ") if entry.get("blended_word") else ("", "")
-        item = PieItem(
-            id=key, image=image, source_prompt=strip_brackets(entry["original_prompt"]),
-            target_prompt=strip_brackets(entry["editing_prompt"]), instruction=entry.get("editing_instruction", ""),
-            editing_type_id=entry["editing_type_id"], blended_word=(source_word, target_word),
-            mask=torch.from_numpy(decode_mask(entry["mask"], tuple(image.shape[-2:]))), entry=entry,
-        )
-        if truth is not None and key in truth["pairs"]:
-            item.truth = {"edit": edits[truth["pairs"][key]["index"]],
-                          "target_image": load_image(folder / "toy_world_truth" / f"{key}.png")}
-        items.append(item)
-    return items
+    items = [item for item in read_manifest(folder / "mapping_file.json")
+             if types is None or item.editing_type in types][:limit]
+    truth = read_truth(folder)
+    loaded = []
+    for item in items:
+        image = load_image(item.image)
+        loaded.append(PieItem(item, image, load_mask(item, tuple(image.shape[-2:])), truth.get(item.id)))
+    return loaded
 
 
-def load_image(path) -> torch.Tensor:
-    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+def toy_metrics(edited: torch.Tensor, truth: dict) -> dict:
+    """Exact metrics against the toy world's ground truth: edit PSNR against the true edited image, unedited PSNR
+    over background pixels only (exact mask), attribute accuracy and objects kept (the judge)."""
+    from . import evaluate
+
+    edit = truth["edit"]
+    image = quantise(edited)
+    return {
+        "edit_psnr": psnr(image, truth["target_image"]),
+        "unedited_psnr_exact": psnr(image, edit.source_image, ~edit.mask[None]),
+        "attribute_ok": evaluate.attribute_ok(image, edit),
+        "objects_kept": evaluate.objects_kept(image, edit),
+    }

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from . import tokenizer as _tok
 from .vocabulary import COLOURS, FILLER_WORDS, PATTERNS, SHAPES, WORDS  # noqa: F401  (the caption words)
 
+
 H = W = 64     # v1 image size, and the frame of scene units at every resolution
 RES_V2 = 128    # toy world v2 renders the same scenes at 128 px (32 x 32 latent at VAE factor 4)
 MAX_OBJECTS = 3

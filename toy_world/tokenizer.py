@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .vocabulary import WORDS
 
+
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

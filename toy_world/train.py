@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import time
 
+
 _T0 = time.time()  # the --minutes budget counts from process start
 
 import argparse  # noqa: E402
@@ -101,16 +102,16 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
+import diffusers  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from . import judge, scenes, tokenizer  # noqa: E402
 from .grounding import GroundingAttnProcessor  # noqa: E402
+
 
 TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=77)
