@@ -51,11 +51,11 @@ METHODS = {
 
 
 def load_pipeline(model_dir=MODEL_DIR, device="cpu", dtype=torch.float32):
-    """Our pipeline over the toy model (imported from the repository root)."""
+    """The product's pipeline over the toy model, every component in ``dtype`` (cast after loading: each library
+    loads weights in its own default dtype, transformers in the stored one)."""
     from negative_prompt_inversion import NegativePromptInversionPipeline
 
-    kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # the folder stores fp16; fp32 is the default
-    pipe = NegativePromptInversionPipeline.from_pretrained(str(model_dir), **kwargs).to(device)
+    pipe = NegativePromptInversionPipeline.from_pretrained(str(model_dir)).to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
