@@ -74,6 +74,7 @@ from .attention_processors.npi_prompt_to_prompt import (
     self_attention_window,
     stack_edits,
     word_swap,
+    word_token_indices,
 )
 
 
@@ -568,7 +569,9 @@ class LocalBlend:
     Args:
         words (`tuple` or `list`): One image: ``(source_words, target_words)`` (the target words apply to every
             target) or ``[source_words, target_1_words, …]``; several images: one ``(source_words, target_words)``
-            pair per image. Words are a string or a list of strings.
+            pair per image. Words are a string or a list of strings. Prompts are read as the tokenizer reads them:
+            a word matches whatever punctuation surrounds it and whatever its case ("Cat," matches "a cat, on
+            grass"), and a string of several words ("t-shirt", "red cat") matches them consecutively.
         threshold (`float`, defaults to 0.3): Threshold on the words' max-normalised attention.
         start (`float`, defaults to 0.2): Fraction of the steps after which blending starts.
         map_level (`int`, *optional*): Which cross-attention maps the mask is read from, as the number of 2×
@@ -599,7 +602,9 @@ class LocalBlend:
                 positions = find_word(branch.prompt, word, plan.tokenizer)
                 if not positions:
                     role = "source" if branch.is_source else "target"
-                    raise ValueError(f"blend word {word!r} is not in the {role} prompt {branch.prompt!r}.")
+                    raise ValueError(
+                        f"LocalBlend.words: {word!r} is not a word of the {role} prompt {branch.prompt!r}."
+                    )
                 weights[k, positions] = 1.0
         return _LocalBlendStep(
             weights.to(plan.device), _index(plan.targets, plan.device), _index(plan.sources, plan.device),
@@ -635,13 +640,14 @@ class PromptToPrompt:
     Args:
         cross_replace_steps (`float`, `tuple` or `dict`, defaults to 0.4): Cross-attention replacement window: a
             fraction f of the steps (``[0, f)``), a ``(start, end)`` pair, or ``{"default_": f, "word": (a, b)}``
-            giving target words their own windows.
+            giving target words their own windows (words match as `LocalBlend`'s do).
         self_replace_steps (`float` or `tuple`, defaults to 0.6): Self-attention replacement window (in every
             layer below full latent resolution, the references' "≤ 32²" at 512 px).
         edit_type (`str`, *optional*): ``"replace"`` (word swap, equal word counts) or ``"refine"`` (added or
-            removed words); `None` picks per target by word count. PnPInversion's PIE-Bench runs refine every pair.
+            removed words); `None` picks per target by word count. Words are the tokenizer's: punctuation is no
+            word and any whitespace separates words. PnPInversion's PIE-Bench runs refine every pair.
         reweight (`dict` or `list[dict]`, *optional*): ``{"word": factor}`` scaling target words' attention (one
-            dict for every target, or one per target).
+            dict for every target, or one per target). Words match as `LocalBlend`'s do.
         local_blend (`LocalBlend`, *optional*): Keep the image outside the edited words' attention.
     """
 
@@ -691,7 +697,8 @@ class PromptToPrompt:
     def token_edit(self, branch: "Branch", weights: dict | None, tokenizer):
         """The edit of one target's cross-attention maps: word swap for equal word counts, else refinement."""
         source, target = branch.source_prompt, branch.prompt
-        edit_type = self.edit_type or ("replace" if len(source.split(" ")) == len(target.split(" ")) else "refine")
+        same_count = len(word_token_indices(source, tokenizer)) == len(word_token_indices(target, tokenizer))
+        edit_type = self.edit_type or ("replace" if same_count else "refine")
         edit = (word_swap if edit_type == "replace" else refinement)(source, target, tokenizer)
         return reweighting(edit, target, weights, tokenizer) if weights else edit
 
@@ -1230,10 +1237,12 @@ class NegativePromptInversionPipeline(
 
         On SDXL both tokenizers must split the prompt alike (they share CLIP's BPE vocabulary; only their padding
         differs, EOS versus "!"): prompt-to-prompt edits, refinement alignment and the truncation checks all use
-        the first tokenizer's positions for the concatenated embedding of both encoders.
+        the first tokenizer's positions for the concatenated embedding of both encoders. The pieces' text is
+        compared, not their ids: tokenizer_2 reads a typed "!" as its padding token, the same piece at the same
+        position under another id.
         """
         ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-        if self.is_sdxl and self.tokenizer_2(prompt, add_special_tokens=False).input_ids != ids:
+        if self.is_sdxl and _piece_texts(self.tokenizer_2, prompt) != _piece_texts(self.tokenizer, prompt):
             raise ValueError(
                 f"tokenizer and tokenizer_2 split {prompt!r} into different tokens; prompt-to-prompt needs SDXL's pair"
                 " of tokenizers with one BPE vocabulary."
@@ -2135,6 +2144,12 @@ def _blend_words_per_branch(branches: list[Branch], blend_words, num_images: int
             used[branch.image] += 1
             words.append(per_image[branch.image][used[branch.image]])
     return words
+
+
+def _piece_texts(tokenizer, prompt: str) -> list[str]:
+    """The BPE pieces of ``prompt`` (no BOS / EOS) without CLIP's word-end marker."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    return [piece.removesuffix("</w>") for piece in tokenizer.convert_ids_to_tokens(ids)]
 
 
 def _per_target(value, count: int, name: str) -> list:

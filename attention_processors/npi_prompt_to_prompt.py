@@ -28,41 +28,84 @@ import torch.nn.functional as F
 # Words and tokens
 
 
-def word_token_indices(prompt: str, tokenizer) -> list[list[int]]:
-    """Token positions (BOS = 0) of each space-separated word of ``prompt``; multi-token words get all theirs.
+def _pre_tokens(prompt: str, tokenizer) -> tuple[list[int], list[tuple[range, bool]]]:
+    """The prompt's token ids (no BOS / EOS, untruncated) and its pre-tokens: each run of ids that BPE encodes on
+    its own, as ``(range of indices into the ids, whether it is a word)``.
 
-    CLIP's pre-tokeniser never merges across spaces, so tokenising word by word reproduces the prompt's tokens;
-    this is checked, so a tokenizer that breaks the assumption fails loudly instead of misplacing edits.
+    CLIP's tokenizer normalises the text (it lower-cases and drops whitespace), splits it into letter runs, single
+    digits, contractions ("'s") and runs of other symbols, and marks the last BPE piece of each with "</w>"; added
+    tokens (textual inversion's, SDXL tokenizer_2's "!") stand alone. A pre-token with a letter or digit is a word;
+    the others are punctuation, never part of a word. Each pre-token must tokenise alone to the ids it has in the
+    prompt (checked), so words compare by token ids, exactly as case-insensitive as the tokenizer.
     """
-    max_len = tokenizer.model_max_length
-    words = prompt.split(" ")
-    indices, position = [], 1
-    for word in words:
-        count = len(tokenizer(word, add_special_tokens=False).input_ids)
-        indices.append([p for p in range(position, position + count) if p < max_len - 1])
-        position += count
-    expected = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-    if position - 1 != expected:
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    added = set(tokenizer.get_added_vocab().values())
+    standalone = [i in added for i in ids]
+    ends = [k + 1 for k, piece in enumerate(pieces) if piece.endswith("</w>") or any(standalone[k : k + 2])]
+    if ids and ends[-1:] != [len(ids)]:
         raise ValueError(
-            f"Cannot map the words of {prompt!r} to tokens: word-by-word tokenisation gives {position - 1} tokens,"
-            f" the whole prompt {expected}."
+            f"prompt-to-prompt needs CLIP's BPE tokenizer, which ends each word's last token with '</w>';"
+            f" {type(tokenizer).__name__} tokenises {prompt!r} as {pieces}."
         )
-    return indices
+    spans = [range(start, end) for start, end in zip([0] + ends, ends)]
+    # each pre-token's text from its pieces without the word-end marker (not `decode`, which in transformers 5's
+    # CLIPTokenizer stops removing "</w>" once the tokenizer is deep-copied)
+    texts = [tokenizer.convert_tokens_to_string([pieces[k].removesuffix("</w>") for k in span]) for span in spans]
+    alone = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+    if alone != [ids[span.start : span.stop] for span in spans]:
+        raise ValueError(
+            f"Cannot map the words of {prompt!r} to tokens: its pieces {texts} tokenised one by one give {alone},"
+            f" the whole prompt {ids}."
+        )
+    return ids, [(span, any(c.isalnum() for c in text)) for span, text in zip(spans, texts)]
+
+
+def _segments(prompt: str, tokenizer) -> list[list[int]]:
+    """Token positions (BOS = 0; only those the text encoder reads) of the prompt's words and of the punctuation
+    around them, alternating: ``[punctuation before word 1, word 1, punctuation between words 1 and 2, …, word n,
+    punctuation after word n]``."""
+    limit = tokenizer.model_max_length - 1
+    segments = [[]]
+    for span, is_word in _pre_tokens(prompt, tokenizer)[1]:
+        positions = [k + 1 for k in span if k + 1 < limit]
+        if is_word:
+            segments += [positions, []]
+        else:
+            segments[-1] += positions
+    return segments
+
+
+def word_token_indices(prompt: str, tokenizer) -> list[list[int]]:
+    """Token positions (BOS = 0) of each word of ``prompt`` as the tokenizer splits it; multi-token words get all
+    theirs. Punctuation is not part of any word and any whitespace separates words."""
+    return _segments(prompt, tokenizer)[1::2]
 
 
 def find_word(prompt: str, word: str, tokenizer) -> list[int]:
-    """Token positions of every occurrence of ``word`` (a space-free string) in ``prompt``; [] if absent.
+    """Token positions of every occurrence of ``word`` in ``prompt``; [] if absent.
 
-    Raises if ``word`` occurs only past the text encoder's token limit: an edit of it would silently do nothing.
+    ``word`` is matched by its words' token ids, so punctuation around it and letter case (CLIP lower-cases) do not
+    matter; several words ("t-shirt" is "t" and "shirt") match where the prompt has them consecutively. Raises if
+    ``word`` occurs only past the text encoder's token limit: an edit of it would silently do nothing.
     """
-    occurrences = [positions for w, positions in zip(prompt.split(" "), word_token_indices(prompt, tokenizer))
-                   if w == word]
-    if occurrences and not any(occurrences):
+    query_ids, query = _pre_tokens(word, tokenizer)
+    wanted = [tuple(query_ids[k] for k in span) for span, is_word in query if is_word]
+    if not wanted:
+        return []
+    ids, pre_tokens = _pre_tokens(prompt, tokenizer)
+    spans = [span for span, is_word in pre_tokens if is_word]
+    words = [tuple(ids[k] for k in span) for span in spans]
+    n = len(wanted)
+    starts = [i for i in range(len(words) - n + 1) if words[i : i + n] == wanted]
+    occurrences = [k + 1 for i in starts for span in spans[i : i + n] for k in span]
+    positions = [p for p in occurrences if p < tokenizer.model_max_length - 1]
+    if occurrences and not positions:
         raise ValueError(
             f"{word!r} lies past the text encoder's {tokenizer.model_max_length} tokens in {prompt!r}, so it cannot be"
             " edited; shorten the prompt."
         )
-    return [p for positions in occurrences for p in positions]
+    return positions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,32 +139,36 @@ def stack_edits(edits: list[TokenEdit]) -> TokenEdit:
 def word_swap(source: str, target: str, tokenizer) -> TokenEdit:
     """Replacement edit for prompts with equal word counts (P2P §3.2, "word swap").
 
-    Unchanged words map token to token; a swapped word spreads each of its source tokens evenly over the target
-    word's tokens (weight 1/len) when the token counts differ. Unlike the reference, the tail after the last swap
-    (EOS and padding) stays aligned when a swap changed the token count.
+    Words pair up in order, and so does the punctuation before, between and after them. Unchanged words map token
+    to token; a swapped word spreads each of its source tokens evenly over the target word's tokens (weight 1/len)
+    when the token counts differ; target tokens the source lacks (punctuation, or words past its token limit) keep
+    the target's own map. Unlike the reference, the tail after the last swap (EOS and padding) stays aligned when a
+    swap changed the token count.
     """
-    source_words, target_words = source.split(" "), target.split(" ")
-    if len(source_words) != len(target_words):
+    source_segments, target_segments = _segments(source, tokenizer), _segments(target, tokenizer)
+    if len(source_segments) != len(target_segments):
         raise ValueError(
-            f"edit_type='replace' needs equal word counts, got {len(source_words)} words in {source!r} and"
-            f" {len(target_words)} in {target!r}; use edit_type='refine' (or None) for added or removed words."
+            f"edit_type='replace' needs equal word counts, got {len(source_segments) // 2} words in {source!r} and"
+            f" {len(target_segments) // 2} in {target!r}; use edit_type='refine' (or None) for added or removed"
+            " words."
         )
     max_len = tokenizer.model_max_length
     matrix = torch.zeros(max_len, max_len)
+    keep = torch.zeros(max_len)
     matrix[0, 0] = 1.0
-    source_tokens = word_token_indices(source, tokenizer)
-    target_tokens = word_token_indices(target, tokenizer)
-    for src, tgt in zip(source_tokens, target_tokens):
+    for src, tgt in zip(source_segments, target_segments):
         if len(src) == len(tgt):
             matrix[src, tgt] = 1.0
         elif src and tgt:
             matrix[torch.tensor(src)[:, None], torch.tensor(tgt)[None, :]] = 1.0 / len(tgt)
-    i = 1 + sum(map(len, source_tokens))
-    j = 1 + sum(map(len, target_tokens))
+        else:
+            keep[tgt] = 1.0
+    i = 1 + sum(map(len, source_segments))
+    j = 1 + sum(map(len, target_segments))
     while i < max_len and j < max_len:
         matrix[i, j] = 1.0
         i, j = i + 1, j + 1
-    return TokenEdit(matrix, torch.zeros(max_len), torch.ones(max_len))
+    return TokenEdit(matrix, keep, torch.ones(max_len))
 
 
 def align_tokens(x: list[int], y: list[int]) -> list[int]:
@@ -181,7 +228,7 @@ def reweighting(edit: TokenEdit, target: str, weights: dict[str, float], tokeniz
             raise ValueError(f"reweight factor of {word!r} must be a finite number, got {factor!r}.")
         positions = find_word(target, word, tokenizer)
         if not positions:
-            raise ValueError(f"reweight word {word!r} is not in the target prompt {target!r}.")
+            raise ValueError(f"PromptToPrompt.reweight: {word!r} is not a word of the target prompt {target!r}.")
         scale[positions] = float(factor)
     return TokenEdit(edit.matrix, edit.keep, scale)
 
@@ -219,7 +266,9 @@ def cross_attention_window(num_steps: int, targets: list[str], cross_replace_ste
     for word, window in windows.items():
         found = [find_word(target, word, tokenizer) for target in targets]
         if not any(found):
-            raise ValueError(f"cross_replace_steps word {word!r} is in none of the target prompts {targets!r}.")
+            raise ValueError(
+                f"PromptToPrompt.cross_replace_steps: {word!r} is not a word of any target prompt {targets!r}."
+            )
         for t, positions in enumerate(found):
             if positions:
                 fill(window, t, positions)
