@@ -985,18 +985,53 @@ class _CUDAGraphUNet:
     every step. Graphs read the control's tensors in place: a later call whose control has the same structure
     therefore gets the earlier control objects back with its own values copied in (`adopt`), and replays the same
     graphs; nothing is recaptured or recompiled. Non-CUDA inputs run eagerly.
+
+    ``compile``: ``False``; ``True`` / ``"whole"`` (the whole UNet as one inductor graph); ``"regional"`` (each block
+    of `regional_blocks` compiled on its own, so blocks of one class and shape share one compiled graph). Regional
+    code runs only while this runner warms up and captures a graph: every other caller of the UNet (NTI's gradient
+    passes, CPU inputs, other pipelines sharing it) keeps the eager UNet.
     """
 
     max_graphs = 8  # least recently used graphs beyond this are released
+    # diffusers' own `_repeated_blocks` of UNet2DConditionModel (its transformer blocks) plus the resnets and the
+    # resamplers between them, whose normalisation and activations inductor fuses like the whole-model compile does.
+    regional_blocks = ("BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+    regional_dynamic = False  # static shapes: one kernel set per block shape, as the whole-model compile
 
-    def __init__(self, unet, compile: bool = False):
+    def __init__(self, unet, compile: bool | str = False):
         self.unet, self.compile = unet, compile
         # dynamic=False: one static kernel set per batch size instead of a slower dynamic-shape one
-        self.forward = torch.compile(unet, dynamic=False) if compile else unet
+        self.forward = torch.compile(unet, dynamic=False) if compile in (True, "whole") else unet
+        self.regions = self._compile_regions(unet) if compile == "regional" else {}
         self.graphs = OrderedDict()
         self.captures = 0
         self.controls = {}  # structure -> (control, its tensors)
         self.key = None
+
+    def _compile_regions(self, unet) -> dict:
+        """Block -> its compiled call, as ``nn.Module.compile`` would install it (torch.compile is lazy: nothing
+        compiles before the first capture)."""
+        names = set(self.regional_blocks) | set(getattr(unet, "_repeated_blocks", None) or ())
+        blocks = [module for module in unet.modules() if type(module).__name__ in names]
+        # Every shape of a block class is one cache entry of its forward (SD 1.5: ~24 per batch size, against
+        # dynamo's default limit of 8, past which it would silently run the block eagerly).
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "accumulated_recompile_limit"):
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 1024))
+        return {block: torch.compile(block._call_impl, dynamic=self.regional_dynamic) for block in blocks}
+
+    @contextmanager
+    def _compiled_regions(self):
+        """Route the regional blocks through their compiled calls for the duration (replays need no Python)."""
+        saved = {block: block._compiled_call_impl for block in self.regions}
+        for block, compiled in self.regions.items():
+            block._compiled_call_impl = compiled
+        try:
+            yield
+        finally:
+            for block, previous in saved.items():
+                block._compiled_call_impl = previous
 
     def adopt(self, control: _Control) -> _Control:
         """The control to install: the first one seen with this structure, holding ``control``'s values."""
@@ -1009,10 +1044,10 @@ class _CUDAGraphUNet:
         return kept
 
     def refresh_key(self) -> None:
-        """Key the next graphs on the installed processors and the weights' storage (a moved, cast or re-adapted
-        UNet must not replay graphs that read the old tensors)."""
+        """Key the next graphs on the installed processors and the weights' storage (a moved, cast, re-adapted or
+        quantised UNet must not replay graphs that read the old tensors)."""
         processors = tuple(id(processor) for processor in self.unet.attn_processors.values())
-        self.key = (processors, tuple(parameter.data_ptr() for parameter in self.unet.parameters()))
+        self.key = (processors, tuple(_storage_pointers(parameter) for parameter in self.unet.parameters()))
 
     def __call__(self, latents, timestep, embeds, added_cond: dict | None = None):
         inputs = {"latents": latents, "timestep": timestep, "embeds": embeds, **(added_cond or {})}
@@ -1030,17 +1065,31 @@ class _CUDAGraphUNet:
         static = {name: tensor.clone() for name, tensor in inputs.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            output = _unet_forward(self.forward, static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static["output"] = _unet_forward(self.forward, static)
+        with self._compiled_regions():
+            with torch.cuda.stream(side):
+                output = _unet_forward(self.forward, static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static["output"] = _unet_forward(self.forward, static)
         self.graphs[key] = (graph, static)
         self.captures += 1
         if len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
         return output
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    """A weight that torchao replaced by a tensor subclass (plain weights are ``Parameter`` or ``Tensor``)."""
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def _storage_pointers(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Where a tensor's data lives; for a tensor subclass (torchao's FP8 weights), where its inner tensors' do."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return tuple(pointer for name in names for pointer in _storage_pointers(getattr(tensor, name)))
+    return (tensor.data_ptr(),)
 
 
 # =================================================================================================================
@@ -1349,7 +1398,7 @@ class NegativePromptInversionPipeline(
         final = scheduler.final_alpha_cumprod.to(device=device, dtype=alphas.dtype)
         return timesteps, alphas, torch.cat([alphas[1:], final[None]])
 
-    def enable_cuda_graphs(self, compile: bool = False) -> None:
+    def enable_cuda_graphs(self, compile: bool | str = False) -> None:
         """Replay the UNet as CUDA graphs inside `invert` and `__call__` (CUDA only; off by default).
 
         The stock UNet is launch-bound on fast GPUs; a replayed graph removes the per-kernel launch cost. Graphs are
@@ -1358,12 +1407,64 @@ class NegativePromptInversionPipeline(
         exact because its per-step switches live in device tensors. NTI's gradient passes always run eagerly.
 
         Args:
-            compile (`bool`, defaults to False): Also compile the UNet with `torch.compile` (inductor, static
-                shapes) before capturing. The first call per batch size and kind of control then takes about
-                1–1.5 min to compile; afterwards each UNet step takes ~45% less time (H100). A channels-last UNet
-                (``pipe.unet.to(memory_format=torch.channels_last)``) is faster still.
+            compile (`bool` or `str`, defaults to False): Also compile the UNet with `torch.compile` (inductor, static
+                shapes) before capturing. ``True`` or ``"whole"``: the whole UNet as one graph; its first call per
+                batch size and kind of control compiles for about 1–1.5 min, after which each UNet step takes ~45%
+                less time (H100). ``"regional"``: each repeated block (transformer blocks, resnets, resamplers)
+                compiled on its own, so blocks of one class and shape share one compiled graph (fewer distinct
+                graphs to trace; the same fusions inside each block), and only while graphs are captured: the UNet
+                stays eager for every other caller. It raises dynamo's recompile limit, since each block shape is
+                one cache entry of its class. A channels-last UNet
+                (``pipe.unet.to(memory_format=torch.channels_last)``) is faster still. Compiled code is cached on
+                disk by inductor (``TORCHINDUCTOR_CACHE_DIR``, default a folder under the system's temporary
+                directory), so a new process compiling the same shapes mostly loads it; point the variable at a
+                persistent folder to keep that across reboots.
         """
+        if compile not in (False, True, "whole", "regional"):
+            raise ValueError(f"compile must be False, True (or 'whole') or 'regional', got {compile!r}.")
         self._cuda_graphs = _CUDAGraphUNet(self.unet, compile)
+
+    def enable_fp8(self) -> int:
+        """Run the UNet's linear layers in FP8 on Ada / Hopper GPUs (compute capability 8.9 or newer). Opt-in.
+
+        Applies torchao's ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`` (the quantisation
+        library diffusers documents): weights are stored in ``float8_e4m3fn`` with one scale per output row, and each
+        activation is quantised per row on the fly, so the matrix products run on the FP8 tensor cores.
+        Convolutions and attention stay in bfloat16; torchao leaves linear layers whose input or output width is
+        not a multiple of 16 as they are. Combine with `enable_cuda_graphs` (``compile="regional"`` or ``True``)
+        so that inductor fuses the activation quantisation into the surrounding kernels.
+
+        Irreversible on this UNet (its weights are replaced): reload the UNet to go back to bfloat16. Inductor's
+        global settings are left alone (``set_inductor_config=False``).
+
+        Returns:
+            `int`: the number of linear layers now running in FP8.
+        """
+        device = self.unet.device
+        if device.type != "cuda":
+            raise RuntimeError(f"enable_fp8() needs the UNet on a CUDA GPU with FP8 tensor cores; it is on {device}.")
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise RuntimeError(
+                f"enable_fp8() needs compute capability 8.9 or newer (Ada, Hopper); {torch.cuda.get_device_name(device)}"
+                f" has {capability[0]}.{capability[1]}."
+            )
+        if self.unet.dtype != torch.bfloat16:
+            raise ValueError(
+                f"enable_fp8() needs a bfloat16 UNet (per-row FP8 scales are taken from bfloat16 weights); it is "
+                f"{self.unet.dtype}: load it with torch_dtype=torch.bfloat16 or call pipe.unet.to(torch.bfloat16)."
+            )
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        except ImportError as error:
+            raise ImportError("enable_fp8() needs torchao: `pip install torchao`.") from error
+
+        def still_bfloat16(module, name=None) -> bool:
+            return isinstance(module, torch.nn.Linear) and not _is_quantized(module.weight)
+
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+        quantize_(self.unet, config, filter_fn=still_bfloat16)  # a second call converts nothing twice
+        return sum(isinstance(module, torch.nn.Linear) and not still_bfloat16(module) for module in self.unet.modules())
 
     def disable_cuda_graphs(self) -> None:
         """Run the UNet eagerly again and release the captured graphs."""

@@ -13,8 +13,10 @@ with random weights from ``speed.py`` (no downloads; speed does not depend on th
 
 Each row (mode, batch size): median seconds per batch over ``--repeats`` timed runs after ``--warmup`` untimed ones
 (the first call, which captures CUDA graphs or compiles, is reported separately), edits/s = b / median, peak GPU
-memory and the UNet calls (``pipe.count_unet_calls()``). Modes as in speed.py: ``eager``; ``cuda_graphs``
-(``pipe.enable_cuda_graphs()``); ``compiled`` (channels-last UNet + ``enable_cuda_graphs(compile=True)``, CUDA only).
+memory, the UNet calls (``pipe.count_unet_calls()``) and speed.py's utilisation columns (UNet TFLOP/s, % of a
+measured peak, breakdown). Modes as in speed.py: ``eager``; ``cuda_graphs`` (``pipe.enable_cuda_graphs()``);
+``compiled`` (channels-last UNet + ``enable_cuda_graphs(compile=True)``); ``regional`` (``compile="regional"``).
+``--fp8``: ``pipe.enable_fp8()``.
 
 Under ``accelerate launch --num_processes N`` every process drives its own GPU (``accelerate.PartialState``), all
 start each run together (a barrier before every run), and rank 0 reports the aggregate N × b / (the slowest
@@ -27,6 +29,7 @@ smoke test: the tiny model, 3 steps, 64 px, 1 repeat, batch sizes 1 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -43,20 +46,26 @@ from accelerate.utils import gather_object
 from diffusers.utils import logging as diffusers_logging
 
 from benchmarks.speed import (  # speed.py sets offline env defaults first
+    COMPILE_MODES,
     MODELS,
+    MODES,
     SOURCE,
     SOURCE_WORD,
     TARGET_WORDS,
     TARGETS,
+    add_run_options,
     build_components,
     environment_metadata,
     format_per_call,
     log,
     measure,
+    prepare_run,
     random_image,
     set_pipeline_mode,
     summarize_calls,
+    utilisation_note,
 )
+from benchmarks.utilisation import ComponentTimer, compile_stats, format_breakdown, format_utilisation, row_utilisation
 from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     LocalBlend,
     NegativePromptInversionPipeline,
@@ -64,7 +73,7 @@ from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
 )
 
 
-MODES = ("eager", "cuda_graphs", "compiled")
+DEFAULT_MODES = ("eager", "cuda_graphs", "compiled")
 TARGET_EDITS_PER_S = 2.5  # the batch-editing issue's targets: one H200 …
 TARGET_SCALING_2_GPUS = 1.9  # … and two GPUs against one
 
@@ -75,14 +84,16 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cuda (each process its own GPU) or cpu; default cuda if available")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="images per pipeline call (1 4 8; --quick: 1 2)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
-                        help="default: all three on CUDA, eager on a CPU (where the others run eagerly anyway)")
+                        help="default: eager cuda_graphs compiled on CUDA, eager on a CPU (where the others run eagerly"
+                             " anyway); regional: enable_cuda_graphs(compile='regional')")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps of inversion and of the edit (50; --quick: 3)")
     parser.add_argument("--size", type=int, default=None, help="image side in px (512; --quick: 64)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (3; --quick: 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (the first captures/compiles)")
     parser.add_argument("--model", choices=sorted(MODELS), default=None, help="sd15 (default) or tiny (--quick)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
-                        help="float16 on CUDA, float32 on CPU by default")
+                        help="float16 on CUDA (bfloat16 with --fp8), float32 on CPU by default")
+    add_run_options(parser)
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, 3 steps, 64 px, 1 repeat, batch sizes 1 2")
     parser.add_argument("--baseline-json", type=Path, default=None,
                         help="batch.json of a 1-process run: report scaling against its edits/s per (mode, batch size)")
@@ -95,8 +106,8 @@ def parse_args(argv=None):
     args.size = args.size or (64 if args.quick else 512)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.model = args.model or ("tiny" if args.quick else "sd15")
-    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
-    args.modes = args.modes or (list(MODES) if args.device.startswith("cuda") else ["eager"])
+    args.dtype = args.dtype or ("bfloat16" if args.fp8 else "float16" if args.device.startswith("cuda") else "float32")
+    args.modes = args.modes or (list(DEFAULT_MODES) if args.device.startswith("cuda") else ["eager"])
     return args
 
 
@@ -140,6 +151,8 @@ class BatchBenchmark:
         self.pipe.set_progress_bar_config(disable=True)
         self.mode = None
         self.log("models built")
+        self.work, self.peak, self.attention = prepare_run(self.pipe, args, self.device, self.dtype, self.meta,
+                                                           self.log)
 
     def log(self, message: str) -> None:
         if self.state.is_main_process:
@@ -180,17 +193,19 @@ class BatchBenchmark:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        components = None if self.work is None else functools.partial(ComponentTimer, self.pipe, self.device)
         stats = measure(self.edit_batch(batch), args.repeats, args.warmup, self.device, self.pipe.count_unet_calls,
-                        before_run=self.state.wait_for_everyone)
+                        before_run=self.state.wait_for_everyone, components=components)
         stats.pop("result")
-        return {**stats, **summarize_calls(stats.pop("counts"))}
+        row = {**stats, **summarize_calls(stats.pop("counts"))}
+        if mode in COMPILE_MODES:
+            row["compile_stats"] = compile_stats()  # the process's totals so far
+        return {**row, **row_utilisation(row, self.work, self.peak, self.attention)}
 
     def run_row(self, mode: str, batch: int) -> None:
         row = {"mode": mode, "batch_size": batch, "processes": self.world, "median_s": None, "error": None}
         if self.time_is_up():
             row["error"] = f"skipped: time budget of {self.args.time_budget:.0f}s spent"
-        elif mode == "compiled" and self.device.type != "cuda":
-            row["error"] = "skipped: compiled mode needs CUDA"
         else:
             self.log(f"{mode}, batch {batch} ...")
             try:
@@ -205,6 +220,9 @@ class BatchBenchmark:
             self.log(f"  {row['median_s']:.3f} s/batch → {row['edits_per_s']:.2f} edits/s"
                      + (f" (all {self.world} processes: {row['aggregate_edits_per_s']:.2f})" if self.world > 1 else "")
                      + f"; first call {row['warmup_times_s'][0]:.1f} s" * bool(row.get("warmup_times_s")))
+            if row.get("unet_tflops") is not None:
+                rate, share = format_utilisation(row)
+                self.log(f"  UNet {rate} TFLOP/s, {share} of peak; {format_breakdown(row)}")
         else:
             self.log(f"  {row['error']}")
         self.write()
@@ -273,10 +291,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     if world > 1:
         lines += [(f"Aggregate edits/s = {world} processes × batch / the slowest process's median; every process "
                    "drives its own device, and all start each run together (barrier)."), ""]
+    if meta.get("fp8_linear_layers") is not None:
+        lines += [f"UNet linear layers in FP8 (`pipe.enable_fp8()`): {meta['fp8_linear_layers']} of "
+                  f"{meta['linear_layers']}.", ""]
     lines += [
+        utilisation_note(meta) + (" Columns of rank 0." if world > 1 else ""),
+        "",
         ("| Mode | Batch | Median s/batch | Edits/s (1 process) | Aggregate edits/s | Scaling vs baseline | "
-         "First call s | Peak GiB | UNet calls | Samples/call | Notes |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+         "First call s | UNet TFLOP/s | % peak | Breakdown s | Peak GiB | UNet calls | Samples/call | Notes |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for row in rows:
         def number(key, fmt="{:.2f}", row=row):
@@ -285,10 +308,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         first = f"{row['warmup_times_s'][0]:.1f}" if row.get("warmup_times_s") else "—"
         scaling = number("scaling_vs_baseline", "{:.2f}×")
         notes = (row.get("error") or "")[:200].replace("|", "/")
+        rate, share = format_utilisation(row)
         lines.append(
             f"| {row['mode']} | {row['batch_size']} | {number('median_s', '{:.3f}')} | {number('edits_per_s')} | "
-            f"{number('aggregate_edits_per_s')} | {scaling} | {first} | {number('peak_mem_gib')} | "
-            f"{row.get('unet_calls') or '—'} | {format_per_call(row.get('samples_per_call'))} | {notes} |"
+            f"{number('aggregate_edits_per_s')} | {scaling} | {first} | {rate} | {share} | {format_breakdown(row)} | "
+            f"{number('peak_mem_gib')} | {row.get('unet_calls') or '—'} | "
+            f"{format_per_call(row.get('samples_per_call'))} | {notes} |"
         )
     best = max((row for row in rows if row.get("aggregate_edits_per_s")), key=lambda r: r["aggregate_edits_per_s"],
                default=None)

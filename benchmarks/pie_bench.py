@@ -236,7 +236,10 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float16", "float32"], help="default: fp16 on CUDA")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="default: fp16 on CUDA (bfloat16 with --fp8)")
+    p.add_argument("--fp8", action="store_true",
+                   help="run the UNet's linear layers in FP8 (pipe.enable_fp8(): torchao, CUDA sm_89+, bfloat16)")
     p.add_argument("--peer-limit", type=int, default=None, metavar="N",
                    help="run LEDITS++ on the first N items only (rounded up to whole batches)")
     p.add_argument("--grid", type=int, default=8, help="items in OUT/examples.png (0: none)")
@@ -250,8 +253,12 @@ def main(argv=None):
     items = pie_bench.read_pie_bench(args.data, types=args.types, limit=args.limit)
     if not items:
         p.error(f"no items in --data {args.data} (with --types {args.types}, --limit {args.limit})")
-    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    dtype = getattr(torch, pipe_dtype(args))
     pipe = evaluate.load_pipeline(args.model, device=args.device, dtype=dtype)
+    if args.fp8:  # recorded with the arguments: how many of the UNet's linear layers torchao could convert
+        args.linear_layers = sum(isinstance(module, torch.nn.Linear) for module in pipe.unet.modules())
+        args.fp8_linear_layers = pipe.enable_fp8()
+        print(f"FP8: {args.fp8_linear_layers} of {args.linear_layers} UNet linear layers", flush=True)
     learned = pie_format.LearnedMetrics(args.device)
     for message in learned.skipped.values():
         print(message, flush=True)
@@ -302,9 +309,16 @@ def write_results(out: Path, args, records: dict, reconstruction: dict, skipped:
               "reconstruction": reconstruction}
     (out / "pie_bench.json").write_text(evaluate.compact_json(result))
     table = markdown(result)
+    precision = (f", FP8 linear layers {args.fp8_linear_layers} of {args.linear_layers}" if args.fp8 else "")
     (out / "pie_bench.md").write_text(f"Items from `{args.data}`, model `{args.model}`, {args.steps} steps, "
-                                      f"guidance {args.guidance}, protocol `{args.protocol}`\n\n" + table)
+                                      f"guidance {args.guidance}, protocol `{args.protocol}`, {pipe_dtype(args)}"
+                                      f"{precision}\n\n" + table)
     return table
+
+
+def pipe_dtype(args) -> str:
+    """The pipeline's dtype: ``--dtype``, else float16 on CUDA (bfloat16 for FP8), float32 on a CPU."""
+    return args.dtype or ("bfloat16" if args.fp8 else "float16" if args.device.startswith("cuda") else "float32")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ sees CUDA-graph replays; a forward pre-hook on the UNet for the peers).
 Rows (each a median of the timed runs after ``--warmup`` untimed runs; torch.cuda.synchronize around each):
 
   ours (NPI), in three modes: ``eager``; ``cuda_graphs`` (``pipe.enable_cuda_graphs()``); ``compiled`` (a
-  channels-last UNet and ``pipe.enable_cuda_graphs(compile=True)``, CUDA only, the rows of COMPILED_ROWS: each new
-  batch size compiles for about a minute). Graphs and compiled code persist across the rows of a mode, as across a
-  user's calls; the first call (capture, compilation) is the warm-up and is reported.
+  channels-last UNet and ``pipe.enable_cuda_graphs(compile=True)``, the rows of COMPILED_ROWS: each new batch size
+  compiles for about a minute); and on request ``regional`` (the same with ``compile="regional"``). Graphs and
+  compiled code persist across the rows of a mode, as across a user's calls; the first call (capture, compilation)
+  is the warm-up and is reported.
     - invert alone (text + VAE encode + 50 DDIM inversion steps)
     - reconstruction ``pipe(inversion=inv)``  (50 steps + VAE decode to PIL)
     - P2P edit, 1 target   (word swap, cross 0.4 / self 0.6, local blend)
@@ -35,6 +36,11 @@ are left (a compilation cannot be cut short). SDXL (``--model sdxl``, 1024 px by
 fits one GPU session: NPI invert, P2P edit (1 target) and the headline in every mode; LEDITS++ SDXL
 (``LEditsPPPipelineStableDiffusionXL``) on the same modules; NTI invert and its P2P edit (not the ``"null"``
 initialisation, whose 10 inner steps per timestep at 1024 px cost minutes).
+
+Every row also reports its UNet TFLOP/s (FLOPs counted by ``torch.utils.flop_counter``), that as a fraction of a
+bfloat16 matrix-product peak measured in the same process, and where its time goes (UNet, attention, VAE, text
+encoders, other): ``benchmarks/utilisation.py``. ``--fp8`` runs the UNet's linear layers in FP8
+(``pipe.enable_fp8()``).
 
 Writes DIR/speed.json (rows + metadata, rewritten after every row so a killed run keeps partial results) and
 DIR/speed.md (the table), and prints the table last. ``--quick`` is a smoke test: 5 steps, 256 px, 1 repeat,
@@ -78,12 +84,24 @@ from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler,
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from benchmarks.utilisation import (
+    AttentionTimes,
+    ComponentTimer,
+    compile_stats,
+    format_breakdown,
+    format_utilisation,
+    measure_peak,
+    row_utilisation,
+    unet_inputs,
+    unet_work,
+)
 from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     LocalBlend,
     MasaCtrl,
     NegativePromptInversionPipeline,
     PromptToPrompt,
     UNetCallLog,
+    _CUDAGraphUNet,
 )
 from toy_world.tokenizer import write_word_tokenizer
 
@@ -279,42 +297,44 @@ def hooked_unet_calls(unet):
 
 
 def measure(fn, repeats: int, warmup: int, device: torch.device, count_calls=None,
-            deadline: float | None = None, before_run=None) -> dict:
+            deadline: float | None = None, before_run=None, components=None) -> dict:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and peak GPU memory.
 
     The UNet calls of the first run (warm-up or timed) are counted with ``count_calls()``, a context manager
     yielding a `UNetCallLog`. Timed runs stop early past ``deadline`` (a ``time.perf_counter`` value), keeping at
     least one. ``before_run()``, if given, is called right before each run starts its clock (a barrier that makes
-    several processes start together).
+    several processes start together). ``components()``, if given, is a `ComponentTimer` for each timed run; the
+    breakdown of the run at the median is returned (its events cost microseconds per UNet call, on the host only).
     """
     counts = None
 
-    def timed_run():
+    def timed_run(timer=None):
         """One synchronised run of ``fn``; the UNet calls of the very first run are counted."""
         nonlocal counts
         counting = count_calls if count_calls is not None and counts is None else contextlib.nullcontext
         if before_run is not None:
             before_run()
-        with counting() as log:
+        with counting() as log, timer or contextlib.nullcontext():
             start = time.perf_counter()
             result = fn()
             synchronize(device)
             seconds = time.perf_counter() - start
         counts = counts or log
-        return result, seconds
+        return result, seconds, timer and timer.breakdown(seconds)
 
     warmup_times = []
     for _ in range(warmup):
-        result, seconds = timed_run()
+        result, seconds, _ = timed_run()
         warmup_times.append(seconds)
-    times, peak = [], 0
+    times, breakdowns, peak = [], [], 0
     for _ in range(repeats):
         gc.collect()
         synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        result, seconds = timed_run()
+        result, seconds, parts = timed_run(components and components())
         times.append(seconds)
+        breakdowns.append(parts)
         if device.type == "cuda":
             peak = max(peak, torch.cuda.max_memory_allocated(device))
         if deadline is not None and time.perf_counter() > deadline:
@@ -324,29 +344,70 @@ def measure(fn, repeats: int, warmup: int, device: torch.device, count_calls=Non
         "times_s": times,
         "warmup_times_s": warmup_times,
         "peak_mem_gib": peak / 2**30 if device.type == "cuda" else None,
+        "breakdown": breakdowns[sorted(range(len(times)), key=times.__getitem__)[(len(times) - 1) // 2]],
         "counts": counts,
         "result": result,
     }
 
 
 def set_pipeline_mode(pipe: NegativePromptInversionPipeline, mode: str) -> None:
-    """eager; cuda_graphs (``enable_cuda_graphs()``); compiled (channels-last UNet +
-    ``enable_cuda_graphs(compile=True)``)."""
+    """eager; cuda_graphs (``enable_cuda_graphs()``); compiled / regional (channels-last UNet +
+    ``enable_cuda_graphs(compile=True)`` / ``compile="regional"``)."""
     pipe.disable_cuda_graphs()
-    pipe.unet.to(memory_format=torch.channels_last if mode == "compiled" else torch.contiguous_format)
+    pipe.unet.to(memory_format=torch.channels_last if mode in COMPILE_MODES else torch.contiguous_format)
     if mode != "eager":
-        pipe.enable_cuda_graphs(compile=mode == "compiled")
+        pipe.enable_cuda_graphs(compile=COMPILE_MODES.get(mode, False))
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options of speed.py and batch.py alike: FP8, utilisation, the regional mode's variants."""
+    parser.add_argument("--fp8", action="store_true",
+                        help="pipe.enable_fp8() (torchao, FP8 linear layers; CUDA sm_89+; bfloat16, the default then)")
+    parser.add_argument("--no-utilisation", action="store_true",
+                        help="skip the peak matrix product, the FLOP count and the breakdown of each row")
+    parser.add_argument("--regional-dynamic", action="store_true",
+                        help="regional mode compiles its blocks with dynamic shapes (fewer compilations)")
+    parser.add_argument("--regional-blocks", nargs="+", default=None,
+                        help="block class names the regional mode compiles (default: the pipeline's choice)")
+
+
+def prepare_run(pipe, args, device: torch.device, dtype: torch.dtype, meta: dict, say=log):
+    """Before any row: the utilisation basis (peak rate; the eager UNet's FLOPs and attention shapes per sample),
+    then FP8 if asked, then the regional mode's settings. Returns ``(work, peak, attention)``, `None`s without
+    utilisation."""
+    work = peak = attention = None
+    if not args.no_utilisation:
+        peak = measure_peak(device)
+        work = unet_work(pipe, args.size, device, dtype)
+        attention = AttentionTimes(work["attention_calls"], device)
+        meta.update(peak, unet_gflop_per_sample=work["flops_per_sample"] / 1e9,
+                    attention_calls_per_sample=len(work["attention_calls"]))
+        say(f"peak {peak['peak_tflops']:.4g} TFLOP/s ({peak['peak_matmul']}); UNet "
+            f"{meta['unet_gflop_per_sample']:.1f} GFLOP per sample, {len(work['attention_calls'])} attention calls")
+    if args.fp8:  # after the FLOP count, which runs the eager bfloat16 UNet
+        meta["linear_layers"] = sum(isinstance(module, torch.nn.Linear) for module in pipe.unet.modules())
+        meta["fp8_linear_layers"] = pipe.enable_fp8()
+        say(f"FP8: {meta['fp8_linear_layers']} of {meta['linear_layers']} UNet linear layers")
+    if args.regional_dynamic:  # experiments only: the pipeline's defaults otherwise
+        _CUDAGraphUNet.regional_dynamic = True
+    if args.regional_blocks:
+        _CUDAGraphUNet.regional_blocks = tuple(args.regional_blocks)
+    meta["regional"] = {"blocks": _CUDAGraphUNet.regional_blocks, "dynamic": _CUDAGraphUNet.regional_dynamic}
+    return work, peak, attention
 
 
 def summarize_calls(log: UNetCallLog | None) -> dict:
     if log is None:
         return {"unet_calls": None, "unet_samples": None, "samples_per_call": None, "unet_calls_with_grad": None}
     sizes = Counter(size for size, _ in log.calls)
+    no_grad = Counter(size for size, grad in log.calls if not grad)
     return {
         "unet_calls": len(log.calls),
         "unet_samples": sum(size for size, _ in log.calls),
         "samples_per_call": {str(size): sizes[size] for size in sorted(sizes)},
         "unet_calls_with_grad": sum(1 for _, grad in log.calls if grad),
+        "unet_samples_no_grad": sum(size * count for size, count in no_grad.items()),
+        "samples_per_call_no_grad": {str(size): no_grad[size] for size in sorted(no_grad)},
         "graph_captures": log.captures,
     }
 
@@ -478,11 +539,17 @@ def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
         + (f", CUDA {meta['cuda']}" if meta.get("cuda") else "") + ".",
         "",
         "Modes: `eager`; `cuda_graphs` = `pipe.enable_cuda_graphs()`; `compiled` = channels-last UNet + "
-        "`pipe.enable_cuda_graphs(compile=True)`. Graphs and compiled code persist across calls, as in a user's "
-        "session; the first call of each kind (capture, compilation) is the warm-up, reported in Notes.",
+        "`pipe.enable_cuda_graphs(compile=True)`; `regional` = the same with `compile=\"regional\"`. Graphs and "
+        "compiled code persist across calls, as in a user's session; the first call of each kind (capture, "
+        "compilation) is the warm-up, reported in Notes."
+        + (f" UNet linear layers in FP8 (`pipe.enable_fp8()`): {meta['fp8_linear_layers']} of "
+           f"{meta['linear_layers']}." if meta.get("fp8_linear_layers") is not None else ""),
         "",
-        "| Row | Mode | Median s | Runs | vs eager | Peak GiB | UNet calls | Samples/call | Notes |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        utilisation_note(meta),
+        "",
+        "| Row | Mode | Median s | Runs | vs eager | UNet TFLOP/s | % peak | Breakdown s | Peak GiB | UNet calls | "
+        "Samples/call | Notes |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for row in rows:
         median = f"{row['median_s']:.3f}" if row.get("median_s") is not None else "—"
@@ -502,9 +569,11 @@ def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
         if row.get("error"):
             notes = f"**error**: {row['error']}"[:300]
         name = f"**{row['name']}**" if row["name"] == HEADLINE else row["name"]
+        rate, share = format_utilisation(row)
         lines.append(
-            f"| {name} | {row['mode']} | {median} | {runs} | {f'{speedup:.2f}×' if speedup else ''} | {peak} | "
-            f"{calls} | {format_per_call(row.get('samples_per_call'))} | {notes.replace('|', '/')} |"
+            f"| {name} | {row['mode']} | {median} | {runs} | {f'{speedup:.2f}×' if speedup else ''} | {rate} | "
+            f"{share} | {format_breakdown(row)} | {peak} | {calls} | {format_per_call(row.get('samples_per_call'))} | "
+            f"{notes.replace('|', '/')} |"
         )
     lines.append("")
     if any(row.get("counts_from") == "eager run" for row in rows):
@@ -538,8 +607,23 @@ def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def utilisation_note(meta: dict) -> str:
+    """What the utilisation columns mean, with this run's peak and FLOP count."""
+    if not meta.get("peak_tflops"):
+        return "Utilisation not measured."
+    return (
+        f"UNet TFLOP/s: the row's gradient-free UNet samples × {meta['unet_gflop_per_sample']:.1f} GFLOP per sample "
+        f"(torch.utils.flop_counter on one forward) / its median time; in brackets the same over the UNet's own "
+        f"time. % peak: of {meta['peak_tflops']:.4g} TFLOP/s, a {meta['peak_matmul']} matrix product measured in "
+        f"this run. Breakdown (the timed run at the median; CUDA events, perf_counter on a CPU): UNet calls (attn: "
+        f"their fused attention kernels timed alone at the same shapes), VAE, text encoders, other = the rest of "
+        f"the wall time."
+    )
+
+
 HEADLINE = "NPI invert + P2P edit (1 target) incl. VAE"
-MODES = ("eager", "cuda_graphs", "compiled")
+MODES = ("eager", "cuda_graphs", "compiled", "regional")
+COMPILE_MODES = {"compiled": True, "regional": "regional"}  # mode -> enable_cuda_graphs(compile=...)
 COMPILED_ROWS = ("NPI invert", "NPI reconstruction", "NPI P2P edit, 1 target", "NPI P2P edit, 4 targets", HEADLINE)
 SDXL_ROWS = ("NPI invert", "NPI P2P edit, 1 target", HEADLINE)
 
@@ -573,9 +657,10 @@ def parse_args(argv=None):
     parser.add_argument("--only", default=None, help="regex: run only rows whose name matches")
     parser.add_argument("--no-nti", action="store_true", help="skip the NTI rows")
     parser.add_argument("--no-peers", action="store_true", help="skip LEDITS++ and the plain CFG loop")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="modes of our rows (compiled: CUDA only; each new batch size compiles for ~1.5 min on an"
-                             " H100)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager", "cuda_graphs", "compiled"],
+                        help="modes of our rows (default: eager cuda_graphs compiled; compiled and regional: CUDA only,"
+                             " each new batch size compiles for ~1.5 min (whole model) on an H100)")
+    add_run_options(parser)
     parser.add_argument("--time-budget", type=float, default=480.0,
                         help="seconds since start after which remaining rows are skipped and repeats cut short")
     parser.add_argument("--compile-reserve", type=float, default=150.0,
@@ -595,7 +680,7 @@ def parse_args(argv=None):
     if args.nti_inner_steps is None and args.quick:
         args.nti_inner_steps = 2
     if args.dtype is None:
-        args.dtype = "float16" if device.type == "cuda" else "float32"
+        args.dtype = "bfloat16" if args.fp8 else "float16" if device.type == "cuda" else "float32"
     if args.cpu_threads is None and args.quick and device.type == "cpu":
         args.cpu_threads = 1
     return args
@@ -632,6 +717,7 @@ class Benchmark:
         self.pipe = NegativePromptInversionPipeline(**self.components, safety_checker=None, feature_extractor=None)
         self.pipe.set_progress_bar_config(disable=True)
         self.default_processors = dict(self.components["unet"].attn_processors)
+        self.work, self.peak, self.attention = prepare_run(self.pipe, args, self.device, self.dtype, self.meta, log)
         self.image = random_image(args.size)
         write_outputs(args.out, self.meta, self.rows)
 
@@ -680,7 +766,9 @@ class Benchmark:
             if setup is not None:
                 setup()
             count_calls = self.pipe.count_unet_calls if ours else lambda: hooked_unet_calls(self.components["unet"])
-            stats = measure(fn, repeats, warmup, device, count_calls, self.deadline)
+            components = None if self.work is None else functools.partial(
+                ComponentTimer, self.pipe, device, unet_via="pipeline" if ours else "hooks")
+            stats = measure(fn, repeats, warmup, device, count_calls, self.deadline, components=components)
             result = stats.pop("result")
             row.update(stats)
             row["repeats_requested"], row["warmup"] = repeats, warmup
@@ -692,6 +780,9 @@ class Benchmark:
                 self.state[keep] = result
             if annotate is not None:
                 row["note"] = "; ".join(filter(None, [row["note"], annotate(result)]))
+            row.update(row_utilisation(row, self.work, self.peak, self.attention))
+            if mode in COMPILE_MODES:
+                row["compile_stats"] = compile_stats()  # the process's totals so far
         except Exception as error:  # noqa: BLE001
             row["error"] = f"{type(error).__name__}: {error}"
             row["traceback"] = traceback.format_exc()
@@ -705,24 +796,20 @@ class Benchmark:
             log(f"  median {row['median_s']:.3f}s over {len(row['times_s'])} run(s){peak}, "
                 f"UNet calls {row.get('unet_calls')} ({format_per_call(row.get('samples_per_call'))}/call); "
                 f"row took {row['row_elapsed_s']:.1f}s")
+            if row.get("unet_tflops") is not None:
+                rate, share = format_utilisation(row)
+                log(f"  UNet {rate} TFLOP/s, {share} of peak; {format_breakdown(row)}")
         write_outputs(args.out, self.meta, self.rows)
 
     # ---- row groups ------------------------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
         """Kernels, allocator, cuBLAS/cuDNN handles: two plain UNet forwards before anything is timed."""
-        unet, size = self.components["unet"], self.args.size
         try:
             with torch.no_grad():
-                latent = torch.randn(2, 4, size // 8, size // 8, device=self.device, dtype=self.dtype)
-                embeds = torch.randn(2, 77, unet.config.cross_attention_dim, device=self.device, dtype=self.dtype)
-                added = None
-                if self.pipe.is_sdxl:
-                    pooled = torch.randn(2, self.pipe.text_encoder_2.config.projection_dim, device=self.device,
-                                         dtype=self.dtype)
-                    added = self.pipe.added_conditioning(pooled, (size, size))
+                inputs = unet_inputs(self.pipe, 2, self.args.size, self.device, self.dtype)
                 for _ in range(2):
-                    unet(latent, 500, encoder_hidden_states=embeds, added_cond_kwargs=added)
+                    self.pipe.unet(**inputs)
             synchronize(self.device)
             log("warm-up forwards done")
         except Exception as error:  # noqa: BLE001
@@ -760,14 +847,14 @@ class Benchmark:
         ]
         for mode in modes:
             for name, fn, note in rows:
-                if mode == "compiled" and name not in COMPILED_ROWS:
+                if mode in COMPILE_MODES and name not in COMPILED_ROWS:
                     continue  # each new batch size / control kind costs a compilation (~1.5 min)
                 if self.pipe.is_sdxl and name not in SDXL_ROWS:
                     continue
                 self.run_row(name, "ours-npi", mode, fn, args.eager_repeats if mode == "eager" else args.repeats,
                              args.warmup, note=note, keep="npi" if name == "NPI invert" else None,
-                             setup=None if name == "NPI invert" else npi,
-                             reserve=args.compile_reserve if mode == "compiled" else 0.0)
+                             setup=None if name in ("NPI invert", HEADLINE) else npi,
+                             reserve=args.compile_reserve if mode in COMPILE_MODES else 0.0)
 
     def peer_rows(self) -> None:
         """What users would pick instead: a hand-written CFG loop and core diffusers' LEDITS++, eagerly."""
@@ -899,13 +986,13 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     bench = Benchmark(args)
     bench.warm_up()
-    bench.npi_rows([mode for mode in args.modes if mode != "compiled"])
+    bench.npi_rows([mode for mode in args.modes if mode not in COMPILE_MODES])
     if not args.no_peers:
         bench.peer_rows()
     if not args.no_nti:
         bench.nti_rows()
-    if bench.device.type == "cuda" and "compiled" in args.modes:
-        bench.npi_rows(["compiled"])  # last: compilations are the longest rows and the first the budget cuts
+    # last: compilations are the longest rows and the first the budget cuts (on a CPU they run eagerly)
+    bench.npi_rows([mode for mode in args.modes if mode in COMPILE_MODES])
     return bench.finish()
 
 

@@ -77,6 +77,35 @@ def test_disable_returns_to_eager(pipe, reference):
     torch.testing.assert_close(edit(pipe, inversion, CALLS[0]), expected[0], rtol=0, atol=0)
 
 
+def test_compile_argument_is_checked(pipe):
+    with pytest.raises(ValueError, match="compile must be"):
+        pipe.enable_cuda_graphs(compile="everything")
+    assert pipe._cuda_graphs is None
+
+
+def test_regional_compilation_stays_inside_the_graph_runner(pipe, reference):
+    """Regional code is routed in only while the runner warms up and captures: the UNet itself stays eager for
+    every other caller (CPU inputs here, NTI's gradient passes, other pipelines sharing it)."""
+    inversion, expected = reference
+    pipe.enable_cuda_graphs(compile="regional")
+    runner = pipe._cuda_graphs
+    names = {"BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D"}
+    blocks = [module for module in pipe.unet.modules() if type(module).__name__ in names]
+    assert set(runner.regions) == set(blocks) and {"BasicTransformerBlock", "ResnetBlock2D"} <= {
+        type(block).__name__ for block in blocks}
+    torch.testing.assert_close(edit(pipe, inversion, CALLS[0]), expected[0], rtol=0, atol=0)
+    with runner._compiled_regions():
+        assert all(block._compiled_call_impl is runner.regions[block] for block in blocks)
+    assert all(block._compiled_call_impl is None for block in blocks)
+
+
+def test_fp8_needs_a_cuda_gpu(pipe):
+    weights = [module.weight for module in pipe.unet.modules() if isinstance(module, torch.nn.Linear)]
+    with pytest.raises(RuntimeError, match="enable_fp8.*CUDA"):
+        pipe.enable_fp8()
+    assert [module.weight for module in pipe.unet.modules() if isinstance(module, torch.nn.Linear)] == weights
+
+
 # --------------------------------------------------------------------------------------------------------------
 # On a GPU: graph replay and torch.compile against the eager path
 
@@ -100,7 +129,7 @@ def gpu_pipes(tokenizer_dir):
 
 
 @cuda
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, True, "regional"])
 def test_graphs_match_eager_on_cuda(gpu_pipes, compile):
     eager, fast = gpu_pipes(), gpu_pipes()
     fast.enable_cuda_graphs(compile=compile)
@@ -143,3 +172,42 @@ def test_denoising_loop_never_waits_for_the_host(gpu_pipes, graphs):
             edit(pipe, inversion, dict(call, callback_on_step_end=forbid_syncs))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+fp8 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
+)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+@fp8
+def test_fp8_unet_stays_close_to_bfloat16_and_runs_under_regional_graphs(tokenizer_dir):
+    """Every linear layer of the tiny UNet (widths multiples of 16) becomes FP8, once; its output stays within FP8's
+    rounding of bfloat16's, and graphed, regionally compiled FP8 edits match eager FP8 edits."""
+    pytest.importorskip("torchao")
+    reference, quantized = (NegativePromptInversionPipeline(**tiny_components(tokenizer_dir)).to("cuda", torch.bfloat16)
+                            for _ in range(2))
+    quantized.set_progress_bar_config(disable=True)
+    linear = [module for module in quantized.unet.modules() if isinstance(module, torch.nn.Linear)]
+    assert quantized.enable_fp8() == len(linear)
+    assert quantized.enable_fp8() == len(linear)  # nothing is quantised twice
+    generator = torch.Generator("cuda").manual_seed(0)
+    inputs = dict(sample=torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.bfloat16, generator=generator),
+                  timestep=torch.tensor(500, device="cuda"),
+                  encoder_hidden_states=torch.randn(2, 77, 32, device="cuda", dtype=torch.bfloat16, generator=generator))
+    with torch.no_grad():
+        want, got = (pipe.unet(**inputs).sample for pipe in (reference, quantized))
+    # float8_e4m3fn keeps 3 mantissa bits: each product's operands round by up to 2^-4 relative; a wrong scale or
+    # layout moves the output by O(1)
+    assert relative_error(got, want) < 2**-3
+    inversion = quantized.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+    eager = edit(quantized, inversion, CALLS[0])
+    quantized.enable_cuda_graphs(compile="regional")
+    graphed = edit(quantized, inversion, CALLS[0])
+    assert quantized._cuda_graphs.graphs
+    # the same FP8 function; fused kernels round the activation scales differently, which can flip single elements
+    # by one float8 step (2^-3 relative) but leaves the whole far closer
+    assert relative_error(graphed, eager) < 2**-5
