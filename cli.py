@@ -366,7 +366,7 @@ def add_model_options(parser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=str(MODEL_DIR),
                        help="a local diffusers folder (or a Hub id, with network); default: the embedded toy model")
-    group.add_argument("--method", choices=("npi", "nti", "ddim"), default="npi", help="inversion method")
+    group.add_argument("--method", choices=("npi", "nti", "ddim", "direct"), default="npi", help="inversion method")
     group.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype")
     group.add_argument("--steps", type=int, default=50, help="DDIM steps (edits use the inversion's)")
     group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")

@@ -10,6 +10,9 @@ Inversion methods (constructor flag ``inversion_method``, overridable per call):
   embedding, the closed-form solution of null-text inversion. No optimisation; reconstruction costs one UNet pass.
 - ``"nti"``  null-text inversion (Mokady et al. 2023): one optimised unconditional embedding per step.
 - ``"ddim"`` plain DDIM inversion; regeneration uses the empty prompt as unconditional embedding.
+- ``"direct"`` Direct Inversion (Ju et al. 2024, "PnP Inversion"): DDIM inversion; at edit time the source branch is
+  put back on the stored trajectory after every step and the targets are guided against the null embedding E("").
+  The inversion is DDIM's, so an NPI or DDIM inversion can be edited as ``"direct"`` too.
 
 Editing, from one inversion: plain guidance, or techniques given as small configuration objects:
 ``PromptToPrompt`` attention control (word swap, refinement, re-weighting, ``LocalBlend``), ``MasaCtrl`` (mutual
@@ -35,7 +38,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -113,18 +116,27 @@ EXAMPLE_DOC_STRING = """
         ...     "stable-diffusion-v1-5/stable-diffusion-v1-5",
         ...     custom_pipeline="pipeline_negative_prompt_inversion.py",
         ...     trust_remote_code=True,
-        ...     torch_dtype=torch.float16,
+        ...     inversion_method="direct",
+        ...     safety_checker=None,
+        ...     dtype=torch.float16,
         ... ).to("cuda")
         >>> image = load_image("cat.png")
         >>> inversion = pipe.invert(image, "a cat sitting on a wall")
+
+        >>> # Direct Inversion with prompt-to-prompt: the source branch follows the inversion exactly
         >>> edited = pipe(
         ...     prompt="a dog sitting on a wall",
         ...     inversion=inversion,
-        ...     attention_control=pipe.PromptToPrompt(
-        ...         cross_replace_steps=0.4,
-        ...         self_replace_steps=0.6,
-        ...         local_blend=pipe.LocalBlend(("cat", "dog")),
-        ...     ),
+        ...     attention_control=pipe.PromptToPrompt(cross_replace_steps=0.4, self_replace_steps=0.6),
+        ...     negative_prompt="blurry",
+        ... ).images[0]
+
+        >>> # the same inversion, edited as negative-prompt inversion with a local blend
+        >>> edited = pipe(
+        ...     prompt="a dog sitting on a wall",
+        ...     inversion=inversion,
+        ...     inversion_method="npi",
+        ...     attention_control=pipe.PromptToPrompt(local_blend=pipe.LocalBlend(("cat", "dog"))),
         ... ).images[0]
         ```
 """
@@ -216,6 +228,11 @@ def edit_region(direction: torch.Tensor, threshold: torch.Tensor, dilation: int)
     return mask
 
 
+def pin_to_trajectory(latents: torch.Tensor, anchor: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+    # PnP Inversion (Ju et al. 2024), Alg. 1: z_src ← z_src + (z*_{t−1} − z_src), i.e. z*_{t−1} bit for bit
+    return latents.index_copy(0, pinned, anchor[pinned])
+
+
 def guide_towards(latents: torch.Tensor, anchor: torch.Tensor, region: torch.Tensor, step_size: float):
     # ProxEdit §3.3 inversion guidance (anchor = z*_{t−1}) and App. B reconstruction guidance (anchor = z*_0):
     # z ← z − η·(z − anchor)·(1 − M), with ``region`` = 1 − M
@@ -228,19 +245,28 @@ def guide_towards(latents: torch.Tensor, anchor: torch.Tensor, region: torch.Ten
 
 @dataclass(frozen=True)
 class InversionMethod:
-    """One row of `INVERSION_METHODS` (ALGORITHMS §1–§3). Unconditional embeddings are named by where they come
-    from: ``"source"`` E(source prompt), ``"empty"`` E(""), ``"null_text"`` NTI's optimised U[i]."""
+    """One row of `INVERSION_METHODS` (ALGORITHMS §1–§3, §8). Every method inverts by DDIM (§1); NTI then fits
+    per-step unconditional embeddings to the trajectory. Unconditional embeddings are named by where they come from:
+    ``"source"`` E(source prompt), ``"negative"`` the null embedding E(negative prompt) (E("") unless the call gives
+    ``negative_prompt``; zeros on SDXL), ``"null_text"`` NTI's optimised U[i]."""
 
     optimises_null_text: bool  # NTI: DDIM inversion, then per-step unconditional embeddings fitted to it
-    uncond: str  # unconditional embedding of reconstructing and prompt-to-prompt branches
-    null: str  # the null embedding of synthesising branches (MasaCtrl's targets)
+    uncond: str  # unconditional embedding of reconstructions and of targets guided against the inversion
+    null: str  # the null embedding: of null-guided targets (MasaCtrl's, ``target_guidance="null"``)
+    pins_source: bool = False  # sources and reconstructions sit on the stored trajectory after every step
 
 
 INVERSION_METHODS = {
-    "npi": InversionMethod(optimises_null_text=False, uncond="source", null="empty"),  # Miyake et al. 2023
+    "npi": InversionMethod(optimises_null_text=False, uncond="source", null="negative"),  # Miyake et al. 2023
     "nti": InversionMethod(optimises_null_text=True, uncond="null_text", null="null_text"),  # Mokady et al. 2023
-    "ddim": InversionMethod(optimises_null_text=False, uncond="empty", null="empty"),
+    "ddim": InversionMethod(optimises_null_text=False, uncond="negative", null="negative"),
+    # Ju et al. 2024 (PnP Inversion), §4: DDIM's targets, a source pinned to the trajectory (`pin_to_trajectory`)
+    "direct": InversionMethod(optimises_null_text=False, uncond="negative", null="negative", pins_source=True),
 }
+# What a target's guidance direction ε_c − ε_u is taken against (``target_guidance``): the inversion method's own
+# unconditional embedding, or the null embedding. PnP Inversion (Ju et al. 2024, §4) guides targets against E("").
+TARGET_GUIDANCES = ("inversion", "null")
+_UNCOND_NAMES = {"source": 'E(source prompt)', "negative": "the null embedding", "null_text": "its optimised null text"}
 
 
 # =================================================================================================================
@@ -279,8 +305,9 @@ class InversionResult:
             Text embedding E(source prompt) used for the inversion.
         source_prompts (`list[str]`): The source prompts.
         timesteps (`torch.Tensor` of shape `(steps,)`): Denoising timesteps, descending.
-        method (`str`): ``"npi"``, ``"nti"`` or ``"ddim"``; for NPI and DDIM the unconditional embedding is a rule
-            (E(source) resp. E("")), for NTI it is ``null_embeds``.
+        method (`str`): ``"npi"``, ``"nti"``, ``"ddim"`` or ``"direct"``; all but NTI store only the DDIM
+            trajectory (their unconditional embeddings are rules: E(source) for NPI, E("") for DDIM and Direct
+            Inversion), NTI adds ``null_embeds``. Files of NPI, DDIM and Direct Inversion differ only in this name.
         guidance_scale (`float`): Guidance scale the inversion was prepared for (NTI optimises for it).
         image_size (`tuple[int, int]`): ``(height, width)`` in pixels after preprocessing.
         null_embeds (`torch.Tensor` of shape `(batch, steps, tokens, dim)`, *optional*):
@@ -623,10 +650,10 @@ class _LocalBlendStep:
     threshold: float
     start: int
 
-    def __call__(self, latents: torch.Tensor, step: int, store: AttentionStore) -> torch.Tensor:
-        if step < self.start:
+    def __call__(self, latents: torch.Tensor, context: "StepContext") -> torch.Tensor:
+        if context.index < self.start:
             return latents
-        mask = local_blend_mask(store.average(), self.weights, tuple(latents.shape[-2:]), self.threshold)
+        mask = local_blend_mask(context.store.average(), self.weights, tuple(latents.shape[-2:]), self.threshold)
         mask = (mask[self.targets] | mask[self.sources]).to(latents.dtype)
         blended = latents[self.sources] + mask * (latents[self.targets] - latents[self.sources])
         return latents.index_copy(0, self.targets, blended)
@@ -658,6 +685,7 @@ class PromptToPrompt:
     local_blend: LocalBlend | None = None
 
     synthesises = False  # targets keep the inversion's unconditional embedding (ALGORITHMS §5)
+    reads_words = True  # needs the prompts as text (`prompt`, not `prompt_embeds`)
 
     @property
     def needs_attention_maps(self) -> bool:
@@ -722,7 +750,8 @@ class MasaCtrl:
     start_step: int = 4
     start_layer: int | None = None
 
-    synthesises = True
+    synthesises = True  # targets are guided against the null embedding (ALGORITHMS §6)
+    reads_words = False
     needs_attention_maps = False
 
     def check(self, num_steps: int, layers: list["AttentionLayer"]) -> None:
@@ -796,6 +825,42 @@ class ProximalGuidance:
         """Move the unedited region (1 − M) toward ``anchor``."""
         return guide_towards(latents, anchor, 1 - edit_mask, self.step_size)
 
+    def prepare(self, edited: torch.Tensor, timesteps: list[int], fraction: torch.Tensor) -> "_ProximalStep":
+        """This call's per-step rule for the branches at ``edited``; ``timesteps`` on the host, so which steps pull is
+        decided before the loop (no per-step sync)."""
+        return _ProximalStep(self, edited, [t < self.below_timestep for t in timesteps], fraction)
+
+
+@dataclass
+class _ProximalStep:
+    """`ProximalGuidance` for one call. Per step: threshold the edited branches' guidance direction and keep their
+    edit mask M in the `StepContext`; pull x0 toward z*_0 (reconstruction guidance) and the new latent toward
+    z*_{t−1} (inversion guidance, as a step hook) outside M."""
+
+    settings: ProximalGuidance
+    edited: torch.Tensor  # positions of the edited branches
+    pulled: list[bool]  # per step: whether t < below_timestep
+    fraction: torch.Tensor  # (branches, 1, h, w): sum over steps of the channel-averaged M (0 for unedited branches)
+
+    def threshold(self, direction: torch.Tensor, noise_cond: torch.Tensor, context: "StepContext") -> torch.Tensor:
+        thresholded, context.edit_mask = self.settings.guide(direction[self.edited], noise_cond[self.edited])
+        self.fraction.index_add_(0, self.edited, context.edit_mask.mean(dim=1, keepdim=True))
+        return direction.index_copy(0, self.edited, thresholded)
+
+    def pull_x0(self, x0: torch.Tensor, context: "StepContext") -> torch.Tensor:
+        if not (self.settings.reconstruction_guidance and self.pulled[context.index]):
+            return x0
+        return self._pull(x0, context.origin, context)
+
+    def __call__(self, latents: torch.Tensor, context: "StepContext") -> torch.Tensor:
+        if not (self.settings.inversion_guidance and self.pulled[context.index]):
+            return latents
+        return self._pull(latents, context.anchor, context)
+
+    def _pull(self, latents: torch.Tensor, anchors: torch.Tensor, context: "StepContext") -> torch.Tensor:
+        edited = self.edited
+        return latents.index_copy(0, edited, self.settings.pull(latents[edited], anchors[edited], context.edit_mask))
+
 
 ATTENTION_CONTROLS = {"p2p": PromptToPrompt, "masactrl": MasaCtrl}
 
@@ -822,7 +887,7 @@ def _as_proximal_guidance(value, default: str | None):
     if isinstance(value, str):
         _check_choice("proximal_guidance", value, PROXIMAL_MODES)
         return ProximalGuidance(mode=value)
-    if not all(hasattr(value, name) for name in ("check", "guide", "pull")):
+    if not all(hasattr(value, name) for name in ("check", "prepare")):
         raise TypeError(
             f"proximal_guidance must be one of {list(PROXIMAL_MODES)}, a ProximalGuidance, False or None; got {value!r}."
         )
@@ -834,35 +899,71 @@ def _as_proximal_guidance(value, default: str | None):
 
 
 @dataclass(frozen=True)
+class _GivenEmbedding:
+    """A prompt given as a row of an embedding argument (``prompt_embeds``, ``negative_prompt_embeds``), not as text."""
+
+    argument: str
+    index: int
+
+
+@dataclass(frozen=True)
 class Branch:
     """One latent being denoised: a source (reconstruction that drives attention control) or a target."""
 
     image: int
     source_prompt: str
-    prompt: str
+    prompt: str | _GivenEmbedding
     is_source: bool
     uncond: str  # where its unconditional embedding comes from (see InversionMethod)
     controlled: bool
+    pinned: bool = False  # on the stored trajectory after every step (Direct Inversion's sources and reconstructions)
+    negative: str | _GivenEmbedding = ""  # the prompt of its null embedding (``uncond == "negative"``)
+    denoised: bool = True  # False: a pinned reconstruction nothing reads, whose output is z*_0 itself
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.prompt == self.source_prompt and not self.controlled
 
     def needs_uncond_row(self, guidance_scale: float) -> bool:
         # At w = 1 the unconditional prediction cancels; and when the unconditional pass would repeat the
-        # conditional one (NPI: same latent, same embedding E(src), no control) it is the same computation.
-        same_pass = self.uncond == "source" and self.prompt == self.source_prompt and not self.controlled
-        return guidance_scale != 1 and not same_pass
+        # conditional one (NPI: same latent, same embedding E(src), no control) it is the same computation. A pinned
+        # branch's prediction is discarded: only its conditional attention is read (P2P and MasaCtrl read that half).
+        same_pass = self.uncond == "source" and self.reconstructs
+        return guidance_scale != 1 and not same_pass and not self.pinned
 
 
-def plan_branches(inversion: InversionResult, targets: list[list[str]], attention_control) -> list[Branch]:
+def plan_branches(
+    inversion: InversionResult,
+    targets: list[list],
+    attention_control,
+    target_guidance: str | None = None,
+    negatives: list | None = None,
+    records_maps: bool = False,
+) -> list[Branch]:
     """One branch per target, plus a source branch per image when attention control needs the source's attention.
-    Unconditional embeddings follow the inversion method (`INVERSION_METHODS`); a synthesising control (MasaCtrl)
-    gives its targets the method's null embedding instead."""
+
+    Unconditional embeddings follow the inversion method (`INVERSION_METHODS`): a target that reconstructs (its
+    source prompt, no control) takes the method's ``uncond``; an edited target the one ``target_guidance`` names,
+    by default the null embedding for a synthesising control (MasaCtrl) and the method's ``uncond`` otherwise.
+    ``negatives``: each target's negative prompt, in output order. Under a pinning method (Direct Inversion) sources
+    and reconstructions are pinned, and a reconstruction is not denoised at all unless its maps are recorded.
+    """
     method = INVERSION_METHODS[inversion.method]
     controlled = attention_control is not None
-    target_uncond = method.null if controlled and attention_control.synthesises else method.uncond
+    target_guidance = target_guidance or ("null" if controlled and attention_control.synthesises else "inversion")
+    edit_uncond = method.null if target_guidance == "null" else method.uncond
+    negatives = iter(negatives or itertools.repeat(""))
     branches = []
     for image, (source, prompts) in enumerate(zip(inversion.source_prompts, targets)):
         if controlled:
-            branches.append(Branch(image, source, source, True, method.uncond, controlled=False))
-        branches += [Branch(image, source, prompt, False, target_uncond, controlled) for prompt in prompts]
+            branches.append(Branch(image, source, source, True, method.uncond, False, pinned=method.pins_source))
+        for prompt in prompts:
+            reconstructs = prompt == source and not controlled
+            pinned = reconstructs and method.pins_source
+            branches.append(Branch(
+                image, source, prompt, False, method.uncond if reconstructs else edit_uncond, controlled, pinned=pinned,
+                negative=next(negatives), denoised=records_maps or not pinned,
+            ))
     return branches
 
 
@@ -885,12 +986,134 @@ class RowLayout:
             owner[cond] = owner[uncond] = k
         return owner
 
+    def index(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Device indices: the branch of each row, each branch's conditional row, its unconditional row."""
+        return tuple(_index(rows, device) for rows in (self.branch_of_row(), self.cond, self.uncond))
+
 
 def lay_out_rows(branches: list[Branch], guidance_scale: float) -> RowLayout:
     separate = [k for k, branch in enumerate(branches) if branch.needs_uncond_row(guidance_scale)]
     cond = tuple(range(len(separate), len(separate) + len(branches)))
     uncond = {k: row for row, k in enumerate(separate)}
     return RowLayout(cond=cond, uncond=tuple(uncond.get(k, cond[k]) for k in range(len(branches))))
+
+
+def _output_rows(branches: list[Branch]) -> list[int]:
+    """Where each target's final latent lies in ``cat(denoised branches' latents, z*_0 of each image)``, in output
+    order: a reconstruction that was never denoised (`Branch.denoised`) is its image's z*_0."""
+    denoised = list(itertools.accumulate(branch.denoised for branch in branches))
+    return [denoised[k] - 1 if branch.denoised else denoised[-1] + branch.image
+            for k, branch in enumerate(branches) if not branch.is_source]
+
+
+@dataclass
+class StepContext:
+    """What the per-step rules of one call read, the one protocol of step hooks (`_PinSources`,
+    `_ProximalStep`, `_LocalBlendStep`: ``hook(latents, context) -> latents`` after each DDIM step). One object per
+    call, updated before each step; everything in it is on the device or decided on the host before the loop."""
+
+    trajectory: torch.Tensor  # (branches, N + 1, C, h, w): the inversion latents z*_0 … z*_T of each branch's image
+    store: AttentionStore | None  # the cross-attention maps recorded so far (local blend reads them)
+    index: int = 0  # the step, from timesteps[index] down to the next timestep
+    edit_mask: torch.Tensor | None = None  # proximal guidance's M of its edited branches at this step
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        """z*_{t−1}: where this step lands on the trajectory."""
+        return self.trajectory[:, self.trajectory.shape[1] - 2 - self.index]
+
+    @property
+    def origin(self) -> torch.Tensor:
+        """z*_0: the encoded images."""
+        return self.trajectory[:, 0]
+
+
+@dataclass
+class _PinSources:
+    """The inversion method's step rule (`InversionMethod.pins_source`, Direct Inversion): after every step the
+    pinned branches are exactly the trajectory's next latent."""
+
+    pinned: torch.Tensor  # positions of the pinned branches
+
+    def __call__(self, latents: torch.Tensor, context: StepContext) -> torch.Tensor:
+        return pin_to_trajectory(latents, context.anchor, self.pinned)
+
+
+# =================================================================================================================
+# One denoising step of an edit: the guided prediction, the DDIM step, the step hooks and the user's callback
+
+
+def _guided_noise(noise_cond, noise_uncond, guidance_scale, guidance_rescale, proximal, context) -> torch.Tensor:
+    """Each branch's guided prediction ε̃ = ε_u + w·d, d = ε_c − ε_u thresholded by proximal guidance if on."""
+    direction = noise_cond - noise_uncond
+    if proximal is not None:
+        direction = proximal.threshold(direction, noise_cond, context)
+    noise = classifier_free_guidance(noise_uncond, direction, guidance_scale)
+    if guidance_rescale > 0:
+        noise = rescale_guidance(noise, noise_cond, guidance_rescale)
+    return noise
+
+
+def _denoising_step(latents, noise, alpha, alpha_next, proximal, context) -> torch.Tensor:
+    """DDIM from ᾱ to ᾱ_next through x0, which proximal guidance's reconstruction guidance may pull toward z*_0."""
+    x0 = predict_x0(latents, noise, alpha)
+    if proximal is not None:
+        x0 = proximal.pull_x0(x0, context)
+    return renoise(x0, noise, alpha_next)
+
+
+def _step_hooks(branches: list[Branch], proximal: "_ProximalStep | None", control: "_Control", device) -> list:
+    """What runs after each DDIM step, in order: the inversion method's pin (Direct Inversion), proximal guidance's
+    inversion guidance, the attention control's hooks (local blend, which thus blends toward the pinned source)."""
+    pinned = [k for k, branch in enumerate(branches) if branch.pinned]
+    hooks = [_PinSources(_index(pinned, device))] if pinned else []
+    return hooks + ([proximal] if proximal is not None else []) + control.hooks
+
+
+class _StepCallback:
+    """``callback_on_step_end`` of one call, checked: it must return a dict whose ``latents``, if they replace the
+    pipeline's, match them in shape, dtype and device. Whether replaced latents are finite is recorded on the device
+    and checked once after the loop (`check_finite`; no per-step sync), so NaN or inf from a callback is reported as
+    the callback's, not as an overflow of the model."""
+
+    def __init__(self, pipe, callback, tensor_inputs: list[str], num_steps: int):
+        self.pipe, self.callback, self.tensor_inputs, self.num_steps = pipe, callback, tensor_inputs, num_steps
+        self.not_finite = None  # (steps,) bool on the device, from the first replacement on
+
+    def __call__(self, step: int, timestep, latents: torch.Tensor, context: StepContext) -> torch.Tensor:
+        if self.callback is None:
+            return latents
+        tensors = {"latents": latents, "edit_mask": context.edit_mask}
+        outputs = self.callback(self.pipe, step, timestep, {name: tensors[name] for name in self.tensor_inputs})
+        if not isinstance(outputs, dict):
+            raise TypeError(
+                f"callback_on_step_end must return a dict (the tensors it was given, changed or not; {{}} for none),"
+                f" got {type(outputs).__name__} at step {step}."
+            )
+        returned = outputs.get("latents", latents)
+        if returned is latents:
+            return latents
+        if not (isinstance(returned, torch.Tensor) and (returned.shape, returned.dtype, returned.device)
+                == (latents.shape, latents.dtype, latents.device)):
+            raise ValueError(
+                f"callback_on_step_end returned latents {_describe(returned)} at step {step}; they must be"
+                f" {_describe(latents)}, as the latents it was given."
+            )
+        if self.not_finite is None:
+            self.not_finite = torch.zeros(self.num_steps, dtype=torch.bool, device=latents.device)
+        self.not_finite[step] = ~torch.isfinite(returned).all()
+        return returned
+
+    def check_finite(self) -> None:
+        if self.not_finite is not None and bool(self.not_finite.any()):
+            step = int(self.not_finite.nonzero()[0])
+            raise ValueError(f"callback_on_step_end returned latents with NaN or inf values at step {step}.")
+
+
+def _describe(value) -> str:
+    if not isinstance(value, torch.Tensor):
+        return f"of type {type(value).__name__}"
+    return f"of shape {tuple(value.shape)}, {value.dtype}, on {value.device}"
 
 
 @dataclass(frozen=True)
@@ -1096,21 +1319,42 @@ def _storage_pointers(tensor: torch.Tensor) -> tuple[int, ...]:
 # The pipeline
 
 
-_UNET_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+@dataclass
+class _CallLock:
+    """A UNet's call lock and the thread inside it."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    owner: int | None = None
+
+
+_UNET_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, _CallLock]" = weakref.WeakKeyDictionary()
 _UNET_LOCKS_GUARD = threading.Lock()
 
 
 def _one_call_at_a_time(method):
     """Serialise ``method`` per UNet. A call installs its attention processors on the UNet and keeps per-call state
     on the pipeline, so two threads inside one pipeline, or in two pipelines sharing a UNet (``from_pipe``), would
-    denoise with each other's processors. (The lock lives beside the UNet, so pipelines stay deep-copyable.)"""
+    denoise with each other's processors. A call from inside a running one (from its ``callback_on_step_end``) would
+    do the same to the running call in one thread, so it is refused. (The lock lives beside the UNet, so pipelines
+    stay deep-copyable.)"""
 
     @functools.wraps(method)
     def serialized(self, *args, **kwargs):
         with _UNET_LOCKS_GUARD:
-            lock = _UNET_LOCKS.setdefault(self.unet, threading.RLock())
-        with lock:
-            return method(self, *args, **kwargs)
+            guard = _UNET_LOCKS.setdefault(self.unet, _CallLock())
+        if guard.owner == threading.get_ident():
+            name = "the pipeline" if method.__name__ == "__call__" else f"{method.__name__}()"
+            raise RuntimeError(
+                f"Cannot run {name} inside a running call of a pipeline that shares its UNet (from its"
+                " callback_on_step_end?): the running call's attention processors are installed on that UNet. Keep"
+                " what you need from the callback and call the pipeline after the running call returns."
+            )
+        with guard.lock:
+            guard.owner = threading.get_ident()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                guard.owner = None
 
     return serialized
 
@@ -1134,7 +1378,8 @@ class NegativePromptInversionPipeline(
         text_encoder_2 (`CLIPTextModelWithProjection`, *optional*), tokenizer_2 (`CLIPTokenizer`, *optional*):
             SDXL's second text encoder and its tokenizer; required by a UNet with SDXL's added conditioning
             (``addition_embed_type="text_time"``), absent for SD 1.x/2.x.
-        inversion_method (`str`, defaults to `"npi"`): ``"npi"``, ``"nti"`` or ``"ddim"``.
+        inversion_method (`str`, defaults to `"npi"`): ``"npi"``, ``"nti"``, ``"ddim"`` or ``"direct"`` (Direct
+            Inversion): how `invert` inverts; edits follow the inversion's method unless the call overrides it.
         null_text_inner_steps (`int`, defaults to 10): NTI optimisation steps per timestep.
         null_text_early_stop (`float`, defaults to 1e-5): NTI stops a timestep once its loss falls below
             ``early_stop + 2e-5·i`` (i = step index), as the reference.
@@ -1145,8 +1390,9 @@ class NegativePromptInversionPipeline(
         proximal_guidance (`str`, *optional*): ``"soft"`` or ``"hard"`` thresholding of the guidance direction
             (ProxEdit); `None` for plain guidance.
         force_zeros_for_empty_prompt (`bool`, defaults to True): SDXL only, as in diffusers' SDXL pipeline: the
-            null embedding E("") (DDIM's unconditional embedding, MasaCtrl's targets under NPI, NTI's ``"null"``
-            initialisation) is all zeros, sequence and pooled. SD 1.x/2.x always encode the empty prompt.
+            null embedding E("") (DDIM's and Direct Inversion's unconditional embedding, MasaCtrl's targets under
+            NPI, NTI's ``"null"`` initialisation) is all zeros, sequence and pooled, unless a call gives a
+            ``negative_prompt``. SD 1.x/2.x always encode the empty prompt.
     """
 
     # The editing techniques, reachable from any loaded pipeline as ``pipe.PromptToPrompt(...)``: a file loaded by
@@ -1807,11 +2053,13 @@ class NegativePromptInversionPipeline(
         guidance_rescale,
         attention_control,
         proximal_guidance,
+        target_guidance,
         output_type,
         callback_on_step_end_tensor_inputs,
     ):
         _check_guidance(guidance_scale, inversion.method)
         _check_number("guidance_rescale", guidance_rescale, 0, 1)
+        _check_choice("target_guidance", target_guidance, TARGET_GUIDANCES, allow_none=True)
         if attention_control is not None:
             layers = self.attention_layers(tuple(inversion.latents.shape[-2:]))
             attention_control.check(inversion.num_inference_steps, layers)
@@ -1823,18 +2071,31 @@ class NegativePromptInversionPipeline(
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}."
             )
+        if INVERSION_METHODS[inversion.method].optimises_null_text and guidance_scale != inversion.guidance_scale:
+            logger.warning(
+                f"This null-text inversion was optimised for guidance_scale={inversion.guidance_scale:g}; edited at"
+                f" {guidance_scale:g} its null text no longer retraces the image. Leave guidance_scale unset to edit"
+                " at the inversion's scale, or invert again at this one."
+            )
 
     @_one_call_at_a_time
     @torch.no_grad()
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @replace_example_docstring(EXAMPLE_DOC_STRING)  # the "Examples:" line below becomes EXAMPLE_DOC_STRING
     def __call__(
         self,
         prompt: str | list[str] | list[list[str]] | None = None,
         inversion: InversionResult | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
         attention_control: str | PromptToPrompt | MasaCtrl | None = None,
         proximal_guidance: str | ProximalGuidance | bool | None = None,
+        inversion_method: str | None = None,
+        target_guidance: str | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         return_edit_mask: bool = False,
         return_attention_maps: bool = False,
         output_type: str = "pil",
@@ -1842,6 +2103,11 @@ class NegativePromptInversionPipeline(
         guidance_rescale: float = 0.0,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        image=None,
+        num_images_per_prompt: int | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float | None = None,
     ):
         r"""Regenerate inverted images: reconstruct them, or edit them toward target prompts.
 
@@ -1851,8 +2117,8 @@ class NegativePromptInversionPipeline(
                 several targets, all edited in one batch; with a batch of inverted images give one prompt per image
                 (or a list of targets per image). Each output equals editing that target alone.
             inversion (`InversionResult`): From `invert` or `load_inversion`.
-            guidance_scale (`float`, defaults to 7.5): Classifier-free guidance scale w. The unconditional
-                embedding is E(source) for NPI, U[i] for NTI and E("") for DDIM.
+            guidance_scale (`float`, *optional*): Classifier-free guidance scale w. Defaults to the scale a null-text
+                inversion was optimised for (``inversion.guidance_scale``; another one logs a warning), else 7.5.
             num_inference_steps (`int`, *optional*): Must equal the inversion's step count if given.
             attention_control (`str`, `PromptToPrompt` or `MasaCtrl`, *optional*): How targets follow their source:
                 prompt-to-prompt (word swap, refinement, re-weighting, local blend) or mutual self-attention. The
@@ -1860,6 +2126,29 @@ class NegativePromptInversionPipeline(
             proximal_guidance (`str`, `ProximalGuidance` or `bool`, *optional*): Proximal guidance of the edited
                 samples; ``"soft"``/``"hard"`` for that mode's defaults, `False` for none, `None` for the pipeline's
                 ``proximal_guidance`` flag.
+            inversion_method (`str`, *optional*): Edit as this method instead of the inversion's. ``"npi"``,
+                ``"ddim"`` and ``"direct"`` regenerate from the stored DDIM trajectory alone, so each edits any
+                inversion (an NPI inversion edited as ``"direct"`` is Direct Inversion); ``"nti"`` needs an NTI
+                inversion's optimised null text.
+            target_guidance (`str`, *optional*): What each edited target's guidance is taken against:
+                ``"inversion"``, the method's unconditional embedding (E(source) for NPI, U[i] for NTI, E("") for
+                DDIM), or ``"null"``, the null embedding (E("") or ``negative_prompt``; NTI's is its U[i]). Default:
+                ``"null"`` for MasaCtrl's synthesised targets, ``"inversion"`` otherwise. Direct Inversion is DDIM's
+                guidance plus a pinned source, so for it (as for DDIM) both are E(""). NPI with prompt-to-prompt and
+                ``"null"`` is PnP Inversion's target guidance without its pinned source (Ju et al. 2024, §4).
+                Reconstructing targets (their source prompt, no control) always keep the method's.
+            negative_prompt (`str` or `list[str]`, *optional*): The prompt of the null embedding that null-guided
+                targets are steered against (Direct Inversion's and DDIM's targets, MasaCtrl's, ``target_guidance=
+                "null"``): one for every target, or one per target in output order. Default: E(""), all zeros on
+                SDXL with ``force_zeros_for_empty_prompt``. Source branches keep E(""). Refused where no target is
+                null-guided (NPI's and NTI's prompt-to-prompt targets: see ``target_guidance``).
+            prompt_embeds (`torch.Tensor`, *optional*): Target embeddings ``(n, tokens, dim)`` instead of ``prompt``
+                (rows as prompts: one for every image, one per image, or with one image one per target). Always
+                edited, never taken for the source prompt. Prompt-to-prompt aligns words, so it needs ``prompt``.
+            negative_prompt_embeds (`torch.Tensor`, *optional*): ``negative_prompt`` as embeddings ``(1 or targets,
+                tokens, dim)``.
+            pooled_prompt_embeds, negative_pooled_prompt_embeds (`torch.Tensor`, *optional*): SDXL only: the pooled
+                embeddings ``(n, dim)`` of text_encoder_2 that go with ``prompt_embeds`` / ``negative_prompt_embeds``.
             return_edit_mask (`bool`, defaults to False): Return proximal guidance's edit masks as images.
             return_attention_maps (`bool`, defaults to False): Return the average cross-attention maps of each output
                 (`attention_heat_maps` draws them).
@@ -1870,105 +2159,110 @@ class NegativePromptInversionPipeline(
                 diffusers' pipelines: the guided prediction is scaled toward the conditional one's standard
                 deviation, against the over-exposure of strong guidance (the paper uses 0.7 with zero-terminal-SNR
                 models). 0 leaves guidance as is.
-            callback_on_step_end, callback_on_step_end_tensor_inputs: As in diffusers' pipelines. ``latents``
-                holds every branch (per image: its source branch when attention control is on, then its targets);
-                ``edit_mask`` is proximal guidance's mask M of the edited branches (`None` without it).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: As in diffusers' pipelines; the callback must
+                return a dict (``latents`` in it replace the pipeline's: same shape, dtype and device, finite).
+                ``latents`` holds every denoised branch (per image: its source branch when attention control is on,
+                then its targets; a Direct Inversion reconstruction is z*_0 itself and never denoised);
+                ``edit_mask`` is proximal guidance's mask M of the edited branches (`None` without it). The callback
+                must not call a pipeline that shares this UNet.
+            generator, image, num_images_per_prompt, latents, eta: Refused with the alternative named: editing is
+                deterministic DDIM (η = 0) from the inversion's z_T; images are inverted by `invert`; several outputs
+                come from several target prompts.
 
         Examples:
 
         Returns:
             `NegativePromptInversionPipelineOutput` or `tuple`.
         """
-        # 1. Check inputs (everything that can fail does so here or in step 3, before any model runs)
+        # 1. Check inputs (everything that can fail does so here or in steps 2–3, before any model runs)
+        _refuse_unused_arguments(
+            generator=generator, image=image, num_images_per_prompt=num_images_per_prompt, latents=latents, eta=eta
+        )
         attention_control = _as_attention_control(attention_control)
         proximal_guidance = _as_proximal_guidance(proximal_guidance, self.config.proximal_guidance)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         inversion = self.check_inversion(inversion, num_inference_steps)  # as this file's class, whichever made it
+        inversion = _edited_as(inversion, inversion_method)
+        if guidance_scale is None:
+            guidance_scale = inversion.guidance_scale if INVERSION_METHODS[inversion.method].optimises_null_text else 7.5
         self.check_inputs(inversion, guidance_scale, guidance_rescale, attention_control, proximal_guidance,
-                          output_type, callback_on_step_end_tensor_inputs)
-        targets = _targets_per_image(prompt, inversion.source_prompts)
-        self.check_target_prompts(targets, inversion.source_prompts)
+                          target_guidance, output_type, callback_on_step_end_tensor_inputs)
+        targets, negatives, given = _edit_prompts(
+            prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_embeds,
+            negative_pooled_prompt_embeds, inversion, attention_control,
+        )
+        self.check_target_prompts([[p for p in ps if isinstance(p, str)] for ps in targets], inversion.source_prompts)
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device
         steps = inversion.num_inference_steps
 
         # 2. Lay out the branches (latents) and the UNet batch rows that serve them
-        branches = plan_branches(inversion, targets, attention_control)
-        rows = lay_out_rows(branches, guidance_scale)
+        branches = plan_branches(inversion, targets, attention_control, target_guidance, negatives, return_attention_maps)
+        if negatives is not None:
+            _check_negative_prompt_is_read(branches, inversion.method)
+        denoised = [branch for branch in branches if branch.denoised]
+        rows = lay_out_rows(denoised, guidance_scale)
 
         # 3. Prepare attention control (text-side mapping raises here, before any UNet work)
         control = self.prepare_control(
-            attention_control, branches, rows, steps, tuple(inversion.latents.shape[-2:]), return_attention_maps, device
+            attention_control, denoised, rows, steps, tuple(inversion.latents.shape[-2:]), return_attention_maps, device
         )
 
-        # 4. Embeddings of every row at every step (and SDXL's added conditioning of every row)
-        row_embeds, row_pooled = self.row_embeddings(branches, rows, inversion, device)
+        # 4. Encode: the embeddings of every row at every step (and SDXL's added conditioning of every row)
+        row_embeds, row_pooled = self.row_embeddings(denoised, rows, inversion, given, device)
         added_cond = self.added_conditioning(row_pooled, inversion.image_size)
 
-        # 5. Controlled denoising from z_T
+        # 5. Denoise from z_T: per step one UNet batch, guidance, a DDIM step, then the step hooks
         timesteps, alphas, alphas_next = self.ddim_schedule(steps, device)
-        images_of = _index([branch.image for branch in branches], device)
-        trajectory = inversion.latents.to(device)[images_of]  # (branches, N+1, …): anchors for the guidances
+        images_of = _index([branch.image for branch in denoised], device)
+        trajectory = inversion.latents.to(device)[images_of]  # (branches, N + 1, …): each branch's image's z*
         latents = trajectory[:, steps].clone()
-        row_branch, cond_rows, uncond_rows = (_index(r, device) for r in (rows.branch_of_row(), rows.cond, rows.uncond))
-        edited = _index([k for k, branch in enumerate(branches) if not branch.is_source], device)
-        if proximal_guidance is not None:
-            pulled_steps = [t < proximal_guidance.below_timestep for t in timesteps.tolist()]
-            edit_fraction = torch.zeros(len(edited), 1, *latents.shape[-2:], device=device)
-        self._num_timesteps = steps
+        row_index = rows.index(device)
+        edited = _index([k for k, branch in enumerate(denoised) if not branch.is_source], device)
+        proximal = None if proximal_guidance is None else proximal_guidance.prepare(
+            edited, timesteps.tolist(), torch.zeros(len(denoised), 1, *latents.shape[-2:], device=device)
+        )
+        callback = _StepCallback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, steps)
+        self._num_timesteps = steps if denoised else 0  # Direct Inversion's reconstructions alone: no step to run
 
-        with self._controlled_unet(control) as control, self.progress_bar(total=steps) as progress_bar:
-            for i, t in enumerate(timesteps):
+        with self._controlled_unet(control) as control, self.progress_bar(total=self._num_timesteps) as progress_bar:
+            context = StepContext(trajectory, control.store)  # the store of the installed (perhaps adopted) control
+            hooks = _step_hooks(denoised, proximal, control, device)
+            for i, t in enumerate(timesteps[: self._num_timesteps]):
                 if self.interrupt:
                     continue
+                context.index = i
                 control.step.fill_(i)
-                noise = self.predict_noise(latents[row_branch], t, row_embeds[i], alphas[i], added_cond)
-                noise_cond, noise_uncond = noise[cond_rows], noise[uncond_rows]
-                direction = noise_cond - noise_uncond
-                edit_mask = None
-                if proximal_guidance is not None:
-                    prox_direction, edit_mask = proximal_guidance.guide(direction[edited], noise_cond[edited])
-                    direction = direction.index_copy(0, edited, prox_direction)
-                    edit_fraction += edit_mask.mean(dim=1, keepdim=True)
-                noise = classifier_free_guidance(noise_uncond, direction, guidance_scale)
-                if guidance_rescale > 0:
-                    noise = rescale_guidance(noise, noise_cond, guidance_rescale)
-
-                x0 = predict_x0(latents, noise, alphas[i])
-                if edit_mask is not None and proximal_guidance.reconstruction_guidance and pulled_steps[i]:
-                    x0 = x0.index_copy(0, edited, proximal_guidance.pull(x0[edited], trajectory[edited, 0], edit_mask))
-                latents = renoise(x0, noise, alphas_next[i])
-                if edit_mask is not None and proximal_guidance.inversion_guidance and pulled_steps[i]:
-                    anchor = trajectory[edited, steps - i - 1]
-                    latents = latents.index_copy(0, edited, proximal_guidance.pull(latents[edited], anchor, edit_mask))
-                for hook in control.hooks:
-                    latents = hook(latents, i, control.store)
-
-                if callback_on_step_end is not None:
-                    step_tensors = {"latents": latents, "edit_mask": edit_mask}
-                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
+                noise_cond, noise_uncond = self.branch_noise(latents, t, alphas[i], row_index, row_embeds[i], added_cond)
+                noise = _guided_noise(noise_cond, noise_uncond, guidance_scale, guidance_rescale, proximal, context)
+                latents = _denoising_step(latents, noise, alphas[i], alphas_next[i], proximal, context)
+                for hook in hooks:
+                    latents = hook(latents, context)
+                latents = callback(i, t, latents, context)
                 progress_bar.update()
+        callback.check_finite()
 
-        # 6. Decode the edited branches
-        latents = _ensure_finite(latents[edited], "The denoised latents", self.unet.dtype)
+        # 6. Decode the targets (a reconstruction that Direct Inversion never denoised is its image's z*_0)
+        outputs = _index(_output_rows(branches), device)
+        origins = inversion.latents[:, 0].to(device)
+        latents = _ensure_finite(torch.cat([latents, origins])[outputs], "The denoised latents", self.unet.dtype)
         if output_type == "latent":
             images, has_nsfw = latents, None
         else:
             images = _ensure_finite(self.decode_latents(latents), "The decoded images", self.vae.dtype)
-            images, has_nsfw = self.run_safety_checker(images, device, row_embeds.dtype)
+            images, has_nsfw = self.run_safety_checker(images, device, self.unet.dtype)
             do_denormalize = [True] * len(images) if has_nsfw is None else [not flag for flag in has_nsfw]
             images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=do_denormalize)
         edit_masks = None
         if return_edit_mask and proximal_guidance is not None:
-            edit_masks = _masks_to_images(edit_fraction / steps, inversion.image_size)
+            fraction = torch.cat([proximal.fraction, torch.zeros_like(origins[:, :1])])[outputs]
+            edit_masks = _masks_to_images(fraction / steps, inversion.image_size)
         attention_maps = None
-        if return_attention_maps:
+        if return_attention_maps:  # every branch was denoised (`Branch.denoised`)
             maps = control.store.average()
-            attention_maps = [maps[k].cpu() for k in edited.tolist()]
+            attention_maps = [maps[k].cpu() for k in outputs.tolist()]
 
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -1980,18 +2274,30 @@ class NegativePromptInversionPipeline(
     # -------------------------------------------------------------------------------------------------------------
     # Editing: building blocks
 
-    def row_embeddings(self, branches: list[Branch], rows: RowLayout, inversion: InversionResult, device):
+    def branch_noise(self, latents, timestep, alpha, row_index, embeds, added_cond=None):
+        """ε of every branch from one UNet batch: ``(conditional, unconditional)`` per branch. ``row_index``:
+        `RowLayout.index` (the branch of each row, each branch's conditional and unconditional row)."""
+        row_branch, cond_rows, uncond_rows = row_index
+        noise = self.predict_noise(latents[row_branch], timestep, embeds, alpha, added_cond)
+        return noise[cond_rows], noise[uncond_rows]
+
+    def row_embeddings(self, branches: list[Branch], rows: RowLayout, inversion: InversionResult, given: dict, device):
         """``(steps, rows, tokens, dim)`` text embeddings, and on SDXL ``(rows, dim)`` pooled embeddings (else
-        `None`); only NTI's rows change from step to step (its pooled null is fixed)."""
+        `None`); only NTI's rows change from step to step (its pooled null is fixed). ``given``: the rows of
+        ``prompt_embeds`` and ``negative_prompt_embeds`` by their `_GivenEmbedding`."""
+        if not branches:  # Direct Inversion's reconstructions alone: no UNet row
+            return None, None
         dtype = self.unet.dtype
         on_device = lambda tensor: None if tensor is None else tensor.to(device=device, dtype=dtype)  # noqa: E731
         source = (on_device(inversion.prompt_embeds), on_device(inversion.pooled_prompt_embeds))
         null_text = (on_device(inversion.null_embeds), on_device(inversion.null_pooled_embeds))
-        needed = [b.prompt for b in branches if b.prompt != b.source_prompt]
-        texts = self._encode_unique(needed + [""] * any(b.uncond == "empty" for b in branches), device)
+        prompts = [b.prompt for b in branches if b.prompt != b.source_prompt]
+        negatives = [b.negative for b in branches if b.uncond == "negative"]
+        texts = self._encode_unique([text for text in prompts + negatives if isinstance(text, str)], device)
+        texts.update({key: tuple(map(on_device, value)) for key, value in given.items()})
         embedding = {  # (sequence, pooled) by where an embedding comes from (see InversionMethod)
             "source": lambda branch: tuple(_row(tensor, branch.image) for tensor in source),
-            "empty": lambda branch: self.null_embedding(texts[""]),
+            "negative": lambda branch: self.null_embedding(texts[""]) if branch.negative == "" else texts[branch.negative],
             "null_text": lambda branch: tuple(_row(tensor, branch.image) for tensor in null_text),
             "prompt": lambda branch: texts[branch.prompt],
         }
@@ -2210,6 +2516,151 @@ def _targets_per_image(prompt, sources: list[str]) -> list[list[str]]:
             " target lists."
         )
     return [[p] for p in prompts]
+
+
+# diffusers' call arguments that mean nothing for an edit of an inversion: the value that is harmless (None: only
+# leaving it out is), and what to do instead.
+_UNUSED_ARGUMENTS = {
+    "generator": (None, "inversion and editing are deterministic DDIM (η = 0), so the same call always returns the"
+                        " same images; there is nothing to seed"),
+    "image": (None, "invert the image first, inversion = pipe.invert(image, source_prompt), then edit it with"
+                    " pipe(prompt=..., inversion=inversion)"),
+    "num_images_per_prompt": (1, "editing is deterministic, so the images would be identical; give several target"
+                                 " prompts (prompt=[...]) to get several edits in one batch"),
+    "latents": (None, "an edit starts from the inversion's z_T (inversion.latents[:, -1]); invert the image you want"
+                      " to start from instead"),
+    "eta": (0, "inversion and editing are deterministic DDIM (η = 0), the only sampler that retraces an inversion;"
+               " leave eta unset"),
+}
+
+
+def _refuse_unused_arguments(**values) -> None:
+    for name, value in values.items():
+        harmless, instead = _UNUSED_ARGUMENTS[name]
+        if value is not None and (harmless is None or value != harmless):
+            raise ValueError(f"{name} is not used by an edit: {instead}.")
+
+
+def _edited_as(inversion: InversionResult, method: str | None) -> InversionResult:
+    """``inversion`` edited as ``method`` (a call's ``inversion_method``). NPI, DDIM and Direct Inversion regenerate
+    from the stored DDIM trajectory alone, which every inversion holds (NTI's too), so each edits any inversion;
+    NTI needs the null text it optimised."""
+    if method is None or method == inversion.method:
+        return inversion
+    _check_choice("inversion_method", method, INVERSION_METHODS)
+    if INVERSION_METHODS[method].optimises_null_text:
+        raise ValueError(
+            f"inversion_method={method!r} edits with the null text that null-text inversion optimises, and this"
+            f" inversion is {inversion.method!r}: invert the image with inversion_method={method!r}."
+        )
+    return replace(inversion, method=method, null_embeds=None, null_text_losses=None, null_pooled_embeds=None)
+
+
+def _edit_prompts(
+    prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_embeds,
+    negative_pooled_prompt_embeds, inversion: InversionResult, attention_control,
+) -> tuple[list[list], list | None, dict]:
+    """The targets of each image (text, or `_GivenEmbedding` rows of ``prompt_embeds``), each target's negative
+    prompt in output order (`None`: not given), and the given embeddings' rows by key."""
+    sources = inversion.source_prompts
+    if prompt_embeds is None:
+        if pooled_prompt_embeds is not None:
+            raise ValueError("pooled_prompt_embeds comes with prompt_embeds (SDXL), which is not given.")
+        targets = _targets_per_image(prompt, sources)
+        given = {}
+    else:
+        if prompt is not None:
+            raise ValueError("Give the targets as prompt or as prompt_embeds, not both.")
+        if getattr(attention_control, "reads_words", False):
+            raise ValueError(
+                "prompt-to-prompt aligns each target's words with its source prompt's, so it needs the targets as"
+                " text: pass prompt=..., not prompt_embeds."
+            )
+        given = _given_embeddings("prompt_embeds", prompt_embeds, pooled_prompt_embeds, inversion)
+        targets = _embedded_targets(list(given), len(sources))
+    count = sum(map(len, targets))
+    if negative_prompt_embeds is None:
+        if negative_pooled_prompt_embeds is not None:
+            raise ValueError("negative_pooled_prompt_embeds comes with negative_prompt_embeds (SDXL), which is not given.")
+        if negative_prompt is None:
+            return targets, None, given
+        negatives = [negative_prompt] * count if isinstance(negative_prompt, str) else negative_prompt
+        if not (isinstance(negatives, (list, tuple)) and len(negatives) == count
+                and all(isinstance(n, str) for n in negatives)):
+            raise ValueError(
+                f"negative_prompt must be a string or a list of {count} strings (one per target), got {negative_prompt!r}."
+            )
+        return targets, list(negatives), given
+    if negative_prompt is not None:
+        raise ValueError("Give negative_prompt or negative_prompt_embeds, not both.")
+    negative = _given_embeddings("negative_prompt_embeds", negative_prompt_embeds, negative_pooled_prompt_embeds,
+                                 inversion)
+    if len(negative) not in (1, count):
+        raise ValueError(
+            f"negative_prompt_embeds has {len(negative)} rows for {count} targets; give one row (for every target)"
+            " or one per target."
+        )
+    return targets, list(negative) * (count // len(negative)), {**given, **negative}
+
+
+def _given_embeddings(name: str, embeds, pooled, inversion: InversionResult) -> dict:
+    """The rows of an embedding argument (with, on SDXL, its pooled companion) by `_GivenEmbedding`, checked against
+    the inversion's E(source): the text encoders' output shapes."""
+    pooled_name = name.replace("prompt_embeds", "pooled_prompt_embeds")
+    tokens, dim = inversion.prompt_embeds.shape[1:]
+    if not (isinstance(embeds, torch.Tensor) and embeds.dtype.is_floating_point and embeds.dim() == 3
+            and len(embeds) > 0 and tuple(embeds.shape[1:]) == (tokens, dim)):
+        raise ValueError(f"{name} must be a floating-point tensor (n, {tokens}, {dim}), got {_describe(embeds)}.")
+    sdxl_pooled = inversion.pooled_prompt_embeds
+    if sdxl_pooled is None and pooled is not None:
+        raise ValueError(f"{pooled_name} belongs to SDXL (text_encoder_2's pooled embedding); this is SD 1.x/2.x.")
+    if sdxl_pooled is not None:
+        width = sdxl_pooled.shape[1]
+        if not (isinstance(pooled, torch.Tensor) and pooled.dtype.is_floating_point
+                and tuple(pooled.shape) == (len(embeds), width)):
+            raise ValueError(
+                f"On SDXL {name} needs {pooled_name}, text_encoder_2's pooled embedding of the same prompts"
+                f" ({len(embeds)}, {width}); got {_describe(pooled)}."
+            )
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in (embeds, pooled) if tensor is not None):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    return {_GivenEmbedding(name, k): (embeds[k], _row(pooled, k)) for k in range(len(embeds))}
+
+
+def _embedded_targets(keys: list, num_images: int) -> list[list]:
+    """``prompt_embeds`` rows as the targets of each image, as `_targets_per_image` spreads a list of prompts."""
+    if len(keys) == 1:
+        return [keys for _ in range(num_images)]
+    if num_images == 1:
+        return [keys]
+    if len(keys) == num_images:
+        return [[key] for key in keys]
+    raise ValueError(f"prompt_embeds has {len(keys)} rows for {num_images} inverted images; give one per image.")
+
+
+def _check_negative_prompt_is_read(branches: list[Branch], method_name: str) -> None:
+    """A negative prompt steers null-guided targets: refuse one that no target of the call reads."""
+    targets = [branch for branch in branches if not branch.is_source]
+    if any(branch.uncond == "negative" and not branch.pinned for branch in targets):
+        return
+    edited = [branch for branch in targets if not branch.reconstructs]
+    method = INVERSION_METHODS[method_name]
+    if not edited:
+        reason = f"every target reconstructs its image, which under {method_name!r} reads no negative prompt"
+    elif method.null != "negative":
+        reason = (
+            f"{method_name!r} guides its targets against {_UNCOND_NAMES[method.null]}; edit with"
+            " inversion_method='direct' (or invert with 'npi') to steer them against a negative prompt"
+        )
+    else:
+        reason = (
+            f"{method_name!r} guides these targets against {_UNCOND_NAMES[edited[0].uncond]}; pass"
+            " target_guidance='null' to steer them against the negative prompt"
+        )
+    raise ValueError(
+        f"negative_prompt (or negative_prompt_embeds) is what null-guided targets are steered against, and no"
+        f" target of this call is null-guided: {reason}."
+    )
 
 
 def _blend_words_per_branch(branches: list[Branch], blend_words, num_images: int) -> list[list[str]]:

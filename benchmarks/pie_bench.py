@@ -61,7 +61,9 @@ PROTOCOLS = {
 
 
 def rows(protocol: str) -> dict:
-    """row -> (inversion, edit arguments, uses blended_word: local blend and re-weighting). Names are the issue's."""
+    """row -> (inversion, edit arguments, uses blended_word: local blend and re-weighting). Names are the issue's;
+    DI is Direct Inversion (PnP Inversion), "NPI+P2P-null" NPI+P2P with targets guided against E("") (DI without its
+    pinned source)."""
     settings = PROTOCOLS[protocol]
     p2p = {"attention_control": PromptToPrompt(0.4, 0.6, edit_type=settings["edit_type"])}
     proximal = {"proximal_guidance": settings["proximal"]}
@@ -70,9 +72,14 @@ def rows(protocol: str) -> dict:
         "DDIM+P2P": ("ddim", p2p, True),
         "NTI+P2P": ("nti", p2p, True),
         "NPI+P2P": ("npi", p2p, True),
+        "NPI+P2P-null": ("npi", {**p2p, "target_guidance": "null"}, True),
+        "DI+P2P": ("direct", p2p, True),
         "ProxNPI": ("npi", proximal, False),
         "ProxNPI+P2P": ("npi", {**p2p, **proximal}, True),
+        "DI+Prox": ("direct", proximal, False),
+        "DI+Prox+P2P": ("direct", {**p2p, **proximal}, True),
         "MasaCtrl": ("npi", {"attention_control": MasaCtrl()}, False),
+        "DI+MasaCtrl": ("direct", {"attention_control": MasaCtrl()}, False),
         "ProxMasaCtrl": ("npi", {"attention_control": MasaCtrl(), "proximal_guidance": settings["proximal_masactrl"]},
                          False),
         "LEDITS++": ("ledits", {}, False),
@@ -94,14 +101,15 @@ def run_row(pipe, row: tuple, items, inversions: dict, steps: int, guidance: flo
     images = [item.image for item in items]
     sources = [item.source_prompt for item in items]
     if method not in inversions:
-        if method == "ddim" and "npi" in inversions:  # DDIM and NPI share the w = 1 trajectory
-            inversions["ddim"] = dataclasses.replace(inversions["npi"], method="ddim")
-            inversions.setdefault("seconds", {})["ddim"] = inversions["seconds"]["npi"]
+        shared = [m for m in SHARED_TRAJECTORY if m in inversions] if method in SHARED_TRAJECTORY else []
+        if shared:  # the same w = 1 DDIM trajectory, edited another way
+            inversions[method] = dataclasses.replace(inversions[shared[0]], method=method)
+            inversions["seconds"][method] = inversions["seconds"][shared[0]]
         else:
-            extra = {"inversion_method": method, "guidance_scale": guidance} if method == "nti" else {}
+            extra = {"guidance_scale": guidance} if method == "nti" else {}
             t0 = time.perf_counter()
-            inversion = pipe.invert(images, sources, num_inference_steps=steps, **extra)
-            inversions[method] = dataclasses.replace(inversion, method=method) if method == "ddim" else inversion
+            inversions[method] = pipe.invert(images, sources, num_inference_steps=steps, inversion_method=method,
+                                             **extra)
             inversions.setdefault("seconds", {})[method] = time.perf_counter() - t0
     call = dict(kwargs)
     if blend and all(all(item.blended_word) for item in items):  # PIE-Bench leaves some blended_word empty
@@ -141,7 +149,9 @@ def ledits_edit(pipe, item, steps: int) -> torch.Tensor:
         pipe.unet.set_attn_processor(processors)  # LEDITS++ installs its own processors on the shared UNet
 
 
-RECONSTRUCTIONS = {"ddim": "DDIM+CFG", "nti": "NTI", "npi": "NPI"}  # what regenerating each inversion is called
+SHARED_TRAJECTORY = ("npi", "ddim", "direct")  # methods whose inversion is the DDIM trajectory alone
+# What regenerating each inversion is called (Direct Inversion's reconstruction is the VAE row, exactly).
+RECONSTRUCTIONS = {"ddim": "DDIM+CFG", "nti": "NTI", "npi": "NPI"}
 
 
 @torch.no_grad()
@@ -213,8 +223,47 @@ def markdown(result) -> str:
         lines += ["", f"Reconstruction (no edit, guidance {result['args']['guidance']}), whole-image PSNR:", "",
                   "| inversion | items | PSNR (dB) |", "|---|---:|---:|"]
         lines += [f"| {name} | {len(v)} | {mean(v):.2f} |" for name, v in result["reconstruction"].items()]
+    lines += pareto_markdown(rows)
     lines += [""] + [f"- {m}" for m in result["skipped"].values()]
     return "\n".join(lines) + "\n"
+
+
+PARETO = ("unedited_psnr_exact", "attribute_ok")  # keep the unedited image, reach the target: both higher is better
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
+    """The names whose point no other point matches or beats on both coordinates and beats on one."""
+    def beaten(p):
+        return any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points.values())
+    return {name for name, point in points.items() if not beaten(point)}
+
+
+def pareto_markdown(rows: dict) -> list[str]:
+    """Unedited PSNR against attribute accuracy (toy folders: exact masks and judge), overall and per editing
+    type; ★ marks the rows on the Pareto front of that column."""
+    summaries = {name: s for name, s in rows.items() if all(not math.isnan(s.get(key, math.nan)) for key in PARETO)}
+    if not summaries:
+        return []
+    types = sorted({t for s in summaries.values() for t in s["by_type"]})
+    columns = {"overall": summaries}
+    for t in types:
+        columns[pie_format.EDITING_TYPES.get(t, t)] = {name: s["by_type"][t] for name, s in summaries.items()
+                                                       if t in s["by_type"]}
+    fronts = {}
+    for column, cells in columns.items():
+        points = {name: tuple(cell[key] for key in PARETO) for name, cell in cells.items()
+                  if not any(math.isnan(cell[key]) for key in PARETO)}
+        fronts[column] = (points, pareto_front(points))
+    lines = ["", "Unedited PSNR (dB) / attribute accuracy, overall and per editing type; ★ Pareto-optimal in its"
+             " column (no other row keeps the unedited image better and reaches the attribute as often or more):",
+             "", "| row | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name in summaries:
+        cells = []
+        for points, front in fronts.values():
+            point = points.get(name)
+            cells.append("—" if point is None else f"{point[0]:.2f} / {point[1]:.1%}" + (" ★" if name in front else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None):
@@ -227,7 +276,8 @@ def main(argv=None):
                    help="toy pairs' resolution (the model's: v1 64, v2 128)")
     p.add_argument("--model", default=str(evaluate.MODEL_DIR))
     p.add_argument("--out", required=True)
-    p.add_argument("--rows", nargs="+", default=ROW_NAMES, choices=ROW_NAMES)
+    p.add_argument("--rows", nargs="+", default=ROW_NAMES, choices=ROW_NAMES, metavar="ROW",
+                   help=f"the rows to run (default: all): {', '.join(ROW_NAMES)}")
     p.add_argument("--protocol", default="pipeline", choices=list(PROTOCOLS),
                    help="the rows' P2P and proximal settings: the pipeline's defaults, or the reference code's")
     p.add_argument("--types", nargs="+", default=None, help="editing_type_id values to keep")

@@ -40,7 +40,12 @@ CALLS = [
     dict(prompt="a red dog on a white background", proximal_guidance="soft"),
     dict(prompt="a red dog on a white background",
          attention_control=PromptToPrompt(0.6, 0.5, local_blend=LocalBlend(("cat", "dog")))),
+    # Direct Inversion: P2P's and MasaCtrl's structures (the pin is outside the UNet), with a pinned source
+    dict(prompt="a red dog on a white background", inversion_method="direct", proximal_guidance="soft",
+         attention_control=PromptToPrompt(0.5, 0.6, local_blend=LocalBlend(("cat", "dog"), threshold=0.4))),
+    dict(prompt="a red tiger on a white background", inversion_method="direct", attention_control=MasaCtrl(start_step=2)),
 ]
+DIRECT = CALLS[-2:]
 
 
 def edit(pipe, inversion, call):
@@ -62,8 +67,8 @@ def test_controls_are_reused_across_calls_without_leaking_values(pipe, reference
     runner = pipe._cuda_graphs
     for call, want in zip(CALLS, expected):
         torch.testing.assert_close(edit(pipe, inversion, call), want, rtol=0, atol=0)
-    # Structures: P2P with a store (swap and re-weighting alike); P2P without; MasaCtrl (its step window is a
-    # tensor, so one structure) and MasaCtrl in other layers; no control.
+    # Structures: P2P with a store (swap and re-weighting alike, Direct Inversion's too); P2P without; MasaCtrl (its
+    # step window is a tensor, so one structure) and MasaCtrl in other layers; no control.
     assert len(runner.controls) == 5
     defaults = dict(pipe.unet.attn_processors)
     assert all(type(proc).__name__ != "ControlledAttnProcessor" for proc in defaults.values())
@@ -143,6 +148,29 @@ def test_graphs_match_eager_on_cuda(gpu_pipes, compile):
 
 
 @cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_direct_inversion_graphs_match_eager_and_pin_the_source_exactly_on_cuda(gpu_pipes, compile):
+    eager, fast = gpu_pipes(), gpu_pipes()
+    fast.enable_cuda_graphs(compile=compile)
+    inversions = [pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method="direct")
+                  for pipe in (eager, fast)]
+    calls = [DIRECT[0], DIRECT[0]] if compile else DIRECT + DIRECT[:1]  # the repeat replays the captured graphs
+    for call in calls:
+        want, got = (edit(pipe, inv, call) for pipe, inv in zip((eager, fast), inversions))
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    seen = []
+
+    def record(pipe_, i, t, tensors):
+        seen.append(tensors["latents"][0].clone())
+        return tensors
+
+    edit(fast, inversions[1], dict(DIRECT[0], callback_on_step_end=record))
+    trajectory = inversions[1].latents[0].cuda()
+    assert all(torch.equal(latent, trajectory[STEPS - 1 - i]) for i, latent in enumerate(seen))  # pinned outside
+    assert fast._cuda_graphs.graphs
+
+
+@cuda
 def test_graphs_follow_a_moved_or_recast_unet(gpu_pipes):
     pipe = gpu_pipes()
     pipe.enable_cuda_graphs()
@@ -168,7 +196,8 @@ def test_denoising_loop_never_waits_for_the_host(gpu_pipes, graphs):
         return {}
 
     try:
-        for call in (CALLS[0], CALLS[3], dict(CALLS[6], proximal_guidance=ProximalGuidance(reconstruction_guidance=True))):
+        prox = dict(CALLS[6], proximal_guidance=ProximalGuidance(reconstruction_guidance=True))
+        for call in (CALLS[0], CALLS[3], prox, DIRECT[0]):
             edit(pipe, inversion, dict(call, callback_on_step_end=forbid_syncs))
     finally:
         torch.cuda.set_sync_debug_mode("default")
