@@ -1063,11 +1063,12 @@ def _denoising_step(latents, noise, alpha, alpha_next, proximal, context) -> tor
 
 
 def _step_hooks(branches: list[Branch], proximal: "_ProximalStep | None", control: "_Control", device) -> list:
-    """What runs after each DDIM step, in order: the inversion method's pin (Direct Inversion), proximal guidance's
-    inversion guidance, the attention control's hooks (local blend, which thus blends toward the pinned source)."""
+    """What runs after each DDIM step, in order: proximal guidance's inversion guidance, the inversion method's pin
+    (Direct Inversion; last of the rules that move latents, so pinned branches are the trajectory whatever else
+    ran), the attention control's hooks (local blend, which thus blends toward the pinned source)."""
     pinned = [k for k, branch in enumerate(branches) if branch.pinned]
-    hooks = [_PinSources(_index(pinned, device))] if pinned else []
-    return hooks + ([proximal] if proximal is not None else []) + control.hooks
+    hooks = [proximal] if proximal is not None else []
+    return hooks + ([_PinSources(_index(pinned, device))] if pinned else []) + control.hooks
 
 
 class _StepCallback:
@@ -2115,7 +2116,9 @@ class NegativePromptInversionPipeline(
             prompt (`str`, `list[str]`, `list[list[str]]`, *optional*):
                 Target prompt(s). `None` (or the source prompt) reconstructs. With one inverted image a list gives
                 several targets, all edited in one batch; with a batch of inverted images give one prompt per image
-                (or a list of targets per image). Each output equals editing that target alone.
+                (or a list of targets per image). Each output equals editing that target alone. Under Direct
+                Inversion a reconstruction is z*_0 itself (no UNet pass); with attention control a target equal to
+                its source is edited like any other (re-weighting the source prompt's words, say).
             inversion (`InversionResult`): From `invert` or `load_inversion`.
             guidance_scale (`float`, *optional*): Classifier-free guidance scale w. Defaults to the scale a null-text
                 inversion was optimised for (``inversion.guidance_scale``; another one logs a warning), else 7.5.
@@ -2235,7 +2238,7 @@ class NegativePromptInversionPipeline(
                     continue
                 context.index = i
                 control.step.fill_(i)
-                noise_cond, noise_uncond = self.branch_noise(latents, t, alphas[i], row_index, row_embeds[i], added_cond)
+                noise_cond, noise_uncond = self._branch_noise(latents, t, alphas[i], row_index, row_embeds[i], added_cond)
                 noise = _guided_noise(noise_cond, noise_uncond, guidance_scale, guidance_rescale, proximal, context)
                 latents = _denoising_step(latents, noise, alphas[i], alphas_next[i], proximal, context)
                 for hook in hooks:
@@ -2274,7 +2277,7 @@ class NegativePromptInversionPipeline(
     # -------------------------------------------------------------------------------------------------------------
     # Editing: building blocks
 
-    def branch_noise(self, latents, timestep, alpha, row_index, embeds, added_cond=None):
+    def _branch_noise(self, latents, timestep, alpha, row_index, embeds, added_cond=None):
         """ε of every branch from one UNet batch: ``(conditional, unconditional)`` per branch. ``row_index``:
         `RowLayout.index` (the branch of each row, each branch's conditional and unconditional row)."""
         row_branch, cond_rows, uncond_rows = row_index

@@ -148,7 +148,7 @@ def test_graphs_match_eager_on_cuda(gpu_pipes, compile):
 
 
 @cuda
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, True, "regional"])
 def test_direct_inversion_graphs_match_eager_and_pin_the_source_exactly_on_cuda(gpu_pipes, compile):
     eager, fast = gpu_pipes(), gpu_pipes()
     fast.enable_cuda_graphs(compile=compile)
