@@ -27,13 +27,17 @@ SDXL (``text_encoder_2`` and ``tokenizer_2`` given) adds its pooled text embeddi
 Equations follow ``ALGORITHMS`` in the project's reference notes; each formula below names its source.
 """
 
+import base64
+import errno
 import functools
 import hashlib
 import itertools
 import json
 import math
 import numbers
+import operator
 import os
+import stat
 import threading
 import weakref
 from collections import OrderedDict
@@ -43,6 +47,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 import PIL.Image
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -53,7 +58,6 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusio
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
-from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 
@@ -104,6 +108,11 @@ EDIT_TYPES = ("replace", "refine")
 INVERSION_FORMAT = "negative-prompt-inversion/1"
 # Useful guidance scales are 1–20; far beyond, ε̃ = ε_u + w·d drives the latents to inf within a few steps.
 MAX_GUIDANCE_SCALE = 100.0
+# Re-weighting multiplies a word's cross-attention probabilities, whose sum over the prompt is 1, by a factor c:
+# the word's value then counts c times. The P2P paper edits with c in [−2, 2] (negative: the word's effect
+# reversed), the references' examples go up to 5; at |c| = 10 one word already outweighs the whole prompt tenfold,
+# and beyond it the attention output leaves the range the model was trained on until it overflows.
+MAX_REWEIGHT = 10.0
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -347,8 +356,16 @@ class InversionResult:
         return len(self.source_prompts)
 
     def __getitem__(self, index: int) -> "InversionResult":
-        """The inversion of one image of the batch."""
-        pick = slice(index, index + 1) if index >= 0 else slice(index, index + 1 or None)
+        """The inversion of image ``index`` of the batch; negative indices count from the end, as in a list."""
+        if isinstance(index, bool):
+            raise TypeError("InversionResult indices must be integers, got bool.")
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(f"InversionResult indices must be integers, got {type(index).__name__}.") from None
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"image index {index} is out of range for an inversion of {len(self)} image(s).")
+        pick = slice(index % len(self), index % len(self) + 1)
         per_image = {name: tensor[pick] for name, tensor in self._present().items() if name != "timesteps"}
         return InversionResult(
             **per_image,
@@ -370,11 +387,15 @@ class InversionResult:
                 for name, tensor in self._present().items()}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a ``.safetensors`` file whose header carries the JSON metadata and a SHA-256 of every tensor."""
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):  # safetensors would only report a temporary file it could not create
-            raise FileNotFoundError(f"Cannot save the inversion to {os.fspath(path)}: no folder {folder}.")
-        self._check_consistency(f"inversion to save as {os.fspath(path)}")  # never write a file `load` rejects
+        """Write a ``.safetensors`` file whose header carries the JSON metadata and a SHA-256 of every tensor.
+
+        The file appears whole or not at all (written beside it, then renamed over it), with the permissions the
+        user's umask gives new files. Every file-system problem raises an `OSError` naming ``path``.
+        """
+        path = _file_path(path, "save the inversion to")
+        action = f"Cannot save the inversion to {path}"
+        _check_writable(path, action)
+        self._check_consistency(f"inversion to save as {path}")  # never write a file `load` rejects
         tensors = self._tensors()
         metadata = {
             "format": INVERSION_FORMAT,
@@ -385,25 +406,24 @@ class InversionResult:
             "model_signature": self.model_signature,
         }
         metadata["sha256"] = _file_digest(metadata, tensors)
-        save_file(tensors, os.fspath(path), metadata={"inversion": json.dumps(metadata)})
+        data = safetensors.torch.save(tensors, metadata={"inversion": json.dumps(metadata)})
+        _write_atomically(os.path.realpath(path), data, action)  # through a symbolic link, not over it
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "InversionResult":
         """Read a file written by `save`. safetensors holds only tensors, so loading can never run code.
 
-        The checksum only catches accidents (anyone can recompute it), so the content is validated as well; every
-        problem raises `InvalidInversionError` naming the file.
+        A file that cannot be read raises an `OSError` naming it (`FileNotFoundError`, `IsADirectoryError`,
+        `PermissionError`, ...). The checksum only catches accidents (anyone can recompute it), so the content is
+        validated as well; every problem with it raises `InvalidInversionError` naming the file.
         """
-        from safetensors import safe_open
-
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"No inversion file at {path}.")
+        path = _file_path(path, "load an inversion from")
         try:
-            with safe_open(path, framework="pt") as handle:
-                header = handle.metadata() or {}
-            tensors = load_file(path)
+            header, data = _read_inversion_file(path)
+            tensors = safetensors.torch.load(data)
             metadata = json.loads(header["inversion"])
+        except OSError as error:
+            raise _naming_path(error, f"Cannot read the inversion file {path}") from error
         except Exception as error:  # any unreadable header or body is the same problem to the user
             raise InvalidInversionError(
                 f"{path} is not an inversion file written by InversionResult.save: {error}"
@@ -440,8 +460,8 @@ class InversionResult:
             problems.append(f"source_prompts must be a non-empty list of strings, got {prompts!r}")
         if self.method not in INVERSION_METHODS:
             problems.append(f"method {self.method!r} is not one of {list(INVERSION_METHODS)}")
-        if not (_is_real(scale) and math.isfinite(scale)):
-            problems.append(f"guidance_scale must be a finite number, got {scale!r}")
+        if not (_is_real(scale) and _in_range(scale, 0, MAX_GUIDANCE_SCALE)):
+            problems.append(f"guidance_scale must lie in [0, {MAX_GUIDANCE_SCALE}], got {scale!r}")
         if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_real(n, True) and n > 0 for n in size)):
             problems.append(f"image_size must be two positive integers, got {size!r}")
         if not isinstance(self.model_signature, dict):
@@ -460,6 +480,7 @@ class InversionResult:
             self._shape_problems(present)
             + self._dtype_problems(present)
             + self._method_problems(present)
+            + _value_problems(present)
             + self._image_size_problems(vae_scale_factor)
         )
 
@@ -495,9 +516,17 @@ class InversionResult:
 
     def _method_problems(self, present: dict[str, torch.Tensor]) -> list[str]:
         optimised = INVERSION_METHODS[self.method].optimises_null_text
-        if optimised != ("null_embeds" in present) or ("null_text_losses" in present and not optimised):
-            return [f"null_embeds (with null_text_losses) belong to method 'nti' only, method is {self.method!r}"]
-        if ("null_pooled_embeds" in present) != (optimised and "pooled_prompt_embeds" in present):
+        sdxl = "pooled_prompt_embeds" in present
+        if optimised and "null_embeds" not in present:
+            return ["method 'nti' needs null_embeds (NTI's optimised unconditional embedding of each step), which are"
+                    " missing"]
+        stray = [name for name in ("null_embeds", "null_text_losses") if name in present and not optimised]
+        if stray:
+            return [f"{' and '.join(stray)} belong to method 'nti' only, method is {self.method!r}"]
+        if optimised and sdxl and "null_pooled_embeds" not in present:
+            return ["an SDXL inversion of method 'nti' needs null_pooled_embeds (the pooled embedding of its"
+                    " unconditional branch), which are missing"]
+        if "null_pooled_embeds" in present and not (optimised and sdxl):
             return ["null_pooled_embeds belong to SDXL inversions (with pooled_prompt_embeds) of method 'nti' only"]
         return []
 
@@ -526,6 +555,112 @@ def _check_entries(path: str, metadata: dict, tensors: dict) -> None:
 
 def _invalid(where: str, problems: list[str]) -> InvalidInversionError:
     return InvalidInversionError(f"{where}: invalid inversion ({'; '.join(problems)}).")
+
+
+# The largest magnitude each tensor of an inversion can hold. A latent times the VAE's scaling factor has unit
+# variance by the factor's definition, and DDIM inversion keeps it there (|z| ≲ 10): 10⁴ is beyond anything an
+# encoder or an inversion makes. Text embeddings reach a few hundred in CLIP's outlier features; past float16's
+# largest value a half-precision UNet would read them as inf. (NTI's losses are NaN after early stopping by design.)
+_VALUE_LIMITS = {
+    "latents": 1e4, "prompt_embeds": 65504.0, "null_embeds": 65504.0, "pooled_prompt_embeds": 65504.0,
+    "null_pooled_embeds": 65504.0,
+}
+
+
+def _value_problems(present: dict[str, torch.Tensor]) -> list[str]:
+    """NaN, inf or absurd magnitudes in the tensors the pipeline computes with, named before any model runs."""
+    problems = []
+    for name, limit in _VALUE_LIMITS.items():
+        tensor = present.get(name)
+        if tensor is None or not (tensor.dtype.is_floating_point and tensor.numel()):
+            continue
+        largest = float(tensor.detach().abs().amax())  # NaN if any value is NaN
+        if not math.isfinite(largest):
+            problems.append(f"{name} contain NaN or inf")
+        elif largest > limit:
+            problems.append(f"{name} reach {largest:.3g}, beyond the {limit:g} an inversion can hold")
+    return problems
+
+
+def _file_path(path, action: str) -> str:
+    """``path`` as a string; a value that cannot name a file raises naming it (``action``: what was attempted)."""
+    try:
+        path = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"Cannot {action} {path!r}: a path must be a str or os.PathLike.") from None
+    if "\0" in path or not path:
+        raise ValueError(f"Cannot {action} {path!r}: the path {'is empty' if not path else 'contains a NUL byte'}.")
+    return path
+
+
+def _check_writable(path: str, action: str) -> None:
+    """Refuse, before any work, a path that cannot become a file: a folder, a device, a missing or read-only
+    folder, a read-only file."""
+    if os.path.isdir(path):
+        example = os.path.join(path, "inversion.safetensors")
+        raise IsADirectoryError(f"{action}: it is a folder; give a file name, such as {example}.")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise FileExistsError(f"{action}: it exists and is not a regular file.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"{action}: {folder} is a file, not a folder.")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{action}: no folder {folder}.")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise PermissionError(f"{action}: the file exists and is read-only.")
+
+
+# safetensors' own limit on a header; an inversion's is a few kilobytes plus its model signature.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def _read_inversion_file(path: str) -> tuple[dict, bytes]:
+    """The ``__metadata__`` of a safetensors file holding an inversion, and the file's bytes. The header is read
+    first: a file that is not an inversion (a model's weights, a device such as /dev/zero) is refused without
+    reading the rest."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+    if not stat.S_ISREG(mode):  # opening a named pipe would wait for a writer
+        raise ValueError("it is not a regular file")
+    with open(path, "rb") as file:
+        head = file.read(8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or not 0 < length <= _MAX_HEADER_BYTES:
+            raise ValueError("it does not start with a safetensors header")
+        header = file.read(length)
+        metadata = json.loads(header).get("__metadata__") or {}  # a truncated header is a JSON error
+        if "inversion" not in metadata:
+            raise ValueError("its header holds no inversion metadata")
+        return metadata, head + header + file.read()
+
+
+def _naming_path(error: OSError, message: str) -> OSError:
+    """``error`` as the same `OSError` subclass and errno, its message prefixed with ``message`` (which names the
+    path): `errno` stays for code that tests it, and the user reads which file and why."""
+    return type(error)(error.errno, f"{message}: {error.strerror or error}")
+
+
+def _write_atomically(path: str, data: bytes, action: str) -> None:
+    """Write ``data`` to a new file beside ``path``, then rename it over ``path``: a reader never sees a partial
+    file, and a full disk or a crash leaves any earlier file intact. Created like ``open(path, "wb")``, so its
+    permissions follow the umask."""
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.{os.urandom(4).hex()}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+    except OSError as error:
+        raise _naming_path(error, action) from error
 
 
 def _as_inversion_result(value, name: str = "inversion") -> InversionResult:
@@ -614,6 +749,13 @@ class LocalBlend:
     map_level: int | None = None
 
     def check(self, layers: list["AttentionLayer"]) -> None:
+        problem = _blend_words_problem(self.words)
+        if problem:
+            raise ValueError(
+                "LocalBlend.words must be (source_words, target_words), [source_words, target_1_words, …] or one"
+                f" (source_words, target_words) pair per image, each a word or a non-empty list of words; got"
+                f" {self.words!r}: {problem}."
+            )
         _check_number("LocalBlend.threshold", self.threshold, 0, 1)
         _check_number("LocalBlend.start", self.start, 0, 1)
         if self.map_level is not None:
@@ -674,7 +816,9 @@ class PromptToPrompt:
             removed words); `None` picks per target by word count. Words are the tokenizer's: punctuation is no
             word and any whitespace separates words. PnPInversion's PIE-Bench runs refine every pair.
         reweight (`dict` or `list[dict]`, *optional*): ``{"word": factor}`` scaling target words' attention (one
-            dict for every target, or one per target). Words match as `LocalBlend`'s do.
+            dict for every target, or one per target; words match as `LocalBlend`'s do). Factors lie in [−10, 10]
+            (`MAX_REWEIGHT`): 1 changes nothing, 2–5 strengthen a word, a negative factor reverses its effect (the
+            paper's range is [−2, 2]).
         local_blend (`LocalBlend`, *optional*): Keep the image outside the edited words' attention.
     """
 
@@ -697,6 +841,8 @@ class PromptToPrompt:
 
     def check(self, num_steps: int, layers: list["AttentionLayer"]) -> None:
         _check_choice("PromptToPrompt.edit_type", self.edit_type, EDIT_TYPES, allow_none=True)
+        if self.reweight is not None:
+            _check_reweight(self.reweight)
         windows = self.cross_replace_steps
         for window in windows.values() if isinstance(windows, dict) else [windows]:
             check_window("PromptToPrompt.cross_replace_steps", window)
@@ -792,8 +938,10 @@ class ProximalGuidance:
         inversion_guidance (`bool`, defaults to True): After each step with t < ``below_timestep``, pull the
             unedited region of the latent toward the inversion trajectory (§3.3).
         reconstruction_guidance (`bool`, defaults to False): The same pull on the predicted x0 toward z_0 (App. B).
-        step_size (`float`, defaults to 1.0): Step size η of both pulls (1 pins the region).
-        below_timestep (`int`, defaults to 400): The pulls apply while t < this.
+        step_size (`float`, defaults to 1.0): Step size η of both pulls, in [0, 1]: the fraction of the way to the
+            inversion the unedited region moves per step (0: no pull, 1 pins it there; beyond 1 it would overshoot
+            the anchor, and past 2 diverge).
+        below_timestep (`int`, defaults to 400): The pulls apply while t < this (0: never).
         mask_dilation (`int`, defaults to 1): Edit-mask dilation radius r (max-pool of 2r+1).
     """
 
@@ -811,15 +959,20 @@ class ProximalGuidance:
         _check_number("ProximalGuidance.quantile", self.quantile, 0, 1)
         if self.threshold is not None:
             _check_number("ProximalGuidance.threshold", self.threshold, 0)
-        _check_number("ProximalGuidance.step_size", self.step_size, 0)
-        _check_number("ProximalGuidance.below_timestep", self.below_timestep)
+        _check_flag("ProximalGuidance.inversion_guidance", self.inversion_guidance)
+        _check_flag("ProximalGuidance.reconstruction_guidance", self.reconstruction_guidance)
+        _check_number("ProximalGuidance.step_size", self.step_size, 0, 1)
+        _check_number("ProximalGuidance.below_timestep", self.below_timestep, 0)
         _check_number("ProximalGuidance.mask_dilation", self.mask_dilation, 0, integer=True)
 
     def guide(self, direction: torch.Tensor, noise_cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The thresholded direction of each edited sample and its edit mask M (ProxEdit §3.2–3.3)."""
         direction, threshold = proximal_direction(direction, self.mode, self.quantile, self.threshold)
         # a mask is a discontinuous decision: |prox(d)| within rounding noise of ε_c must never count as edited
-        return direction, edit_region(direction, threshold.maximum(rounding_floor(noise_cond)), self.mask_dilation)
+        threshold = threshold.maximum(rounding_floor(noise_cond))
+        # a radius of the latent's side already spreads any edit over the whole latent; a larger one only costs
+        dilation = min(self.mask_dilation, max(direction.shape[-2:]))
+        return direction, edit_region(direction, threshold, dilation)
 
     def pull(self, latents: torch.Tensor, anchor: torch.Tensor, edit_mask: torch.Tensor) -> torch.Tensor:
         """Move the unedited region (1 − M) toward ``anchor``."""
@@ -1431,6 +1584,7 @@ class NegativePromptInversionPipeline(
         _check_choice("inversion_method", inversion_method, INVERSION_METHODS)
         _check_null_text_settings(null_text_inner_steps, null_text_early_stop, null_text_init)
         _check_choice("proximal_guidance", proximal_guidance, PROXIMAL_MODES, allow_none=True)
+        _check_flag("force_zeros_for_empty_prompt", force_zeros_for_empty_prompt)
         if scheduler is None:
             raise ValueError("scheduler is required: inversion runs on its noise schedule (any diffusers scheduler).")
         if safety_checker is not None and feature_extractor is None:
@@ -1463,7 +1617,7 @@ class NegativePromptInversionPipeline(
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._cuda_graphs: _CUDAGraphUNet | None = None  # see enable_cuda_graphs
-        self._unet_call_log: UNetCallLog | None = None  # see count_unet_calls
+        self._unet_call_logs: dict[int, list[UNetCallLog]] = {}  # see count_unet_calls
 
     # -------------------------------------------------------------------------------------------------------------
     # Properties read by callbacks, as in the core pipelines
@@ -1479,6 +1633,16 @@ class NegativePromptInversionPipeline(
     @property
     def interrupt(self):
         return self._interrupt
+
+    def to(self, *args, **kwargs):
+        """`DiffusionPipeline.to`, but a device the pipeline cannot run on is refused before anything moves, naming
+        it: the meta device (tensors without values), a backend this build of torch lacks (``"cuda"`` on a CPU
+        build), an unavailable backend, or a device index beyond those present."""
+        devices = [kwargs["device"]] if kwargs.get("device") is not None else []
+        devices += [arg for arg in args if isinstance(arg, (str, torch.device, int)) and not isinstance(arg, bool)]
+        for device in devices:
+            _check_device(device)
+        return super().to(*args, **kwargs)
 
     # -------------------------------------------------------------------------------------------------------------
     # Building blocks
@@ -1740,25 +1904,32 @@ class NegativePromptInversionPipeline(
 
     @contextmanager
     def count_unet_calls(self):
-        """Record every UNet evaluation inside the ``with`` block (eager, replayed as a CUDA graph, or with
-        gradients for NTI) into the yielded `UNetCallLog`. Benchmarks and tests read it; it costs nothing when off."""
-        log = self._unet_call_log = UNetCallLog()
+        """Record every UNet evaluation this thread makes inside the ``with`` block (eager, replayed as a CUDA graph,
+        or with gradients for NTI) into the yielded `UNetCallLog`. Calls of other threads on the same pipeline are
+        theirs to count (a call runs wholly in the thread that made it); nested blocks each see the calls made
+        inside them. Benchmarks and tests read it; it costs nothing when off."""
+        log, thread = UNetCallLog(), threading.get_ident()
+        self._unet_call_logs.setdefault(thread, []).append(log)
         try:
             yield log
         finally:
-            self._unet_call_log = None
+            logs = [other for other in self._unet_call_logs[thread] if other is not log]  # logs compare equal
+            if logs:
+                self._unet_call_logs[thread] = logs
+            else:
+                del self._unet_call_logs[thread]
 
     def predict_noise(self, latents, timestep, embeds, alpha, added_cond: dict | None = None) -> torch.Tensor:
         """ε(z, t, c) in float32, converted from v-prediction when the model predicts v. ``added_cond``: SDXL's
         ``added_conditioning`` for the same rows."""
         runner = self._cuda_graphs
-        log = self._unet_call_log
-        if log is not None:
+        logs = self._unet_call_logs.get(threading.get_ident(), ())
+        for log in logs:
             log.calls.append((latents.shape[0], torch.is_grad_enabled()))
         if runner is not None and not torch.is_grad_enabled():
             captures = runner.captures
             output = runner(latents.to(self.unet.dtype), timestep, embeds, added_cond)
-            if log is not None:
+            for log in logs:
                 log.captures += runner.captures - captures
         else:
             inputs = {"latents": latents.to(self.unet.dtype), "timestep": timestep, "embeds": embeds}
@@ -1781,26 +1952,78 @@ class NegativePromptInversionPipeline(
         return {"text_embeds": pooled, "time_ids": time_ids.expand(len(pooled), -1)}
 
     def model_signature(self) -> dict:
-        """Fingerprint of the models an inversion depends on: architecture configs exactly, a few weights approximately.
+        """Fingerprint of the models an inversion depends on, so that it is only ever edited with them.
 
-        It identifies what the weights compute, so the same weights saved, reloaded or cast to another dtype match.
+        - ``config``: one digest of the UNet's, VAE's and text encoders' architecture configs (as earlier versions
+          recorded it); ``configs``: a digest per model, and of the scheduler's noise schedule, so that a mismatch
+          names the model.
+        - ``weights``: per model, `SIGNATURE_SAMPLES` evenly strided values of every parameter tensor (float32,
+          base64). They are compared within bfloat16 rounding (`_weights_match`), so the same weights saved,
+          reloaded or cast to float16 or bfloat16 match, and weights changed wherever a sample falls do not. The
+          cost is one strided view per tensor and one copy per model, whatever the models' size.
         """
-
-        def probe(module) -> list[float]:
-            return [float(v) for v in next(module.parameters()).detach().flatten()[:8].float().cpu()]
-
+        models = self._signed_models()
         configs = {
-            "unet": dict(self.unet.config),
-            "vae": dict(self.vae.config),
-            "text_encoder": _text_encoder_config(self.text_encoder),
+            name: _architecture_config(_text_encoder_config(model) if "text_encoder" in name else dict(model.config))
+            for name, model in models.items()
         }
+        return {
+            "config": _digest(configs),
+            "configs": {**{name: _digest(config) for name, config in configs.items()},
+                        "scheduler": _digest(self._schedule_config())},
+            "weights": {name: _weight_samples(name, model) for name, model in models.items()},
+        }
+
+    def _signed_models(self) -> dict:
+        models = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
         if self.is_sdxl:  # SD 1.x/2.x signatures stay those of files saved before SDXL support
-            configs["text_encoder_2"] = _text_encoder_config(self.text_encoder_2)
-        digest = hashlib.sha256(
-            json.dumps({name: _architecture_config(config) for name, config in configs.items()},
-                       sort_keys=True, default=str).encode()
-        ).hexdigest()[:16]
-        return {"config": digest, "probe": {name: probe(getattr(self, name)) for name in configs}}
+            models["text_encoder_2"] = self.text_encoder_2
+        return models
+
+    def _schedule_config(self) -> dict:
+        """What the DDIM schedule `ddim_schedule` builds depends on: the noise schedule, its timesteps and the
+        prediction type (any scheduler class with the same values gives the same steps)."""
+        scheduler = self.scheduler
+        if not isinstance(scheduler, DDIMScheduler):
+            scheduler = DDIMScheduler.from_config(scheduler.config)
+        return {key: scheduler.config.get(key) for key in _SCHEDULE_KEYS}
+
+    def _signature_differences(self, inversion: InversionResult) -> list[str]:
+        """The models of this pipeline that differ from those that made ``inversion``, each with what differs."""
+        mine, theirs = self.model_signature(), inversion.model_signature
+        if not theirs:
+            return ["the inversion records no model signature (pipe.invert() records one)"]
+        if "weights" not in theirs:
+            return self._earlier_signature_differences(mine, theirs)
+        their_configs, their_weights = theirs.get("configs"), theirs.get("weights")
+        if not (isinstance(their_configs, dict) and isinstance(their_weights, dict)):
+            return ["its model signature is malformed"]
+        differences = {}
+        for name, digest in mine["configs"].items():
+            if their_configs.get(name) != digest:
+                differences.setdefault(name, []).append("config")
+        for name, samples in mine["weights"].items():
+            if not _weights_match(samples, their_weights.get(name)):
+                differences.setdefault(name, []).append("weights")
+        latent_height = inversion.latents.shape[-2]
+        their_factor = inversion.image_size[0] // latent_height if latent_height else None
+        if "vae" in differences and their_factor != self.vae_scale_factor:
+            differences["vae"].append(f"VAE factor {self.vae_scale_factor} here, {their_factor} in the inversion")
+        return [f"{name} ({', '.join(what)})" for name, what in differences.items()]
+
+    def _earlier_signature_differences(self, mine: dict, theirs: dict) -> list[str]:
+        """The same for a file saved by an earlier version, whose signature holds one digest of all configs and the
+        first 8 values of each model's first weight tensor."""
+        probes = theirs.get("probe")
+        differences = []
+        if mine["config"] != theirs.get("config"):
+            differences.append("the config of the UNet, VAE or text encoder (a file of an earlier version, which does"
+                               " not record which)")
+        for name, model in self._signed_models().items():
+            first = next(model.parameters()).detach().flatten()[:8].float().cpu()
+            if not (isinstance(probes, dict) and _same_weights([float(v) for v in first], probes.get(name))):
+                differences.append(f"{name} (weights)")
+        return differences
 
     def check_inversion(self, inversion: "InversionResult", num_inference_steps: int | None = None) -> InversionResult:
         """Raise if ``inversion`` is malformed or was made by other models or with another step count than asked for.
@@ -1808,26 +2031,34 @@ class NegativePromptInversionPipeline(
         Returns it as this file's `InversionResult` (see `_as_inversion_result`).
         """
         inversion = _as_inversion_result(inversion)
-        inversion._check_consistency("inversion", self.vae_scale_factor)
+        inversion._check_consistency("inversion")
         if (inversion.pooled_prompt_embeds is not None) != self.is_sdxl:
             made_by, this = ("SDXL", "SD 1.x/2.x") if not self.is_sdxl else ("SD 1.x/2.x", "SDXL")
             raise ValueError(
                 f"This inversion was made by an {made_by} pipeline, this pipeline is {this}: their text embeddings"
                 " and UNet conditioning differ; invert the image again with this pipeline."
             )
+        if num_inference_steps is not None:
+            _check_steps(num_inference_steps, self.scheduler.config.num_train_timesteps)
         if num_inference_steps is not None and num_inference_steps != inversion.num_inference_steps:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} but the inversion was made with"
                 f" {inversion.num_inference_steps} steps; invert again with the step count you want."
             )
-        mine, theirs = self.model_signature(), inversion.model_signature
-        their_probes = theirs.get("probe")
-        same_probe = isinstance(their_probes, dict) and all(
-            _same_weights(probe, their_probes.get(name)) for name, probe in mine["probe"].items()
-        )
-        if mine["config"] != theirs.get("config") or not same_probe:
+        differences = self._signature_differences(inversion)
+        if differences:
             raise ValueError(
-                "This inversion was made with different models (UNet, VAE or text encoder) than this pipeline's;"
+                f"This inversion was made with different models than this pipeline's: {'; '.join(differences)}."
+                " Invert the image again with this pipeline."
+            )
+        problems = inversion._image_size_problems(self.vae_scale_factor)  # only a hand-made object gets here
+        if problems:
+            raise _invalid("inversion", problems)
+        timesteps = self.ddim_schedule(inversion.num_inference_steps, "cpu")[0]
+        if timesteps.tolist() != inversion.timesteps.tolist():
+            raise ValueError(
+                f"This inversion ran at timesteps {inversion.timesteps.tolist()}, this pipeline's scheduler gives"
+                f" {timesteps.tolist()} for {len(timesteps)} steps (another timestep_spacing or steps_offset);"
                 " invert the image again with this pipeline."
             )
         return inversion
@@ -1924,13 +2155,15 @@ class NegativePromptInversionPipeline(
             `InversionResult`
         """
         # 1. Check inputs
-        method = inversion_method or self.config.inversion_method
-        inner_steps = self.config.null_text_inner_steps if null_text_inner_steps is None else null_text_inner_steps
-        early_stop = self.config.null_text_early_stop if null_text_early_stop is None else null_text_early_stop
-        init = null_text_init or self.config.null_text_init
+        config = self.config  # `None` takes the pipeline's flag; any other value is checked ("" and 0 too)
+        method = config.inversion_method if inversion_method is None else inversion_method
+        inner_steps = config.null_text_inner_steps if null_text_inner_steps is None else null_text_inner_steps
+        early_stop = config.null_text_early_stop if null_text_early_stop is None else null_text_early_stop
+        init = config.null_text_init if null_text_init is None else null_text_init
         prompts = self.check_invert_inputs(
             image, source_prompt, num_inference_steps, guidance_scale, method, (inner_steps, early_stop, init)
         )
+        signature = self.model_signature()  # raises now, not after the inversion, for weights it cannot read
         images = self.prepare_images(image, height, width, resize_mode)
         device = self._execution_device
 
@@ -1960,7 +2193,7 @@ class NegativePromptInversionPipeline(
 
         self.maybe_free_model_hooks()
         return InversionResult(
-            latents=_ensure_finite(trajectory, "The inversion latents", self.unet.dtype).cpu(),
+            latents=_ensure_finite(trajectory, "The inversion latents", self.unet).cpu(),
             prompt_embeds=prompt_embeds.cpu(),
             source_prompts=prompts,
             timesteps=timesteps.cpu(),
@@ -1969,7 +2202,7 @@ class NegativePromptInversionPipeline(
             image_size=image_size,
             null_embeds=_on_cpu(null_embeds),
             null_text_losses=_on_cpu(losses),
-            model_signature=self.model_signature(),
+            model_signature=signature,
             pooled_prompt_embeds=_on_cpu(pooled),
             null_pooled_embeds=_on_cpu(null_pooled),
         )
@@ -2250,11 +2483,11 @@ class NegativePromptInversionPipeline(
         # 6. Decode the targets (a reconstruction that Direct Inversion never denoised is its image's z*_0)
         outputs = _index(_output_rows(branches), device)
         origins = inversion.latents[:, 0].to(device)
-        latents = _ensure_finite(torch.cat([latents, origins])[outputs], "The denoised latents", self.unet.dtype)
+        latents = _ensure_finite(torch.cat([latents, origins])[outputs], "The denoised latents", self.unet)
         if output_type == "latent":
             images, has_nsfw = latents, None
         else:
-            images = _ensure_finite(self.decode_latents(latents), "The decoded images", self.vae.dtype)
+            images = _ensure_finite(self.decode_latents(latents), "The decoded images", self.vae)
             images, has_nsfw = self.run_safety_checker(images, device, self.unet.dtype)
             do_denormalize = [True] * len(images) if has_nsfw is None else [not flag for flag in has_nsfw]
             images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=do_denormalize)
@@ -2375,11 +2608,6 @@ _INCIDENTAL_CONFIG_KEYS = frozenset(
      "output_attentions", "return_dict"}
 )
 
-# A weight loaded in bfloat16 (or float16) is its float32 value rounded to 8 (11) significant bits: at most eps/2 of
-# bfloat16 apart, relative. Probes match within eps relative to the probe's largest weight: every such cast passes
-# (also values near zero, where float16 loses relative precision); weights that differ by more are another model.
-_PROBE_TOLERANCE = torch.finfo(torch.bfloat16).eps
-
 
 def _text_encoder_config(text_encoder) -> dict:
     return text_encoder.config.to_diff_dict() if hasattr(text_encoder.config, "to_diff_dict") else {}
@@ -2389,10 +2617,63 @@ def _architecture_config(config) -> dict:
     return {key: value for key, value in config.items() if not (key.startswith("_") or key in _INCIDENTAL_CONFIG_KEYS)}
 
 
+# Weights sampled per tensor for a model signature: the cost is per tensor, not per weight.
+SIGNATURE_SAMPLES = 8
+# The scheduler config keys that decide the DDIM steps (`ddim_schedule`) and what the UNet predicts.
+_SCHEDULE_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+    "set_alpha_to_one", "steps_offset", "timestep_spacing", "rescale_betas_zero_snr",
+)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _weight_samples(name: str, model: torch.nn.Module) -> str:
+    """`SIGNATURE_SAMPLES` evenly strided values of each parameter tensor of ``model`` (views: nothing is read but
+    the samples), float32, base64."""
+    picks = []
+    with torch.no_grad():  # as_strided: one cheap view per tensor (slicing a flattened view costs ~15× more)
+        for parameter_name, parameter in model.named_parameters():
+            if parameter.is_meta:
+                raise ValueError(
+                    f"{name}.{parameter_name} is on the meta device, which holds no values: move the pipeline to a"
+                    " device with pipe.to('cpu') or pipe.to('cuda')."
+                )
+            flat = parameter if parameter.is_contiguous() else parameter.contiguous()  # in its logical order
+            stride = max(1, flat.numel() // SIGNATURE_SAMPLES)
+            picks.append(flat.as_strided((min(SIGNATURE_SAMPLES, flat.numel()),), (stride,)))
+        if len({pick.device for pick in picks}) > 1:  # a model spread over devices
+            picks = [pick.cpu() for pick in picks]
+        samples = torch.cat(picks).float().cpu() if picks else torch.zeros(0)
+    return base64.b64encode(samples.numpy().astype("<f4").tobytes()).decode("ascii")
+
+
+def _weights_match(mine: str, theirs) -> bool:
+    """Whether two `_weight_samples` are the same weights up to a cast. float16 and bfloat16 move a weight by at most
+    half an ulp, 2⁻⁸ of its size for bfloat16 (2⁻¹¹ for float16), and float16 rounds tiny weights to multiples of
+    2⁻²⁴: within bfloat16's eps (2⁻⁷) of the larger value plus 2⁻²⁴, any two casts of a weight agree, while weights
+    that differ by more are other weights."""
+    try:
+        a, b = (np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4").astype(np.float64)
+                for value in (mine, theirs))
+    except (TypeError, ValueError):
+        return False
+    if a.shape != b.shape:
+        return False
+    tolerance = torch.finfo(torch.bfloat16).eps * np.maximum(np.abs(a), np.abs(b)) + 2.0**-24
+    with np.errstate(invalid="ignore"):  # inf − inf
+        same = (np.abs(a - b) <= tolerance) | (a == b) | (np.isnan(a) & np.isnan(b))
+    return bool(same.all())
+
+
 def _same_weights(mine: list[float], theirs) -> bool:
+    """Earlier versions' comparison of their signatures (8 values of one tensor): within bfloat16's eps of the largest
+    value."""
     if not (isinstance(theirs, list) and len(theirs) == len(mine) and all(_is_real(value) for value in theirs)):
         return False
-    tolerance = _PROBE_TOLERANCE * max(abs(value) for value in mine)
+    tolerance = torch.finfo(torch.bfloat16).eps * max(abs(value) for value in mine)
     return all(abs(a - b) <= tolerance for a, b in zip(mine, theirs))
 
 
@@ -2414,7 +2695,8 @@ def _optional_component(name: str, value):
 
 def _check_sdxl_components(unet, tokenizer, text_encoder_2, tokenizer_2) -> None:
     """An SDXL UNet (``addition_embed_type="text_time"``) reads text_encoder_2's pooled projection and six time ids;
-    the two tokenizers must read the same number of tokens, as P2P places edits by token position in both."""
+    the two tokenizers must read the same number of tokens with one vocabulary, as P2P places edits by token position
+    in both."""
     added = unet.config.get("addition_embed_type") == "text_time"
     if (text_encoder_2 is None) != (tokenizer_2 is None):
         raise ValueError("text_encoder_2 and tokenizer_2 come together (SDXL): pass both or neither.")
@@ -2445,12 +2727,55 @@ def _check_sdxl_components(unet, tokenizer, text_encoder_2, tokenizer_2) -> None
             f"tokenizer reads {tokenizer.model_max_length} tokens, tokenizer_2 {tokenizer_2.model_max_length}; SDXL's"
             " tokenizers read the same number."
         )
+    # Special and added tokens may differ (SDXL's second tokenizer pads with "!"); the BPE vocabulary may not.
+    added = set(tokenizer.get_added_vocab()) | set(tokenizer_2.get_added_vocab())
+    first, second = ({token: i for token, i in t.get_vocab().items() if token not in added}
+                     for t in (tokenizer, tokenizer_2))
+    if first != second:
+        different = sorted(token for token in first.keys() | second.keys() if first.get(token) != second.get(token))
+        raise ValueError(
+            f"tokenizer_2 has another vocabulary than tokenizer ({len(second)} against {len(first)} tokens;"
+            f" {len(different)} differ, e.g. {different[:3]}): SDXL's two tokenizers share CLIP's BPE vocabulary,"
+            " and prompt-to-prompt places its edits by token position in both text encoders' embeddings."
+        )
+
+
+def _check_device(device) -> None:
+    """Refuse, naming it, a device this process cannot run the pipeline on."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"device {device!r} is not a device torch can use: {error}") from None
+    name, kind = str(parsed), parsed.type
+    if kind == "meta":
+        raise ValueError(
+            f"device {name!r} holds tensors without values, so the pipeline cannot run on it; use 'cpu' or an"
+            " accelerator such as 'cuda'."
+        )
+    if kind == "cpu":
+        return
+    if kind == "cuda" and torch.version.cuda is None and torch.version.hip is None:
+        raise ValueError(
+            f"device {name!r}: this torch ({torch.__version__}) is a build without CUDA; install a CUDA build of"
+            " torch, or use 'cpu'."
+        )
+    backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise ValueError(f"device {name!r} is not available: torch finds no {kind} device; use 'cpu'.")
+    count = getattr(getattr(torch, kind, None), "device_count", None)
+    if parsed.index is not None and callable(count) and parsed.index >= count():
+        raise ValueError(f"device {name!r} does not exist: torch finds {count()} {kind} device(s).")
 
 
 def _check_choice(name: str, value, choices, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if value not in choices:
+    try:
+        known = value in choices
+    except (TypeError, ValueError):  # unhashable (a dict of choices), or an array
+        known = False
+    if not known:
         raise ValueError(f"{name} must be one of {list(choices)}{' or None' if allow_none else ''}, got {value!r}.")
 
 
@@ -2459,9 +2784,17 @@ def _is_real(value, integer: bool = False) -> bool:
     return isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
 
 
+def _in_range(value, low: float, high: float) -> bool:
+    """Whether a real ``value`` is finite and in ``[low, high]`` (an integer too large for a float is not)."""
+    try:
+        return math.isfinite(value) and low <= value <= high
+    except OverflowError:
+        return False
+
+
 def _check_number(name: str, value, low: float = -math.inf, high: float = math.inf, integer: bool = False) -> None:
     """Raise unless ``value`` is a finite real (an integer if ``integer``) in ``[low, high]``."""
-    if _is_real(value, integer) and math.isfinite(value) and low <= value <= high:
+    if _is_real(value, integer) and _in_range(value, low, high):
         return
     what = "an integer" if integer else "a number"
     if math.isfinite(high):
@@ -2471,6 +2804,51 @@ def _check_number(name: str, value, low: float = -math.inf, high: float = math.i
     raise ValueError(f"{name} must {bounds}, got {value!r}.")
 
 
+def _check_flag(name: str, value) -> None:
+    """Flags are booleans: a string such as "no" or "false" would otherwise read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
+def _check_reweight(reweight) -> None:
+    """``PromptToPrompt.reweight``: ``{word: factor}`` or a list of such dicts, factors in ±`MAX_REWEIGHT`."""
+    weights = [reweight] if isinstance(reweight, dict) else reweight
+    if not (isinstance(weights, (list, tuple)) and weights and all(isinstance(w, dict) for w in weights)):
+        raise ValueError(
+            "PromptToPrompt.reweight must be a dict {word: factor} or a list of them (one per target), got"
+            f" {reweight!r}."
+        )
+    for word, factor in (item for w in weights for item in w.items()):
+        if not (isinstance(word, str) and word.strip()):
+            raise ValueError(f"PromptToPrompt.reweight words must be non-blank strings, got {word!r}.")
+        _check_number(f"PromptToPrompt.reweight factor of {word!r}", factor, -MAX_REWEIGHT, MAX_REWEIGHT)
+
+
+def _blend_words_problem(words) -> str | None:
+    """What makes ``words`` not `LocalBlend.words`, or `None`: a list of word groups (one image: source, targets),
+    or of pairs of word groups (one pair per image); a group is a word or a non-empty list of words."""
+    if not (isinstance(words, (tuple, list)) and words):
+        return "it is not a non-empty tuple or list"
+    for entry in words:
+        pair = isinstance(entry, (tuple, list)) and len(entry) == 2 and not all(isinstance(w, str) for w in entry)
+        problem = next(filter(None, map(_word_group_problem, entry if pair else [entry])), None)
+        if problem:
+            return problem
+    return None
+
+
+def _word_group_problem(group) -> str | None:
+    words = [group] if isinstance(group, str) else group
+    if not isinstance(words, (tuple, list)):
+        return f"{group!r} is not a word or a list of words"
+    if not words:
+        return "it holds an empty list of words"
+    for word in words:
+        if not (isinstance(word, str) and word.strip()):
+            return f"{word!r} is not a word"
+    return None
+
+
 def _check_null_text_settings(inner_steps, early_stop, init) -> None:
     _check_number("null_text_inner_steps", inner_steps, 0, integer=True)
     _check_number("null_text_early_stop", early_stop, 0)
@@ -2478,7 +2856,7 @@ def _check_null_text_settings(inner_steps, early_stop, init) -> None:
 
 
 def _check_steps(num_inference_steps, num_train_timesteps: int) -> None:
-    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps <= 0:
+    if not _is_real(num_inference_steps, integer=True) or num_inference_steps <= 0:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
     if num_inference_steps > num_train_timesteps:
         raise ValueError(
@@ -2799,14 +3177,27 @@ def _resize(image: torch.Tensor, height: int, width: int, mode: str) -> torch.Te
     return image[..., top : top + height, left : left + width]
 
 
-def _ensure_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
-    """Never return NaN/inf silently. Inputs are validated up front, so this only fires when a model overflows."""
-    if not torch.isfinite(tensor).all():
-        raise FloatingPointError(
-            f"{what} contain NaN or inf: the model overflowed in {dtype}. Run it in float32 or bfloat16 (SDXL's VAE:"
-            " upcast it, or use the fp16-fixed VAE)."
+def _ensure_finite(tensor: torch.Tensor, what: str, model: torch.nn.Module) -> torch.Tensor:
+    """Never return NaN/inf silently. Inputs are checked up front (finite, within range), so what is left to name is
+    the model: weights that are not finite, an overflow of float16, or else values it was handed mid-call."""
+    if torch.isfinite(tensor).all():
+        return tensor
+    dtype, kind = next(model.parameters()).dtype, type(model).__name__
+    broken = next((name for name, weight in model.named_parameters() if not torch.isfinite(weight).all()), None)
+    if broken is not None:
+        cause = f"the {kind}'s weight {broken} holds NaN or inf; load finite weights"
+    elif dtype == torch.float16:
+        cause = (
+            f"the {kind} overflowed float16 (largest value 65504); run it in bfloat16 or float32"
+            + (" (SDXL's VAE: upcast it, or use the fp16-fixed VAE)" if "Autoencoder" in kind else "")
         )
-    return tensor
+    else:
+        cause = (
+            f"the {kind} runs in {dtype}, whose range (±{torch.finfo(dtype).max:.1e}) it does not overflow, with"
+            " finite weights and inputs that were checked to be finite; a value replaced during the call (such as"
+            " latents returned by callback_on_step_end) is the likely cause"
+        )
+    raise FloatingPointError(f"{what} contain NaN or inf: {cause}.")
 
 
 def _index(values, device) -> torch.Tensor:

@@ -98,8 +98,8 @@ def test_bad_invert_input_fails_before_any_model_pass(pipe, call, message):
         (dict(attention_control=PromptToPrompt(cross_replace_steps=(0.1, "x"))), r"cross_replace_steps must lie in"),
         (dict(attention_control=PromptToPrompt(cross_replace_steps={"blue": "x"})), r"cross_replace_steps must lie in"),
         (dict(attention_control=PromptToPrompt(self_replace_steps=True)), r"self_replace_steps must lie in \[0, 1\]"),
-        (dict(attention_control=PromptToPrompt(reweight={"blue": math.nan})), "reweight factor of 'blue' must be a fin"),
-        (dict(proximal_guidance=ProximalGuidance(step_size=math.nan)), "step_size must be a number >= 0"),
+        (dict(attention_control=PromptToPrompt(reweight={"blue": math.nan})), "reweight factor of 'blue' must lie in"),
+        (dict(proximal_guidance=ProximalGuidance(step_size=math.nan)), r"step_size must lie in \[0, 1\]"),
         (dict(proximal_guidance=ProximalGuidance(below_timestep="late")), "below_timestep must be"),
         (dict(attention_control=PromptToPrompt(local_blend=LocalBlend(("circle", "circle"), threshold="high"))),
          r"threshold must lie in \[0, 1\]"),
@@ -263,6 +263,9 @@ def test_lora_weights_load_and_change_the_unet(pipe, inversion, tmp_path):
     NegativePromptInversionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
 
     pipe.load_lora_weights(tmp_path, adapter_name="toy")
+    with pytest.raises(ValueError, match=r"different models than this pipeline's: unet \(weights\)"):
+        pipe(prompt=TARGET, inversion=inversion)  # the adapter changed what the UNet computes: invert again
+    inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
     after = pipe(prompt=TARGET, inversion=inversion, output_type="pt").images
     assert torch.isfinite(after).all() and not torch.equal(before, after)
 
