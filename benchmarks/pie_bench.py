@@ -61,7 +61,8 @@ PROTOCOLS = {
 
 
 def rows(protocol: str) -> dict:
-    """row -> (inversion, edit arguments, uses blended_word: local blend and re-weighting). Names are the issue's;
+    """row -> (inversion, edit arguments, uses blended_word: True for local blend and re-weighting, "reweight" for
+    re-weighting alone). Names are the issue's;
     DI is Direct Inversion (PnP Inversion), "NPI+P2P-null" NPI+P2P with targets guided against E("") (DI without its
     pinned source)."""
     settings = PROTOCOLS[protocol]
@@ -74,6 +75,7 @@ def rows(protocol: str) -> dict:
         "NPI+P2P": ("npi", p2p, True),
         "NPI+P2P-null": ("npi", {**p2p, "target_guidance": "null"}, True),
         "DI+P2P": ("direct", p2p, True),
+        "DI+P2P-noblend": ("direct", p2p, "reweight"),
         "ProxNPI": ("npi", proximal, False),
         "ProxNPI+P2P": ("npi", {**p2p, **proximal}, True),
         "DI+Prox": ("direct", proximal, False),
@@ -115,7 +117,7 @@ def run_row(pipe, row: tuple, items, inversions: dict, steps: int, guidance: flo
     if blend and all(all(item.blended_word) for item in items):  # PIE-Bench leaves some blended_word empty
         words = [tuple((w,) for w in item.blended_word) for item in items]
         call["attention_control"] = dataclasses.replace(
-            call["attention_control"], local_blend=LocalBlend(words),
+            call["attention_control"], local_blend=None if blend == "reweight" else LocalBlend(words),
             reweight=[{item.blended_word[1]: REWEIGHT} for item in items])
     out = pipe(prompt=[item.target_prompt for item in items], inversion=inversions[method],
                guidance_scale=guidance, output_type="pt", **call)

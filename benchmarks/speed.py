@@ -624,7 +624,8 @@ def utilisation_note(meta: dict) -> str:
 HEADLINE = "NPI invert + P2P edit (1 target) incl. VAE"
 MODES = ("eager", "cuda_graphs", "compiled", "regional")
 COMPILE_MODES = {"compiled": True, "regional": "regional"}  # mode -> enable_cuda_graphs(compile=...)
-COMPILED_ROWS = ("NPI invert", "NPI reconstruction", "NPI P2P edit, 1 target", "NPI P2P edit, 4 targets", HEADLINE)
+COMPILED_ROWS = ("NPI invert", "NPI reconstruction", "NPI P2P edit, 1 target", "DI P2P edit, 1 target",
+                 "NPI P2P edit, 4 targets", HEADLINE)
 SDXL_ROWS = ("NPI invert", "NPI P2P edit, 1 target", HEADLINE)
 
 
@@ -834,6 +835,10 @@ class Benchmark:
             ("NPI P2P edit, 1 target",
              lambda: pipe(prompt=TARGETS[0], inversion=npi(), attention_control=p2p, output_type="pil"),
              "word swap + local blend; incl. VAE decode"),
+            ("DI P2P edit, 1 target",  # Direct Inversion: the same inversion, the source pinned to it
+             lambda: pipe(prompt=TARGETS[0], inversion=npi(), inversion_method="direct", attention_control=p2p,
+                          output_type="pil"),
+             "the NPI row's rows, source pinned, targets against E(\"\"); incl. VAE decode"),
             ("NPI P2P edit, 4 targets",
              lambda: pipe(prompt=TARGETS, inversion=npi(), attention_control=p2p_four, output_type="pil"),
              "one inversion, 4 outputs; incl. VAE decode"),
