@@ -267,6 +267,12 @@ def test_a_mistake_is_one_line_before_any_model_loads(case, paths, model, no_mod
     assert not Path(paths["dir"], "o").exists()  # a batch with a bad flag creates nothing
 
 
+def test_debug_shows_where_a_failure_came_from(paths, model, no_model):
+    with pytest.raises(cli.UsageError, match="--device: .bogus. is not a torch device"):
+        cli.main(["batch", paths["pie"], "--out", paths["dir"] + "/o", "--device", "bogus", "--debug",
+                  "--model", model])
+
+
 def test_the_device_cuda_without_cuda_is_one_line(paths, model, no_model, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
