@@ -5,19 +5,6 @@ need); this module only re-exports it under a unique package name, so nothing ge
 ``attention_processors`` lands at the top level of ``site-packages``.
 """
 
-# Only as the installed package: pytest imports this file bare (no parent package) when it walks the checkout.
-if __package__:
-    from .pipeline_negative_prompt_inversion import (
-        InvalidInversionError,
-        InversionResult,
-        LocalBlend,
-        MasaCtrl,
-        NegativePromptInversionPipeline,
-        NegativePromptInversionPipelineOutput,
-        PromptToPrompt,
-        ProximalGuidance,
-    )
-
 __all__ = [
     "InvalidInversionError",
     "InversionResult",
@@ -29,3 +16,13 @@ __all__ = [
     "ProximalGuidance",
 ]
 __version__ = "0.2.0"
+
+
+def __getattr__(name):
+    """The pipeline's names, imported on first use: ``npi-edit --help`` (this package's ``cli``) must not wait for
+    torch, diffusers and transformers."""
+    if name in __all__:
+        from . import pipeline_negative_prompt_inversion
+
+        return getattr(pipeline_negative_prompt_inversion, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

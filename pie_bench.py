@@ -41,6 +41,8 @@ on this machine, and otherwise skipped with a message saying what is missing:
 from __future__ import annotations
 
 import csv
+import difflib
+import io
 import json
 import math
 import re
@@ -51,6 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .pipeline_negative_prompt_inversion import _image_to_tensor
 
 
 # PIE-Bench's editing_type_id values (the folder-name prefixes of annotation_images/).
@@ -112,64 +116,188 @@ class Item:
     target_prompts: list[str]
     blend: tuple[str, str] | None = None
     mask: list[int] | Path | None = None  # PIE-Bench run-length code, or a mask image file
-    problem: str | None = None  # a row that could not be parsed: recorded as an error, never raised
     editing_type: str | None = None  # PIE-Bench's editing_type_id
     entry: dict = field(default_factory=dict)  # the raw row
+    line: int = 0  # where the row starts in its manifest file
+
+
+class ManifestError(ValueError):
+    """A manifest that is not what it claims to be; the message starts with ``file:line:``."""
 
 
 def read_manifest(path, images: str | None = None) -> list[Item]:
     """Items of a PIE-Bench ``mapping_file.json`` (images under ``annotation_images/`` beside it) or of a JSONL / CSV
     file (columns ``image, source_prompt, target_prompt`` or JSONL ``target_prompts`` (a list), optional ``id``,
-    ``blend`` ("source_word target_word") and ``mask`` (an image file, white = edited)). Relative image and mask
-    paths resolve against ``images`` (default: the manifest's folder)."""
+    ``blend`` ("source_word target_word"), ``mask`` (an image file, white = edited) and ``editing_type_id``).
+    Relative image and mask paths resolve against ``images`` (default: the manifest's folder).
+
+    Raises `ManifestError`, naming the file and line, for anything that is not such a manifest: bad JSON, a row that
+    is not an object, a missing or mistyped field, an empty file. Whether each image exists is the caller's business.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MANIFEST: no file {path}")
-    if path.suffix == ".json":
-        root = Path(images) if images else path.parent / "annotation_images"
-        return [_pie_item(key, entry, root) for key, entry in json.loads(path.read_text()).items()]
-    root = Path(images) if images else path.parent
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".csv":
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        raise ManifestError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{path}: not a UTF-8 text file (byte {error.start})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        items = _pie_items(path, text, Path(images) if images else path.parent / "annotation_images")
+    elif suffix in (".jsonl", ".csv"):
+        rows = _jsonl_rows(path, text) if suffix == ".jsonl" else _csv_rows(path, text)
+        root = Path(images) if images else path.parent
+        items = [_row_item(path, line, index, row, root) for index, (line, row) in enumerate(rows)]
     else:
-        raise ValueError(f"MANIFEST: {path} is not a mapping_file.json, .jsonl or .csv file")
-    return [_row_item(index, row, root) for index, row in enumerate(rows)]
+        raise ManifestError(f"{path}: a manifest is a PIE-Bench mapping_file.json, a .jsonl or a .csv file")
+    if not items:
+        raise ManifestError(f"{path}: no items")
+    return items
 
 
-def _pie_item(key: str, entry: dict, root: Path) -> Item:
-    words = (entry.get("blended_word") or "").split()
+def _pie_items(path: Path, text: str, root: Path) -> list[Item]:
+    mapping = _json(path, text, 1)
+    if not isinstance(mapping, dict):
+        raise ManifestError(f"{path}:1: a PIE-Bench mapping file is a JSON object {{id: entry}}, got {_kind(mapping)}")
+    items = []
+    for key, entry in mapping.items():
+        match = re.search(rf"{re.escape(json.dumps(key))}\s*:", text)
+        line = text.count("\n", 0, match.start()) + 1 if match else 1
+        where = f"{path}:{line}: entry {key!r}"
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{where}: an entry is a JSON object, got {_kind(entry)}")
+        _check_field_names(entry, PIE_FIELDS, where)
+        words = (_field(entry, "blended_word", where, str, required=False) or "").split()
+        mask = _field(entry, "mask", where, list, required=False)
+        if mask is not None and (len(mask) % 2 or not all(_is_int(v) and v >= 0 for v in mask)):
+            raise ManifestError(f"{where}: 'mask' must be a run-length code [start, length, ...] of whole numbers")
+        items.append(Item(
+            id=key, image=root / _field(entry, "image_path", where, str),
+            source_prompt=strip_brackets(_field(entry, "original_prompt", where, str)),
+            target_prompts=[strip_brackets(_field(entry, "editing_prompt", where, str))],
+            blend=tuple(words) if len(words) == 2 else None, mask=mask,
+            editing_type=_editing_type(entry, where), entry=entry, line=line,
+        ))
+    return items
+
+
+def _jsonl_rows(path: Path, text: str):
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            yield number, _json(path, line, number)
+
+
+def _csv_rows(path: Path, text: str):
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
-        return Item(
-            id=key, image=root / entry["image_path"], source_prompt=strip_brackets(entry["original_prompt"]),
-            target_prompts=[strip_brackets(entry["editing_prompt"])],
-            blend=tuple(words) if len(words) == 2 else None, mask=entry.get("mask"),
-            editing_type=entry.get("editing_type_id"), entry=entry,
-        )
-    except (KeyError, TypeError) as error:
-        return Item(key, root, "", [], problem=f"mapping entry {key}: missing or bad field {error}")
+        header = reader.fieldnames or []
+        missing = [name for name in ("image", "source_prompt", "target_prompt") if name not in header]
+        if missing:
+            raise ManifestError(f"{path}:1: the header has no column {', '.join(map(repr, missing))}"
+                                f" (its columns: {', '.join(map(repr, header)) or 'none'})")
+        start = reader.line_num + 1
+        for row in reader:
+            if None in row or None in row.values():
+                more = "more" if None in row else "fewer"
+                raise ManifestError(f"{path}:{start}: this row has {more} fields than the header's {len(header)}")
+            yield start, row
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise ManifestError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
 
 
-def _row_item(index: int, row: dict, root: Path) -> Item:
-    item_id = str(row.get("id") or f"{index:06d}")
+def _row_item(path: Path, line: int, index: int, row, root: Path) -> Item:
+    where = f"{path}:{line}"
+    if not isinstance(row, dict):
+        raise ManifestError(f"{where}: a row is a JSON object, got {_kind(row)}")
+    _check_field_names(row, ROW_FIELDS, where)
+    item_id = row.get("id")
+    if item_id is None or item_id == "":
+        item_id = f"{index:06d}"
+    elif not (isinstance(item_id, str) or _is_int(item_id)):
+        raise ManifestError(f"{where}: 'id' must be a string or an integer, got {item_id!r}")
+    if row.get("target_prompt") not in (None, "") and row.get("target_prompts") is not None:
+        raise ManifestError(f"{where}: give 'target_prompt' or 'target_prompts', not both")
+    if row.get("target_prompts") is not None:
+        targets = _field(row, "target_prompts", where, list)
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise ManifestError(f"{where}: 'target_prompts' must be a non-empty list of strings, got {targets!r}")
+    else:
+        targets = [_field(row, "target_prompt", where, str)]
+    blend = row.get("blend") or None
+    if blend is not None:
+        words = blend.split() if isinstance(blend, str) else blend
+        if not isinstance(words, list) or len(words) != 2 or not all(isinstance(w, str) and w for w in words):
+            raise ManifestError(f"{where}: 'blend' must be 'source_word target_word', got {blend!r}")
+        blend = tuple(words)
+    mask = _field(row, "mask", where, str, required=False) or None
+    return Item(str(item_id), root / _field(row, "image", where, str), _field(row, "source_prompt", where, str),
+                list(targets), blend, root / mask if mask else None, _editing_type(row, where), row, line)
+
+
+def _json(path: Path, text: str, line: int):
+    def unique(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"key {repeated[0]!r} appears twice")
+        return dict(pairs)
+
     try:
-        targets = row.get("target_prompts") or [row["target_prompt"]]
-        blend = row.get("blend") or None
-        blend = tuple(blend.split() if isinstance(blend, str) else blend) if blend else None
-        if blend is not None and len(blend) != 2:
-            raise ValueError(f"blend must be 'source_word target_word', got {row.get('blend')!r}")
-        return Item(item_id, root / row["image"], row["source_prompt"], list(targets), blend,
-                    root / row["mask"] if row.get("mask") else None, entry=row)
-    except (KeyError, TypeError, ValueError) as error:
-        message = f"missing column {error}" if isinstance(error, KeyError) else str(error)
-        return Item(item_id, root, "", [], problem=f"manifest row {index}: {message}")
+        return json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{path}:{line + error.lineno - 1}: not valid JSON ({error.msg}, column {error.colno})") from None
+    except ValueError as error:
+        raise ManifestError(f"{path}:{line}: {error}") from None
+
+
+PIE_FIELDS = ("image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
+              "blended_word", "mask")
+ROW_FIELDS = ("id", "image", "source_prompt", "target_prompt", "target_prompts", "blend", "mask", "editing_type_id")
+
+
+def _check_field_names(row: dict, known: tuple[str, ...], where: str) -> None:
+    """Other fields are the user's own, but one that looks like a misspelt known field would be silently lost."""
+    for name in row:
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.8) if name not in known else None
+        if close:
+            raise ManifestError(f"{where}: unknown field {name!r}; did you mean {close[0]!r}?")
+
+
+def _field(row: dict, name: str, where: str, kind: type, required: bool = True):
+    """``row[name]`` if it is a ``kind`` (a non-blank one for strings); `None` for an absent optional field."""
+    value = row.get(name)
+    if value is None or value == "":
+        if required:
+            raise ManifestError(f"{where}: no {name!r}")
+        return None
+    if not isinstance(value, kind) or (kind is str and not value.strip()):
+        what = {str: "a non-blank string", list: "a list"}[kind]
+        raise ManifestError(f"{where}: {name!r} must be {what}, got {value!r}")
+    return value
+
+
+def _editing_type(row: dict, where: str) -> str | None:
+    value = row.get("editing_type_id")
+    if value is None or value == "":
+        return None
+    if str(value) not in EDITING_TYPES or isinstance(value, bool):
+        raise ManifestError(f"{where}: 'editing_type_id' must be one of {', '.join(EDITING_TYPES)}, got {value!r}")
+    return str(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
 
 
 def load_image(path) -> torch.Tensor:
-    """An image file as [3, H, W] float in [0, 1]."""
-    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    """An image file as [3, H, W] float in [0, 1], decoded as the pipeline decodes it (EXIF orientation, 16 bits,
+    transparency over white)."""
+    return _image_to_tensor(path)[0]
 
 
 def load_mask(item: Item, size: tuple[int, int]) -> torch.Tensor:
@@ -232,6 +360,63 @@ def background_metrics(source: torch.Tensor, edited: torch.Tensor, mask: torch.T
     a, b = quantise(source) * keep, quantise(edited) * keep
     mse = float((a - b).pow(2).mean())
     return {"psnr": 10 * math.log10(1 / mse) if mse > 0 else float("inf"), "mse": mse, "ssim": ssim(a, b)}
+
+
+# ------------------------------------------------------------------------------------------ tables by edit kind
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a per-edit-kind table: the mean of ``key`` over a kind's edits, times ``scale``."""
+
+    key: str
+    header: str
+    legend: str
+    scale: float = 1.0
+    digits: int = 2
+
+
+BACKGROUND_COLUMNS = (
+    Column("background_psnr", "bg PSNR", "PSNR (dB) of the unedited region against the source; higher = better kept"),
+    Column("background_mse", "bg MSE ×10⁴", "mean squared error of the unedited region, ×10⁴; lower = better kept",
+           1e4),
+    Column("background_ssim", "bg SSIM ×10²", "structural similarity of the unedited region, ×10²; higher = better"
+           " kept", 100),
+)
+BACKGROUND_NOTE = (
+    "The unedited region is the image outside the item's mask, as PnPInversion's evaluation computes it: both images"
+    " 8-bit, the mask's pixels zeroed in both, averaged over the whole image (a higher PSNR than over the region's"
+    " pixels alone); without a mask, the whole image."
+)
+
+
+def kind_table(rows: list[dict], columns, note: str = BACKGROUND_NOTE) -> tuple[str, dict]:
+    """A markdown table of ``columns``' means per PIE-Bench edit kind (``row["kind"]``, an editing_type_id) and over
+    all rows, with a legend under it; and the means as a dict {kind name: {"edits": n, key: mean}}."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(EDITING_TYPES.get(row.get("kind"), "unlabelled"), []).append(row)
+    order = [name for name in [*EDITING_TYPES.values(), "unlabelled"] if name in groups]
+    summary = {name: _means(groups[name], columns) for name in order}
+    if len(order) != 1:
+        summary["all"] = _means(rows, columns)
+    lines = ["| edit kind | edits | " + " | ".join(c.header for c in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    for name, means in summary.items():
+        cells = [f"{means[c.key] * c.scale:.{c.digits}f}" for c in columns]
+        lines.append(f"| {name} | {means['edits']} | " + " | ".join(cells) + " |")
+    legend = ["", "edit kind: PIE-Bench's editing_type_id, by name; edits: edited images scored"]
+    legend += [f"{c.header}: {c.legend}" for c in columns] + ([note] if note else [])
+    return "\n".join(lines + legend), summary
+
+
+def _means(rows: list[dict], columns) -> dict:
+    """Means over rows, NaN values (nothing to measure) left out; booleans count as 0 / 1."""
+    means = {"edits": len(rows)}
+    for column in columns:
+        values = [float(row[column.key]) for row in rows if not math.isnan(float(row[column.key]))]
+        means[column.key] = sum(values) / len(values) if values else float("nan")
+    return means
 
 
 class LearnedMetrics:

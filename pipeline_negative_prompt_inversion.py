@@ -47,6 +47,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import safetensors.torch
 import torch
 import torch.nn.functional as F
@@ -1743,10 +1744,12 @@ class NegativePromptInversionPipeline(
     def prepare_images(self, image, height: int | None, width: int | None, resize_mode: str) -> torch.Tensor:
         """Images → ``(batch, 3, height, width)`` in [-1, 1].
 
-        Accepts PIL images, numpy arrays (HWC / NHWC, uint8 or float in [0, 1]) and tensors (CHW / NCHW in [0, 1]),
-        one or a list. The output size defaults to the model's native square size; both sides must be multiples of
-        the VAE factor (8 for Stable Diffusion). ``resize_mode="crop"`` (default, the reference preprocessing)
-        scales to cover the output and centre-crops; ``"stretch"`` resizes without keeping the aspect ratio.
+        Accepts PIL images, image files' paths, numpy arrays (HWC / NHWC, uint8, uint16 or float in [0, 1]) and
+        tensors (CHW / NCHW in [0, 1]), one or a list; PIL images and files are read as `diffusers.utils.load_image`
+        reads them (EXIF orientation applied) but keep 16 bits, and transparency is composited over white. The output
+        size defaults to the model's native square size; both sides must be multiples of the VAE factor (8 for
+        Stable Diffusion). ``resize_mode="crop"`` (default, the reference preprocessing) centre-crops the output's
+        aspect ratio and resizes that; ``"stretch"`` resizes without keeping the aspect ratio.
         """
         native = self.unet.config.sample_size * self.vae_scale_factor
         native_h, native_w = (native, native) if isinstance(native, int) else native
@@ -2138,8 +2141,8 @@ class NegativePromptInversionPipeline(
         r"""Invert images into DDIM trajectories (and, for NTI, per-step null-text embeddings).
 
         Args:
-            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
-                Images to invert; see `prepare_images` for formats and the resize policy.
+            image (`PIL.Image.Image`, `str`, `os.PathLike`, `np.ndarray`, `torch.Tensor` or a list of them):
+                Images (or image files) to invert; see `prepare_images` for formats and the resize policy.
             source_prompt (`str` or `list[str]`): One prompt describing each image.
             num_inference_steps (`int`, defaults to 50): DDIM steps; edits must use the same count.
             guidance_scale (`float`, defaults to 7.5): Guidance scale the edits will use; NTI optimises for it
@@ -3093,24 +3096,37 @@ def _per_target(value, count: int, name: str) -> list:
     raise ValueError(f"{name} must be a dict or a list of {count} dicts (one per target), got {value!r}.")
 
 
+_IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)
+_IMAGE_USAGE = (
+    "image must be a PIL image, an image file's path, a numpy array (HWC or NHWC), a torch tensor (CHW or NCHW), or a"
+    " non-empty list of them"
+)
+
+
 def _as_image_list(image) -> list:
-    if isinstance(image, PIL.Image.Image):
-        return [image]
-    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
-        return list(image)
-    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3):
-        return [image]
-    if isinstance(image, (list, tuple)) and image and all(isinstance(i, (PIL.Image.Image, np.ndarray, torch.Tensor)) for i in image):
-        return list(image)
-    raise TypeError(
-        "image must be a PIL image, a numpy array (HWC or NHWC), a torch tensor (CHW or NCHW), or a non-empty list"
-        f" of them; got {type(image).__name__}."
-    )
+    if isinstance(image, (PIL.Image.Image, str, os.PathLike)):
+        images = [image]
+    elif isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3, 4):
+        images = list(image) if image.ndim == 4 else [image]
+    elif isinstance(image, (list, tuple)) and image and all(isinstance(i, _IMAGE_TYPES) for i in image):
+        images = list(image)
+    else:
+        raise TypeError(f"{_IMAGE_USAGE}; got {type(image).__name__}.")
+    missing = [os.fspath(i) for i in images if isinstance(i, (str, os.PathLike)) and not os.path.isfile(i)]
+    if missing:
+        raise ValueError(f"{_IMAGE_USAGE}; there is no file {missing[0]!r}.")
+    return images
 
 
 def _image_to_tensor(image) -> torch.Tensor:
-    """One image → ``(1, 3, H, W)`` float32 in [0, 1]. Integer pixels are scaled by their type's full range;
-    an alpha channel is composited over white (with a warning when any pixel is transparent)."""
+    """One image → ``(1, 3, H, W)`` float32 in [0, 1]: the one decoder of files, PIL images, arrays and tensors.
+
+    A file is read as `diffusers.utils.load_image` reads it (EXIF orientation applied); integer pixels are scaled by
+    their type's full range (16-bit images keep it); an alpha channel, or a palette's transparent colour, is
+    composited over white (with a warning when any pixel is transparent).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return _read_image_file(image)
     if isinstance(image, PIL.Image.Image):
         image = _pil_to_array(image)
     if isinstance(image, np.ndarray):
@@ -3137,8 +3153,19 @@ def _image_to_tensor(image) -> torch.Tensor:
     return image.expand(3, -1, -1)[None].contiguous()
 
 
+def _read_image_file(path) -> torch.Tensor:
+    try:
+        with PIL.Image.open(path) as image:
+            array = _pil_to_array(image)
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:  # what PIL raises per format
+        raise ValueError(f"image: cannot read {os.fspath(path)!r} ({error}).") from error
+    return _image_to_tensor(array)
+
+
 def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
-    """PIL → HWC array with the pixel type's full range intact (``convert("RGB")`` clips 16-bit images to 255)."""
+    """PIL → HWC array, upright as its EXIF orientation says (as `diffusers.utils.load_image`), with the pixel
+    type's full range intact (``convert("RGB")`` clips 16-bit images to 255)."""
+    image = PIL.ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         array = np.asarray(image)
         # mode "I" holds 16-bit PNGs on older Pillow; its values are 16-bit, stored in int32
@@ -3165,16 +3192,22 @@ def _over_white(colour: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def _resize(image: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
+    if mode == "crop":  # crop first, so memory follows the output's size, never the input's aspect ratio
+        image = _centre_crop(image, height, width)
     if tuple(image.shape[-2:]) == (height, width):
         return image
-    if mode == "crop":
-        scale = max(height / image.shape[-2], width / image.shape[-1])
-        size = (max(height, round(image.shape[-2] * scale)), max(width, round(image.shape[-1] * scale)))
+    return F.interpolate(image, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _centre_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The centred region of ``image`` with the aspect ratio ``height : width``, whole pixels."""
+    rows, cols = image.shape[-2:]
+    if rows * width > cols * height:  # taller than the output: cut rows
+        rows = max(1, round(cols * height / width))
     else:
-        size = (height, width)
-    image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    return image[..., top : top + height, left : left + width]
+        cols = max(1, round(rows * width / height))
+    top, left = (image.shape[-2] - rows) // 2, (image.shape[-1] - cols) // 2
+    return image[..., top : top + rows, left : left + cols]
 
 
 def _ensure_finite(tensor: torch.Tensor, what: str, model: torch.nn.Module) -> torch.Tensor:

@@ -107,10 +107,13 @@ def attribute_ok(image: torch.Tensor, edit: scenes.Edit) -> bool:
 
 
 def objects_kept(image: torch.Tensor, edit: scenes.Edit) -> bool:
-    """Is every object of the target scene still there (found in its colour)? Background edits must not
-    delete objects."""
+    """Is every object of the target scene there exactly once, at its place, in its colour and its shape? An edit
+    must neither lose, move nor duplicate objects. The shape an edit changes is `attribute_ok`'s to judge."""
     verdict = judge_module.judge(judge_size(image), edit.target_scene)
-    return all(v.found for v in verdict.objects)
+    return all(
+        v.found and v.duplicates == 0 and v.in_place and (v.shape_ok or (edit.kind == "shape" and k == edit.object_index))
+        for k, v in enumerate(verdict.objects)
+    )
 
 
 def _sync(device) -> None:

@@ -6,8 +6,12 @@ are unique within a scene (object colours and background are all distinct):
 
 1. every pixel is assigned to the nearest palette prototype (the 8 base colours
    and the pattern inks of the captioned objects' colours, mapped back to names);
-2. for each object, the largest 8-connected component of its colour is found
-   (label propagation with max-pooling; no scipy needed);
+2. for each object, the 8-connected components of its colour are found (label
+   propagation with max-pooling; no scipy needed): the largest is the object,
+   any other with at least MIN_CORE px left after a 1-px erosion a duplicate
+   (anti-aliased rims, which can take a neighbour's colour, have none left);
+   with a ``Scene``, the largest's centroid must lie within MAX_OFFSET sizes of
+   the object's centre;
 3. its shape is the one whose template (rendered at the component's centroid and
    scaled to its area) overlaps it best, if that IoU is at least MIN_IOU (so
    shapeless blobs are rejected);
@@ -23,6 +27,7 @@ are not supported (the generator never produces them).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +39,8 @@ from .scenes import H, W
 
 
 MIN_AREA = 30            # px; smaller components count as "object missing"
+MIN_CORE = 15            # px after a 1-px erosion: a duplicate (the smallest object keeps 36, a rim none)
+MAX_OFFSET = 0.5         # sizes; an object whose centroid moved further is not where the scene has it
 MIN_IOU = 0.7            # template IoU below this = no recognisable shape (clean renders >= 0.88)
 MIN_BACKGROUND_FRAC = 0.3
 INK_MIN_FRAC = 0.05      # interior ink fraction below which an object is plain
@@ -46,6 +53,8 @@ class ObjectVerdict:
     shape: str
     pattern: str
     found: bool              # a component of the right colour with >= MIN_AREA px
+    duplicates: int          # further components of that colour with >= MIN_CORE px after a 1-px erosion
+    in_place: bool | None    # the component's centroid within MAX_OFFSET sizes of the centre (None: a caption)
     predicted_shape: str | None  # None: not found, or no template fits (IoU < MIN_IOU)
     iou: float               # template IoU of the predicted shape
     predicted_pattern: str | None
@@ -85,10 +94,10 @@ def classify_pixels(image: torch.Tensor, ink_colours=range(len(S.COLOURS))) -> t
     return colour, idx >= n
 
 
-def largest_component(mask: torch.Tensor) -> torch.Tensor:
-    """Largest 8-connected component of a bool mask [H,W] (empty if mask is empty)."""
+def components(mask: torch.Tensor) -> list[torch.Tensor]:
+    """The 8-connected components of a bool mask [H,W], largest first."""
     if not mask.any():
-        return mask
+        return []
     m = mask.float()[None, None]
     labels = torch.arange(1, mask.numel() + 1, dtype=torch.float32).reshape(m.shape) * m
     while True:  # every pixel converges to the max label of its component
@@ -97,7 +106,13 @@ def largest_component(mask: torch.Tensor) -> torch.Tensor:
             break
         labels = new
     ids, counts = labels[m > 0].unique(return_counts=True)
-    return (labels == ids[counts.argmax()])[0, 0]
+    return [(labels == ids[k])[0, 0] for k in counts.argsort(descending=True, stable=True)]
+
+
+def largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """Largest 8-connected component of a bool mask [H,W] (empty if mask is empty)."""
+    parts = components(mask)
+    return parts[0] if parts else mask
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,11 +152,16 @@ def classify_shape(mask: torch.Tensor) -> tuple[str | None, float]:
     return (best if scores[best] >= MIN_IOU else None), scores[best]
 
 
+def _erode(mask: torch.Tensor) -> torch.Tensor:
+    """The mask eroded by 1 px (8-neighbourhood)."""
+    return -F.max_pool2d(-mask.float()[None, None], 3, 1, 1)[0, 0] > 0
+
+
 def _classify_pattern(component: torch.Tensor, ink: torch.Tensor) -> str | None:
     """Plain if the eroded interior has (almost) no ink; otherwise striped if ink
     continues along the stripe direction (dx, dy) = (+2, -2), which isolated dots
     (diameter ~3.4 px) rarely do."""
-    inner = -F.max_pool2d(-component.float()[None, None], 3, 1, 1)[0, 0] > 0  # erode 1 px
+    inner = _erode(component)
     if inner.sum() < 8:
         return None
     a = ink & inner
@@ -155,29 +175,40 @@ def _classify_pattern(component: torch.Tensor, ink: torch.Tensor) -> str | None:
     return "striped" if continuity >= STRIPE_CONTINUITY else "dotted"
 
 
+def _offset(component: torch.Tensor, centre: tuple[float, float]) -> float:
+    """Distance (px) of the component's centroid from ``centre`` (pixel i covers [i, i + 1))."""
+    ys, xs = torch.nonzero(component, as_tuple=True)
+    return math.hypot(xs.float().mean().item() + 0.5 - centre[0], ys.float().mean().item() + 0.5 - centre[1])
+
+
 def judge(image, spec, check_pattern: bool = False) -> Verdict:
     """Check that every object of ``spec`` (a ``Scene`` or caption) is present with
     the right colour and shape (and pattern if ``check_pattern``), and that the
     background has the right colour."""
     if isinstance(spec, S.Scene):
         objects = [(o.pattern, o.colour, o.shape) for o in spec.objects]
+        places = [(o.cx, o.cy, o.size) for o in spec.objects]
         background = spec.background
     else:
         objects, background = S.parse_caption(spec)
+        places = [None] * len(objects)
     # Only the inks of the captioned objects compete: the pastel/grey inks of all
     # eight colours would crowd the colour space and swallow anti-aliased blends.
     colour_idx, ink = classify_pixels(_as_image(image), [S.COLOURS.index(c) for _, c, _ in objects])
     verdicts = []
-    for pattern, colour, shape in objects:
-        comp = largest_component(colour_idx == S.COLOURS.index(colour))
+    for (pattern, colour, shape), place in zip(objects, places):
+        parts = components(colour_idx == S.COLOURS.index(colour))
+        comp = parts[0] if parts else colour_idx < 0
         area = int(comp.sum())
         found = area >= MIN_AREA
+        duplicates = sum(int(_erode(part).sum()) >= MIN_CORE for part in parts[1:])
+        in_place = None if place is None else found and _offset(comp, place[:2]) <= MAX_OFFSET * place[2]
         pred_shape, iou = classify_shape(comp) if found else (None, 0.0)
         pred_pattern = _classify_pattern(comp, ink) if found else None
         shape_ok, pattern_ok = pred_shape == shape, pred_pattern == pattern
         ok = found and shape_ok and (pattern_ok or not check_pattern)
-        verdicts.append(ObjectVerdict(colour, shape, pattern, found, pred_shape, iou, pred_pattern,
-                                      area, shape_ok, pattern_ok, ok))
+        verdicts.append(ObjectVerdict(colour, shape, pattern, found, duplicates, in_place, pred_shape, iou,
+                                      pred_pattern, area, shape_ok, pattern_ok, ok))
     bg_frac = (colour_idx == S.COLOURS.index(background)).float().mean().item()
     bg_ok = bg_frac >= MIN_BACKGROUND_FRAC
     return Verdict(verdicts, bg_ok, bg_frac, bg_ok and all(v.ok for v in verdicts))
