@@ -669,3 +669,10 @@ def test_the_toy_worlds_score_adds_its_exact_metrics_to_the_products_table(model
         assert {k: v for k, v in ours.items() if k in theirs} == theirs  # the product's columns, unchanged
         assert isinstance(ours["attribute_ok"], bool) and isinstance(ours["objects_kept"], bool)
         assert ours["edit_psnr"] > 0
+
+
+def test_the_command_lines_inversion_methods_are_the_pipelines():
+    """cli.py lists them without importing the pipeline (fast --help): the two lists must not drift apart."""
+    from negative_prompt_inversion.pipeline_negative_prompt_inversion import INVERSION_METHODS
+
+    assert list(cli.INVERSION_METHODS) == list(INVERSION_METHODS)
