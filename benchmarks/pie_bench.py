@@ -2,7 +2,7 @@
 
 The folder is the real PIE-Bench (with Stable Diffusion weights: ``--model``) or one the toy world writes
 (``--write-toy N``; the default model is the embedded toy model). Metrics as PnPInversion's evaluation
-(``toy_world.pie_metrics``): background PSNR / MSE / SSIM on (1 − mask); structure distance, CLIP whole / edited
+(``negative_prompt_inversion.pie_bench``): background PSNR / MSE / SSIM on (1 − mask); structure distance, CLIP whole / edited
 and LPIPS when their weights are on this machine (otherwise skipped, with the reason in the output); on a toy
 folder also the exact ones: edit PSNR against the true edited image, unedited PSNR on the exact mask,
 attribute accuracy, objects kept. Also the reconstruction PSNR of every inversion the rows use (the input
@@ -275,7 +275,7 @@ def main(argv=None):
     p.add_argument("--write-toy", type=int, default=0, metavar="N", help="first write N toy-world pairs to --data")
     p.add_argument("--seed", type=int, default=0, help="toy pairs' seed")
     p.add_argument("--res", type=int, default=evaluate.MODEL_RES,
-                   help="toy pairs' resolution (the model's: v1 64, v2 128)")
+                   help="toy pairs' resolution (the model's: v2 128)")
     p.add_argument("--model", default=str(evaluate.MODEL_DIR))
     p.add_argument("--out", required=True)
     p.add_argument("--rows", nargs="+", default=ROW_NAMES, choices=ROW_NAMES, metavar="ROW",

@@ -1,7 +1,7 @@
 """Toy-world editing benchmark: edit accuracy against the true edited image, for every inversion/edit method.
 
     python benchmarks/toy_edit_benchmark.py --pairs 200 --device cuda --out benchmarks/results/toy_v2_edit
-    python benchmarks/toy_edit_benchmark.py --model toy_world/model --res 64 ...   # the small v1 model
+    python benchmarks/toy_edit_benchmark.py --model DIR --res 64 ...   # another toy model, at its image size
 
 Writes ``toy_edit.json`` (per-method means, per-kind breakdown, model quality), ``toy_edit.md`` (tables) and
 ``toy_edit_grid.png`` (input, ground truth, each method) to ``--out``. The pair set is fixed by ``--seed``.
@@ -20,7 +20,7 @@ from toy_world import evaluate
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(evaluate.MODEL_DIR))
-    parser.add_argument("--res", type=int, default=evaluate.MODEL_RES, help="the model's image size (v1: 64)")
+    parser.add_argument("--res", type=int, default=evaluate.MODEL_RES, help="the model's image size (v2: 128)")
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=50)

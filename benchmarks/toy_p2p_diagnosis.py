@@ -1,12 +1,12 @@
 """Is prompt-to-prompt's failure on the toy model the model's or the pipeline's? (toy-world v2 issue, step 1)
 
-For colour and shape word swaps of the toy world it measures, on a pipeline folder (default: the v1 model):
+For colour and shape word swaps of the toy world it measures, on a pipeline folder (default: the embedded v2 model):
 
 * where each object word attends: the peak of each object's colour- and shape-word map, at every
   cross-attention level, against the object's true pixel mask;
 * the local blend mask's area against the edited object's area;
 * the same NPI + P2P edit (cross 0.4, self 0.6, local blend) through the pipeline and through the independent
-  minimal implementation in ``tests/p2p_reference.py``, and how far apart the two images are;
+  minimal implementation in ``toy_world/p2p_reference.py``, and how far apart the two images are;
 * the pipeline with and without ``blend_words`` (does local blend do anything?);
 * the reference's local blend at every map level (would a finer level fix it?).
 

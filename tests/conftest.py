@@ -40,7 +40,10 @@ SPLIT_WORDS = {"hippopotamus": ("hippo", "potamus"), "rhinoceros": ("rhino", "ce
 # (test_pinned_outputs.py) were made with this vocabulary, so it stays until they are pinned again.
 
 
-def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed: int = 0):
+def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed: int = 0, heads: int = 2):
+    """Stable Diffusion 1.x's layout in miniature: cross-attention at both levels of a 16² latent. ``heads`` splits
+    the 32 attention features (the weights do not depend on it): a CPU's fused attention runs two heads of 16 about
+    5× faster than eight of 4, which the pinned outputs (test_pinned_outputs.py) were made with."""
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     unet = UNet2DConditionModel(
@@ -52,7 +55,7 @@ def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=8,
+        attention_head_dim=heads,  # diffusers' legacy name for the number of heads
         norm_num_groups=32,
     )
     shrink_noise(unet)
@@ -73,14 +76,14 @@ def shrink_noise(unet: UNet2DConditionModel) -> None:
         unet.conv_out.bias.mul_(0.05)
 
 
-def tiny_vae(**config) -> AutoencoderKL:
-    """A two-level VAE (factor 2)."""
+def tiny_vae(block_out_channels=(32, 64), **config) -> AutoencoderKL:
+    """A VAE with one level per channel count: two levels downsample by 2, three by 4."""
     return AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=block_out_channels,
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
         latent_channels=4,
         norm_num_groups=32,
         **config,
@@ -105,8 +108,9 @@ def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 
 def tiny_sdxl_components(tokenizer_dir: Path, seed: int = 0):
     """SDXL's layout in miniature: no attention at full latent resolution, two cross-attention levels (the coarser
-    with two transformer blocks), added text-time conditioning, two text encoders of different widths (32 + 48 = 80
-    cross-attention features, a 24-d pooled projection) and a second tokenizer that pads with "!" as SDXL's."""
+    with two transformer blocks; two heads each, as ``tiny_components``), added text-time conditioning, two text
+    encoders of different widths (32 + 48 = 80 cross-attention features, a 24-d pooled projection) and a second
+    tokenizer that pads with "!" as SDXL's."""
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")
@@ -120,7 +124,7 @@ def tiny_sdxl_components(tokenizer_dir: Path, seed: int = 0):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 1, 2),
         cross_attention_dim=32 + 48,
-        attention_head_dim=8,
+        attention_head_dim=2,
         norm_num_groups=32,
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -137,6 +141,37 @@ def tiny_sdxl_components(tokenizer_dir: Path, seed: int = 0):
         "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2, "unet": unet, "scheduler": ddim_scheduler(),
     }
+
+
+def tiny_toy_model(folder: Path) -> Path:
+    """A model folder as ``toy_world.train`` writes it (the toy world's tokenizer, float16 weights, toy world v1's
+    geometry: 64 px images, 16² latents) holding tiny random weights: everything the toy world's harness, a resumed
+    training run and the command line ask of a model, at a small fraction of a trained model's cost."""
+    from toy_world import tokenizer, train
+
+    tokenizer_dir = folder.parent / "toy-tokenizer"
+    tokenizer.save_tokenizer(str(tokenizer_dir))
+    modules = tiny_components(tokenizer_dir)
+    torch.manual_seed(1)
+    vae = tiny_vae(block_out_channels=(32, 64, 64)).eval()  # factor 4, as the toy models' VAE
+    train.export(str(folder), vae, modules["unet"], modules["text_encoder"], modules["tokenizer"],
+                 record={"note": "tiny random weights (tests/conftest.py)"}, tokenizer_from=str(tokenizer_dir))
+    return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests (deselected by default: ``pytest -m gpu`` runs them) skip with the reason on a machine
+    without CUDA."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory):
+    return tiny_toy_model(tmp_path_factory.mktemp("toy-model") / "model")
 
 
 @pytest.fixture(scope="session")
@@ -167,6 +202,25 @@ def pipe(components):
     pipeline = NegativePromptInversionPipeline(**copy.deepcopy(components))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture(scope="session")
+def shared_inversion(request):
+    """``shared_inversion(prompt, steps, size=32, sdxl=False)``: the NPI inversion of ``scene_image(0, size)`` that
+    ``pipe.invert`` (``sdxl_pipe.invert``) makes, computed once per session; each call hands out a deep copy, so a
+    test may change what it gets."""
+    made = {}
+
+    def invert(prompt: str, steps: int, size: int = 32, sdxl: bool = False):
+        key = (prompt, steps, size, sdxl)
+        if key not in made:
+            components = request.getfixturevalue("sdxl_components" if sdxl else "components")
+            pipeline = NegativePromptInversionPipeline(**copy.deepcopy(components))
+            pipeline.set_progress_bar_config(disable=True)
+            made[key] = pipeline.invert(scene_image(0, size), prompt, num_inference_steps=steps)
+        return copy.deepcopy(made[key])
+
+    return invert
 
 
 def scene_image(seed: int = 0, size: int = 32) -> np.ndarray:

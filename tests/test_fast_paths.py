@@ -2,8 +2,8 @@
 
 Graphs read a control's tensors in place, so a later call of the same structure must run on the earlier control
 objects with its own values copied in. On the CPU the runner runs the UNet eagerly but adopts controls exactly as on
-a GPU, so these tests check that no value of an earlier call leaks into a later one. The CUDA tests (skipped
-without a GPU) check graph replay and `torch.compile` against the eager path.
+a GPU, so these tests check that no value of an earlier call leaks into a later one. The CUDA tests (marked
+``gpu``: ``pytest -m gpu``) check graph replay and `torch.compile` against the eager path.
 """
 
 import copy
@@ -114,9 +114,6 @@ def test_fp8_needs_a_cuda_gpu(pipe):
 # --------------------------------------------------------------------------------------------------------------
 # On a GPU: graph replay and torch.compile against the eager path
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.fixture()
 def gpu_pipes(tokenizer_dir):
     # Full float32 convolutions: with TF32 (cuDNN's default) eager, graphed, compiled and channels-last runs pick
@@ -133,7 +130,7 @@ def gpu_pipes(tokenizer_dir):
     torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("compile", [False, True, "regional"])
 def test_graphs_match_eager_on_cuda(gpu_pipes, compile):
     eager, fast = gpu_pipes(), gpu_pipes()
@@ -147,7 +144,7 @@ def test_graphs_match_eager_on_cuda(gpu_pipes, compile):
     assert fast._cuda_graphs.graphs  # something was captured
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("compile", [False, True, "regional"])
 def test_direct_inversion_graphs_match_eager_and_pin_the_source_exactly_on_cuda(gpu_pipes, compile):
     eager, fast = gpu_pipes(), gpu_pipes()
@@ -170,7 +167,7 @@ def test_direct_inversion_graphs_match_eager_and_pin_the_source_exactly_on_cuda(
     assert fast._cuda_graphs.graphs
 
 
-@cuda
+@pytest.mark.gpu
 def test_graphs_follow_a_moved_or_recast_unet(gpu_pipes):
     pipe = gpu_pipes()
     pipe.enable_cuda_graphs()
@@ -183,7 +180,7 @@ def test_graphs_follow_a_moved_or_recast_unet(gpu_pipes):
     assert len(pipe._cuda_graphs.graphs) == captured + 1
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [False, True])
 def test_denoising_loop_never_waits_for_the_host(gpu_pipes, graphs):
     pipe = gpu_pipes()

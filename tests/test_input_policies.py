@@ -31,8 +31,8 @@ STEPS = 3
 
 
 @pytest.fixture()
-def inversion(pipe):
-    return pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+def inversion(shared_inversion):
+    return shared_inversion(SOURCE, STEPS)
 
 
 @pytest.fixture()

@@ -2,13 +2,12 @@
 must compute exactly what the old pipeline computed for the same settings. The pins were made on one CPU; another
 CPU's kernels round differently, so the comparison allows the rounding budget of a denoising run (conftest)."""
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_rounding_close, edit_ops, scene_image
+from conftest import assert_rounding_close, edit_ops, scene_image, tiny_components
 from safetensors.torch import load_file
 
 from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
@@ -58,8 +57,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def pinned_run(components):
-    pipe = NegativePromptInversionPipeline(**copy.deepcopy(components))
+def pinned_run(tokenizer_dir):
+    pipe = NegativePromptInversionPipeline(**tiny_components(tokenizer_dir, heads=8))  # the pinned configuration
     pipe.set_progress_bar_config(disable=True)
     # The pins were made when local blend and the returned maps read the 8×8 maps of this 16×16 latent (level 1).
     # The default is now the 16×16 maps on latents this small (`LocalBlend.map_level`), so the pinned level is

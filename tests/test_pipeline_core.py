@@ -23,7 +23,7 @@ from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
 )
 
 
-STEPS = 10
+STEPS = 3  # every identity holds at any step count; the orderings below keep their margins at 3
 SOURCE = "a red cat on a white background"
 
 
@@ -36,8 +36,8 @@ def reconstruct(pipe, inversion, guidance_scale=7.5, **kwargs):
 
 
 @pytest.fixture()
-def inversion(pipe):
-    return pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+def inversion(shared_inversion):
+    return shared_inversion(SOURCE, STEPS)
 
 
 def test_npi_reconstruction_equals_ddim_reconstruction_at_guidance_one(pipe, inversion):
@@ -168,11 +168,11 @@ def test_nti_batch_equals_single(pipe):
     # as a full step; in float64 that noise is negligible and the per-image optimisation must agree.
     pipe.to(torch.float64)
     images = [scene_image(5), scene_image(6)]
-    kwargs = dict(num_inference_steps=4, inversion_method="nti", null_text_inner_steps=3)
+    kwargs = dict(num_inference_steps=2, inversion_method="nti", null_text_inner_steps=3)  # step 2 starts from step 1's
     batched = pipe.invert(images, [SOURCE, SOURCE], **kwargs)
     single = pipe.invert(images[1], SOURCE, **kwargs)
     # float32 copies of float64 optimisations: one rounding per Adam update (a flipped sign step is lr = 1e-2)
-    assert_rounding_close(batched.null_embeds[1:], single.null_embeds, ops=4 * 3)
+    assert_rounding_close(batched.null_embeds[1:], single.null_embeds, ops=2 * 3)
 
 
 def test_save_load_edit_is_bit_identical(pipe, inversion, tmp_path):
@@ -217,7 +217,7 @@ def test_mismatched_model_or_steps_are_rejected(pipe, inversion, tokenizer_dir, 
         other.load_inversion(tmp_path / "inversion.safetensors")
     with pytest.raises(ValueError, match="different models"):
         other(inversion=inversion)
-    with pytest.raises(ValueError, match="num_inference_steps=20 but the inversion was made with 10"):
+    with pytest.raises(ValueError, match=f"num_inference_steps=20 but the inversion was made with {STEPS}"):
         pipe(inversion=inversion, num_inference_steps=20)
     with pytest.raises(ValueError, match="num_inference_steps"):
         pipe.load_inversion(tmp_path / "inversion.safetensors", num_inference_steps=5)

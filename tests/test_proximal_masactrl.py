@@ -19,15 +19,15 @@ from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
 )
 
 
-STEPS = 6
+STEPS = 4
 SOURCE = "a red cat on a white background"
 TARGET = "a blue cat on a white background"
 NO_GUIDANCE = dict(inversion_guidance=False, reconstruction_guidance=False)  # ProximalGuidance fields
 
 
 @pytest.fixture()
-def inversion(pipe):
-    return pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+def inversion(shared_inversion):
+    return shared_inversion(SOURCE, STEPS)
 
 
 def latents(pipe, **kwargs):
@@ -88,7 +88,9 @@ def test_nothing_zeroed_is_exactly_plain_npi(pipe, inversion, mode):
 @pytest.mark.parametrize(
     "extra", [{}, {"attention_control": PromptToPrompt(0.5, local_blend=LocalBlend(("cat", "cat")))}], ids=["plain", "p2p"]
 )
-def test_inversion_guidance_with_step_one_pins_the_unedited_region(pipe, inversion, extra):
+def test_inversion_guidance_with_step_one_pins_the_unedited_region(pipe, shared_inversion, extra):
+    steps = 5  # local blend starts at step int(0.2 · 5) = 1: step 0 shows inversion guidance on its own
+    inversion = shared_inversion(SOURCE, steps)
     seen = []
 
     def capture(pipe_, i, t, tensors):
@@ -100,10 +102,10 @@ def test_inversion_guidance_with_step_one_pins_the_unedited_region(pipe, inversi
          output_type="latent", **extra)
     guided = 0
     for i, t, z, mask in seen:
-        if extra and i >= int(0.2 * STEPS):
+        if extra and i >= int(0.2 * steps):
             continue  # local blend runs after the guidance and may move the latent again
         keep = (1 - mask).bool()
-        anchor = inversion.latents[:, STEPS - i - 1]
+        anchor = inversion.latents[:, steps - i - 1]
         assert keep.any()
         assert_rounding_close(z[keep], anchor[keep], ops=4)  # z − 1·(z − a)·1: two roundings of values ≤ 2·scale
         guided += 1
@@ -215,7 +217,7 @@ def test_mutual_self_attention_switches_on_exactly_at_start_step():
 
     torch.manual_seed(0)
     query, key, value = (torch.randn(3, 2, 16, 8) for _ in range(3))
-    window = torch.arange(STEPS) >= 4  # MasaCtrl(start_step=4)
+    window = torch.arange(6) >= 4  # MasaCtrl(start_step=4) in 6 steps
     rule = MutualSelfAttention(torch.tensor(3), window, torch.tensor([0]), torch.tensor([2]), borrow=("key", "value"))
     assert torch.equal(rule(query, key, value, None, None), F.scaled_dot_product_attention(query, key, value))
     rule.step.fill_(4)
@@ -227,14 +229,15 @@ def test_mutual_self_attention_switches_on_exactly_at_start_step():
 
 def test_prox_masactrl_rows_and_batch_independence(pipe):
     pipe.to(torch.float64)
-    inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
+    steps = 3  # MasaCtrl from step 1: one step without it, two with it
+    inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=steps)
     targets = [TARGET, "a red dog on a white background"]
     kwargs = dict(inversion=inversion, attention_control=MasaCtrl(start_step=1), proximal_guidance="soft")
     with UNetCalls(pipe.unet) as calls:
         together = latents(pipe, prompt=targets, **kwargs)
-    assert calls.batches == [1 + 2 * len(targets)] * STEPS  # NPI source: one pass; targets: null + prompt
+    assert calls.batches == [1 + 2 * len(targets)] * steps  # NPI source: one pass; targets: null + prompt
     for k, target in enumerate(targets):
-        assert_rounding_close(together[k : k + 1], latents(pipe, prompt=target, **kwargs), ops=edit_ops(STEPS, unet_ops=1))
+        assert_rounding_close(together[k : k + 1], latents(pipe, prompt=target, **kwargs), ops=edit_ops(steps, unet_ops=1))
 
 
 @pytest.mark.parametrize(

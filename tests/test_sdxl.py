@@ -44,8 +44,8 @@ SDXL_UNET_OPS = UNET_OPS * 11 / 7
 
 
 @pytest.fixture()
-def inversion(sdxl_pipe):
-    return sdxl_pipe.invert(scene_image(0, SIZE), SOURCE, num_inference_steps=STEPS)
+def inversion(shared_inversion):
+    return shared_inversion(SOURCE, STEPS, size=SIZE, sdxl=True)
 
 
 def latents(pipe, **kwargs):
@@ -241,7 +241,7 @@ def test_cuda_graph_runner_passes_the_added_conditioning(sdxl_pipe, inversion):
     assert torch.equal(latents(sdxl_pipe, prompt=TARGET, inversion=inversion, attention_control=P2P), want)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_graphs_match_eager_on_cuda(sdxl_components, monkeypatch, compile):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 picks would differ by ~1e-3 (test_fast_paths)
@@ -267,7 +267,8 @@ def test_float16_vae_runs_in_float32_when_its_config_says_so(sdxl_components, fo
     seen = []
     for part in (pipe.vae.encoder, pipe.vae.decoder):
         part.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
-    inv = pipe.invert(scene_image(0, SIZE), SOURCE, num_inference_steps=2)
+    # float16 convolutions are slow on CPUs: 32 px, one step (the property is per VAE call)
+    inv = pipe.invert(scene_image(0), SOURCE, num_inference_steps=1)
     out = pipe(prompt=TARGET, inversion=inv, output_type="np").images
     assert seen == [torch.float32 if force_upcast else torch.float16] * 2
     assert pipe.vae.dtype == torch.float16 and np.isfinite(out).all()

@@ -128,7 +128,7 @@ def test_token_loss_needs_square_maps():
         token_loss(torch.rand(1, 15, 3), torch.ones(1, 1, 8, 8), torch.zeros(1, 3, dtype=torch.long))
 
 
-def test_training_with_token_grounding_runs_and_logs_both_losses(tmp_path, monkeypatch):
+def test_training_with_token_grounding_runs_and_logs_both_losses(toy_model_dir, tmp_path, monkeypatch):
     import json
     import time
 
@@ -136,7 +136,7 @@ def test_training_with_token_grounding_runs_and_logs_both_losses(tmp_path, monke
 
     monkeypatch.setattr(train, "_T0", time.time())  # --minutes counts from process start: here, from now
     out = tmp_path / "grounded"
-    train.main(["--resume", str(train.__file__.replace("train.py", "model")), "--out", str(out), "--device", "cpu",
+    train.main(["--resume", str(toy_model_dir), "--out", str(out), "--device", "cpu",
                 "--minutes", "2", "--max-steps", "2", "--batch-size", "2", "--eval-samples", "0",
                 "--vae-eval-images", "2", "--grounding-weight", "0.5", "--pixel-grounding-weight", "0.01",
                 "--log-seconds", "0"])

@@ -1,7 +1,7 @@
 """Tests of the toy world: determinism, exact ground-truth edits, the one-token-per-
 word tokenizer, the vectorised training batches and the attribute judge.
 
-The end-to-end CPU training run (~20-30 s) only runs with TOY_WORLD_SLOW=1.
+The end-to-end CPU training run (~20-30 s) is marked ``slow`` (``pytest -m slow``).
 """
 import dataclasses
 import os
@@ -282,7 +282,7 @@ def test_offset_noise_adds_one_constant_per_sample_and_channel():
         parse_args(["--out", "x", "--offset-noise", "-0.1"])
 
 
-@pytest.mark.skipif(os.environ.get("TOY_WORLD_SLOW") != "1", reason="set TOY_WORLD_SLOW=1 (~30 s CPU run)")
+@pytest.mark.slow
 def test_micro_training_run(tmp_path):
     from diffusers import StableDiffusionPipeline
 

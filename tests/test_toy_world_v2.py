@@ -233,10 +233,11 @@ def test_toy_metrics_of_the_true_edit_are_perfect():
 # ------------------------------------------------------------------------ the pipeline vs the reference P2P
 
 
-def test_pipeline_p2p_matches_the_independent_reference():
-    """Word swap with cross/self replacement and local blend, NPI, on the v1 toy model: same image."""
-    pipe = evaluate.load_pipeline(evaluate.SMALL_MODEL_DIR)
-    edit = scenes.make_edit(scenes.sample_scene(7_000_000), "colour", 0)
+def test_pipeline_p2p_matches_the_independent_reference(toy_model_dir):
+    """Word swap with cross/self replacement and local blend, NPI, on a toy-world model folder (conftest
+    ``tiny_toy_model``: the toy tokenizer, 64 px, 16² latents, random weights): same image."""
+    pipe = evaluate.load_pipeline(toy_model_dir)
+    edit = scenes.make_edit(scenes.sample_scene(7_000_000), "colour", 0, res=64)
     words = (edit.source_words[0], edit.target_words[0])
     steps = 5
     threshold = 0.8  # above the default 0.3, so that this model's blend mask is partial and its shape is tested

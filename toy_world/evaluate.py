@@ -31,9 +31,6 @@ from . import scenes
 
 # Toy world v2 (128 px, SD's UNet layout): the embedded default, and its image size.
 MODEL_DIR, MODEL_RES = Path(__file__).resolve().parent / "model_v2", scenes.RES_V2
-# Toy world v1 (64 px, 16 × 16 latents): too coarse for attention control (benchmarks/results/toy_v2/diagnosis.md),
-# but a quarter of v2's compute, so the unit tests run the pipeline's exact identities on it.
-SMALL_MODEL_DIR, SMALL_MODEL_RES = Path(__file__).resolve().parent / "model", scenes.H
 
 P2P = {"cross_replace_steps": 0.4, "self_replace_steps": 0.6}
 # name → (inversion method, call arguments, prompt-to-prompt settings (with local blend of the edit's words) or None)

@@ -35,7 +35,7 @@ Retrain (one H100, ~9 minutes in total)::
     python -m toy_world.train --out toy_sd --minutes 8.5 --seed 0 --device cuda
 
 Continue training an existing folder written by this script (e.g. the committed
-``toy_world/model``) with ``--resume DIR``: ``unet/``, ``text_encoder/`` and ``vae/``
+``toy_world/model_v2``, with ``--world v2``) with ``--resume DIR``: ``unet/``, ``text_encoder/`` and ``vae/``
 are loaded from DIR (fp16 on disk, trained in fp32), stage 1 is skipped (the VAE
 stays frozen as loaded, ``scaling_factor`` included) and the whole budget goes to
 stage 2 from the loaded weights: EMA initialised from them (at full decay, or at
@@ -46,12 +46,13 @@ from ``DIR/tokenizer`` unchanged. ``training_log.json`` gets a ``resume`` entry
 (source folder; with ``DIR/training_log.json`` also the previous UNet steps and
 seconds, and cumulative UNet steps and device (GPU) seconds of all runs)::
 
-    python -m toy_world.train --out toy_sd2 --resume toy_world/model --minutes 8.5 --seed 1 --device cuda
+    python -m toy_world.train --out toy_sd2 --resume toy_sd --minutes 8.5 --seed 1 --device cuda
 
 Toy world v2 (``--world v2``, ``toy_world/model_v2``): the same scenes rendered at 128 px, a factor-4 VAE
 (32 x 32 latents, objects 7-11 latent cells across), a UNet with SD 1.5's four levels and block types
 (cross-attention at 32, 16 and 8) and a 4-layer, 192-wide text encoder; the VAE starts from v1's (it is fully
-convolutional) and is fine-tuned at 128 px (``--vae-from toy_world/model --vae-finetune``)::
+convolutional) and is fine-tuned at 128 px (``--vae-from DIR --vae-finetune``; the v1 folder the committed v2 started
+from, ``toy_world/model``, was deleted after commit f42a7f5: ``git checkout f42a7f5 -- toy_world/model``)::
 
     python -m toy_world.train --world v2 --vae-from toy_world/model --vae-finetune --vae-lr 3e-4 \
         --vae-fraction 0.12 --vae-batch-size 256 --out toy_world/model_v2 --minutes 8.6 --seed 0 \
@@ -70,12 +71,12 @@ The logged ``loss`` stays the denoising loss alone; the token loss is logged bes
 
 Offset noise (``--offset-noise S``, Guttenberg 2023) adds a per-channel constant of std S to the training noise. A
 fine-tune with S = 0.1 freed background colour edits but cost colour edits, one with 0.05 gained nothing overall;
-the embedded model does not use it (``benchmarks/results/toy_v2/offset_noise/``).
+the embedded model does not use it (``benchmarks/results/README.md``, History).
 
 TokenCompose's pixel loss (``--pixel-grounding-weight W``, ``toy_world.grounding.pixel_loss``) adds W times the
 cross-entropy of each grounded word's attention against its whole region. A fine-tune with W = 0.005 made the
 background's colour word cover the background but cost pattern edits and unedited PSNR; the embedded model does not
-use it (``benchmarks/results/toy_v2/pixel_loss/``).
+use it (``benchmarks/results/README.md``, History).
 
 Micro check on CPU (~30 s, writes a loadable but untrained folder; add ``--world v2`` for v2)::
 
@@ -158,7 +159,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output pipeline folder (replaced)")
     p.add_argument("--world", choices=sorted(WORLDS), default="v1",
-                   help="v1: 64 px, 16x16 latents (toy_world/model); v2: 128 px, 32x32 latents, SD's four "
+                   help="v1: 64 px, 16x16 latents; v2: 128 px, 32x32 latents, SD's four "
                         "UNet levels (toy_world/model_v2)")
     p.add_argument("--minutes", type=float, default=8.5, help="total wall-clock budget")
     p.add_argument("--seed", type=int, default=0)
