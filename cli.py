@@ -74,20 +74,33 @@ def _number(kind: type, low: float, high: float = math.inf):
 
 def add_model_options(parser, inversion: bool) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=str(MODEL_DIR),
-                       help="a local diffusers folder (or a Hub id, with network); default: the embedded toy model")
+    group.add_argument(
+        "--model",
+        default=str(MODEL_DIR),
+        help="a local diffusers folder (or a Hub id, with network); default: the embedded toy model",
+    )
     if inversion:
         group.add_argument("--method", choices=INVERSION_METHODS, default="npi", help="inversion method")
         group.add_argument("--steps", type=_number(int, 1), default=50, help="DDIM steps")
     group.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype")
-    group.add_argument("--guidance", type=_number(float, 0), default=None,
-                       help="classifier-free guidance scale of the edits (default 7.5); null-text inversion"
-                       " (--method nti) is fitted to it" if inversion else "classifier-free guidance scale (default: the one the inversion was made for)")
+    group.add_argument(
+        "--guidance",
+        type=_number(float, 0),
+        default=None,
+        help="classifier-free guidance scale of the edits (default 7.5); null-text inversion"
+        " (--method nti) is fitted to it"
+        if inversion
+        else "classifier-free guidance scale (default: the one the inversion was made for)",
+    )
     group.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     group.add_argument("--cuda-graphs", action="store_true", help="replay the UNet as CUDA graphs (CUDA only)")
     group.add_argument("--compile", action="store_true", help="also torch.compile the UNet (CUDA only)")
-    group.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0,
-                       help="torch seed (inversion and editing are deterministic)")
+    group.add_argument(
+        "--seed",
+        type=_number(int, 0, 2**63 - 1),
+        default=0,
+        help="torch seed (inversion and editing are deterministic)",
+    )
     group.add_argument("--threads", type=_number(int, 1), default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of any failure")
 
@@ -97,18 +110,27 @@ def add_edit_options(parser) -> None:
     control = group.add_mutually_exclusive_group()
     control.add_argument("--p2p", action="store_true", help="prompt-to-prompt attention control")
     control.add_argument("--masactrl", action="store_true", help="MasaCtrl mutual self-attention")
-    group.add_argument("--cross-replace", type=_number(float, 0, 1), default=None,
-                       help="P2P cross-attention window, a fraction of the steps (default 0.4)")
-    group.add_argument("--self-replace", type=_number(float, 0, 1), default=None,
-                       help="P2P self-attention window, a fraction of the steps (default 0.6)")
+    group.add_argument(
+        "--cross-replace",
+        type=_number(float, 0, 1),
+        default=None,
+        help="P2P cross-attention window, a fraction of the steps (default 0.4)",
+    )
+    group.add_argument(
+        "--self-replace",
+        type=_number(float, 0, 1),
+        default=None,
+        help="P2P self-attention window, a fraction of the steps (default 0.6)",
+    )
     group.add_argument("--proximal", choices=("soft", "hard"), default=None, help="proximal guidance mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="npi-edit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="npi-edit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Invert and edit real images (negative-prompt / null-text / DDIM inversion with prompt-to-prompt,"
-                    " MasaCtrl and proximal guidance).",
+        " MasaCtrl and proximal guidance).",
         epilog="examples:\n" + __doc__.split("\n\n")[1],
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     invert.set_defaults(func=invert_command)
 
     edit = commands.add_parser(
-        "edit", help="edit (or reconstruct) an inverted image",
+        "edit",
+        help="edit (or reconstruct) an inverted image",
         description="Edit an inverted image toward --prompt (or reconstruct it). The step count and the inversion"
-                    " method are the inversion file's.")
+        " method are the inversion file's.",
+    )
     edit.add_argument("inversion", help="an inversion file written by `npi-edit invert`")
     edit.add_argument("--prompt", default=None, help="the target prompt (default: reconstruct the source)")
     edit.add_argument("--blend", nargs=2, metavar=("SRC", "TGT"), help="P2P local blend: a source and a target word")
@@ -133,11 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     edit.set_defaults(func=edit_command)
 
     batch = commands.add_parser(
-        "batch", help="invert and edit every item of a manifest (resumable, shardable)",
+        "batch",
+        help="invert and edit every item of a manifest (resumable, shardable)",
         description="Invert and edit every item of a manifest. Rerun the same command to resume: items whose outputs"
-                    " are intact and up to date are skipped, items whose row or image changed are recomputed. Shard"
-                    " over processes with `accelerate launch -m negative_prompt_inversion batch ...`; the outputs are"
-                    " the same bytes as a single process's.")
+        " are intact and up to date are skipped, items whose row or image changed are recomputed. Shard"
+        " over processes with `accelerate launch -m negative_prompt_inversion batch ...`; the outputs are"
+        " the same bytes as a single process's.",
+    )
     batch.add_argument("manifest", help="a PIE-Bench mapping_file.json, or a .jsonl / .csv manifest")
     batch.add_argument("--images", default=None, help="folder of the manifest's images (default: beside it)")
     batch.add_argument("--out", required=True, help="output folder (edits/, inversions/, results*.jsonl)")
@@ -148,9 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     batch.set_defaults(func=batch_command)
 
     evaluate = commands.add_parser(
-        "evaluate", help="PIE-Bench background metrics of a finished batch, per edit kind",
+        "evaluate",
+        help="PIE-Bench background metrics of a finished batch, per edit kind",
         description="Score the edits of a `npi-edit batch` folder as PIE-Bench's evaluation does, per edit kind,"
-                    " and write DIR/metrics.json.")
+        " and write DIR/metrics.json.",
+    )
     evaluate.add_argument("dir", help="the --out folder of `npi-edit batch`")
     evaluate.add_argument("--debug", action="store_true", help="show the traceback of any failure")
     evaluate.set_defaults(func=evaluate_command)
@@ -194,17 +222,32 @@ def _one_line(error: Exception) -> str:
 
 def check_technique_flags(args, editing: bool) -> None:
     """Flags that would have no effect are mistakes, not silently ignored."""
-    p2p_flags = [flag for flag, value in (("--cross-replace", args.cross_replace),
-                                          ("--self-replace", args.self_replace),
-                                          ("--blend", getattr(args, "blend", None))) if value is not None]
+    p2p_flags = [
+        flag
+        for flag, value in (
+            ("--cross-replace", args.cross_replace),
+            ("--self-replace", args.self_replace),
+            ("--blend", getattr(args, "blend", None)),
+        )
+        if value is not None
+    ]
     if p2p_flags and not args.p2p:
         raise UsageError(f"{p2p_flags[0]} is a prompt-to-prompt setting: add --p2p")
     if not editing:
-        technique = next((flag for flag, on in (("--p2p", args.p2p), ("--masactrl", args.masactrl),
-                                                ("--proximal", args.proximal)) if on), None)
+        technique = next(
+            (
+                flag
+                for flag, on in (("--p2p", args.p2p), ("--masactrl", args.masactrl), ("--proximal", args.proximal))
+                if on
+            ),
+            None,
+        )
         if technique:
-            what = "--reconstruct regenerates the source" if hasattr(args, "reconstruct") else \
-                "without --prompt, edit reconstructs the source"
+            what = (
+                "--reconstruct regenerates the source"
+                if hasattr(args, "reconstruct")
+                else "without --prompt, edit reconstructs the source"
+            )
             raise UsageError(f"{technique} changes edits only, and {what}: drop it, or give a target prompt")
 
 
@@ -297,8 +340,11 @@ def image_suffixes() -> tuple[str, ...]:
     from PIL import Image
 
     formats = Image.registered_extensions()
-    return tuple(suffix for suffix in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-                 if formats.get(suffix) in Image.SAVE)
+    return tuple(
+        suffix
+        for suffix in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+        if formats.get(suffix) in Image.SAVE
+    )
 
 
 # ------------------------------------------------------------------------------------------------- pipeline
@@ -382,8 +428,10 @@ def invert_command(args) -> None:
     from .pipeline_negative_prompt_inversion import _image_to_tensor
 
     if args.guidance is not None and not methods[args.method].optimises_null_text:
-        raise UsageError(f"--guidance: {args.method} inverts at guidance 1 whatever the edit's guidance; give"
-                         " --guidance to `edit` (only null-text inversion, --method nti, is fitted to one)")
+        raise UsageError(
+            f"--guidance: {args.method} inverts at guidance 1 whatever the edit's guidance; give"
+            " --guidance to `edit` (only null-text inversion, --method nti, is fitted to one)"
+        )
     resolve_defaults(args)
     check_guidance(args, args.method)
     check_model_folder(args)
@@ -396,8 +444,9 @@ def invert_command(args) -> None:
     except ValueError as error:
         raise UsageError(f"IMAGE: {error}") from None
     pipe = load_pipeline(args, device, progress=f"inverting ({args.method})")
-    inversion = pipe.invert(image, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                            inversion_method=args.method)
+    inversion = pipe.invert(
+        image, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, inversion_method=args.method
+    )
     write_atomically(out, inversion.save)
     print(f"inverted {args.image} ({inversion.method}, {args.steps} steps) -> {out}")
 
@@ -416,8 +465,11 @@ def edit_command(args) -> None:
     except ValueError as error:
         raise UsageError(f"INVERSION: {error}") from None
     if args.guidance is not None and args.guidance != inversion.guidance_scale and inversion.null_embeds is not None:
-        print(f"note: this null-text inversion was fitted to guidance {inversion.guidance_scale:g}; at"
-              f" {args.guidance:g} it no longer reconstructs the source exactly", file=sys.stderr)
+        print(
+            f"note: this null-text inversion was fitted to guidance {inversion.guidance_scale:g}; at"
+            f" {args.guidance:g} it no longer reconstructs the source exactly",
+            file=sys.stderr,
+        )
     resolve_defaults(args, guidance=inversion.guidance_scale)
     check_guidance(args, inversion.method)
     pipe = load_pipeline(args, device, progress="editing" if args.prompt else "reconstructing")
@@ -431,8 +483,9 @@ def edit_command(args) -> None:
         if problem:
             raise UsageError(f"--blend: {problem}")
         blend = [(args.blend[0],), (args.blend[1],)]
-    image = pipe(prompt=args.prompt, inversion=inversion, guidance_scale=args.guidance,
-                 **edit_kwargs(args, blend)).images[0]
+    image = pipe(
+        prompt=args.prompt, inversion=inversion, guidance_scale=args.guidance, **edit_kwargs(args, blend)
+    ).images[0]
     write_atomically(out, lambda path: image.save(path, format=image_format(out)))
     print(f"edited {args.inversion} toward {args.prompt or 'its source prompt'!r} -> {out}")
 
@@ -479,8 +532,11 @@ def digest(value) -> str:
 def output_names(item) -> tuple[str, list[str]]:
     """The inversion file and edited images of an item, relative to the output folder."""
     stem = re.sub(r"[^\w.-]", "_", item.id)
-    edits = [f"edits/{stem}.png"] if len(item.target_prompts) == 1 else [
-        f"edits/{stem}_{k}.png" for k in range(len(item.target_prompts))]
+    edits = (
+        [f"edits/{stem}.png"]
+        if len(item.target_prompts) == 1
+        else [f"edits/{stem}_{k}.png" for k in range(len(item.target_prompts))]
+    )
     return f"inversions/{stem}.safetensors", edits
 
 
@@ -501,7 +557,8 @@ def check_ids(items, manifest: str) -> None:
             raise UsageError(
                 f"{manifest}:{item.line}: id {item.id!r} would write {name}, as id {other.id!r} (line {other.line})"
                 " does; ids must stay distinct with characters other than letters, digits, '.', '-', '_' as '_'"
-                " and ignoring case")
+                " and ignoring case"
+            )
 
 
 def model_fingerprint(model: str) -> dict:
@@ -514,8 +571,10 @@ def model_fingerprint(model: str) -> dict:
         try:
             folder = Path(snapshot_download(model, local_files_only=True))
         except Exception:  # noqa: BLE001 - not in the local cache, whatever the reason
-            raise UsageError(f"--model: {model} is not in the local Hugging Face cache; download it first"
-                             f" (huggingface-cli download {model})") from None
+            raise UsageError(
+                f"--model: {model} is not in the local Hugging Face cache; download it first"
+                f" (huggingface-cli download {model})"
+            ) from None
     files = {}
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
@@ -553,13 +612,20 @@ def output_settings(args, threads: int, device: str) -> dict:
 
     settings = {name: value for name, value in sorted(vars(args).items()) if name not in NOT_OUTPUT_SETTINGS}
     settings.update(
-        manifest=str(Path(args.manifest).resolve()), images=str(Path(args.images).resolve()) if args.images else None,
+        manifest=str(Path(args.manifest).resolve()),
+        images=str(Path(args.images).resolve()) if args.images else None,
         model=str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
-        model_files=model_fingerprint(args.model)["files"], threads=threads,
-        device=torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else torch.device(device).type,
+        model_files=model_fingerprint(args.model)["files"],
+        threads=threads,
+        device=torch.cuda.get_device_name(device)
+        if torch.device(device).type == "cuda"
+        else torch.device(device).type,
         code=code_fingerprint(),
-        versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
-                  "transformers": transformers.__version__},
+        versions={
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
     )
     return settings
 
@@ -575,12 +641,21 @@ def check_settings(out: Path, settings: dict, is_main_process: bool) -> None:
             raise UsageError(f"--out: {recorded} is damaged; use a new folder") from None
         changed = [name for name in settings if before.get(name) != settings[name]]
         if changed:
-            hints = {"threads": "pass --threads {}", "code": "this folder was made by another version of the pipeline",
-                     "model_files": "the model folder's files changed"}
-            details = [f"{name}: {before.get(name)!r} then, {settings[name]!r} now" if name not in hints else
-                       hints[name].format(before.get(name)) for name in changed[:3]]
-            raise UsageError(f"--out: {out} holds a batch made with other settings ({'; '.join(details)}); use a new"
-                             " folder, or the same settings to resume it")
+            hints = {
+                "threads": "pass --threads {}",
+                "code": "this folder was made by another version of the pipeline",
+                "model_files": "the model folder's files changed",
+            }
+            details = [
+                f"{name}: {before.get(name)!r} then, {settings[name]!r} now"
+                if name not in hints
+                else hints[name].format(before.get(name))
+                for name in changed[:3]
+            ]
+            raise UsageError(
+                f"--out: {out} holds a batch made with other settings ({'; '.join(details)}); use a new"
+                " folder, or the same settings to resume it"
+            )
     elif is_main_process:
         write_atomically(recorded, lambda path: path.write_text(json.dumps(settings, indent=1)))
 
@@ -619,14 +694,20 @@ def shard_records(out: Path):
 def intact(out: Path, record: dict) -> bool:
     """The record is ``ok`` and its output files still have the recorded SHA-256."""
     files = record.get("sha256") or {}
-    return record.get("status") == "ok" and bool(files) and all(
-        (out / name).is_file() and sha256(out / name) == value for name, value in files.items())
+    return (
+        record.get("status") == "ok"
+        and bool(files)
+        and all((out / name).is_file() and sha256(out / name) == value for name, value in files.items())
+    )
 
 
 def finished_items(out: Path, keys: dict[str, str] | None = None) -> dict[str, dict]:
     """By id: the newest record of each item that is ok, has intact outputs, and (given ``keys``) the item's key."""
-    return {record["id"]: record for record in shard_records(out)
-            if (keys is None or record.get("key") == keys.get(record["id"])) and intact(out, record)}
+    return {
+        record["id"]: record
+        for record in shard_records(out)
+        if (keys is None or record.get("key") == keys.get(record["id"])) and intact(out, record)
+    }
 
 
 class ItemError(Exception):
@@ -657,18 +738,27 @@ def run_group(pipe, group: list, args, out: Path, write: dict) -> list[dict]:
     ({id: (row digest, key)}) and return their records."""
     items = [item for item, _ in group]
     start = time.perf_counter()
-    inversion = pipe.invert([image for _, image in group], [item.source_prompt for item in items],
-                            num_inference_steps=args.steps, guidance_scale=args.guidance, inversion_method=args.method)
+    inversion = pipe.invert(
+        [image for _, image in group],
+        [item.source_prompt for item in items],
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        inversion_method=args.method,
+    )
     invert_seconds = time.perf_counter() - start
     start = time.perf_counter()
     blend = None
     if args.p2p and items[0].blend is not None:
         blend = [((item.blend[0],), (item.blend[1],)) for item in items]  # one (source, target) pair per image
     prompt = None if args.reconstruct else [item.target_prompts for item in items]
-    images = iter(pipe(prompt=prompt, inversion=inversion, guidance_scale=args.guidance,
-                       **edit_kwargs(args, blend)).images)
-    timing = {"items_in_call": len(items), "invert_seconds": invert_seconds,
-              "edit_seconds": time.perf_counter() - start}
+    images = iter(
+        pipe(prompt=prompt, inversion=inversion, guidance_scale=args.guidance, **edit_kwargs(args, blend)).images
+    )
+    timing = {
+        "items_in_call": len(items),
+        "invert_seconds": invert_seconds,
+        "edit_seconds": time.perf_counter() - start,
+    }
     records = []
     for index, item in enumerate(items):
         inversion_name, edit_names = output_names(item)
@@ -680,9 +770,18 @@ def run_group(pipe, group: list, args, out: Path, write: dict) -> list[dict]:
         for image, name in zip(edits, edit_names):
             write_output(out / name, lambda path, image=image: image.save(path, format="PNG"))
         row, key = write[item.id]
-        records.append({"id": item.id, "status": "ok", "error": None, "row": row, "key": key,
-                        "outputs": {"inversion": inversion_name, "edits": names[1:]},
-                        "sha256": {name: sha256(out / name) for name in names}, "timing": timing})
+        records.append(
+            {
+                "id": item.id,
+                "status": "ok",
+                "error": None,
+                "row": row,
+                "key": key,
+                "outputs": {"inversion": inversion_name, "edits": names[1:]},
+                "sha256": {name: sha256(out / name) for name in names},
+                "timing": timing,
+            }
+        )
     return records
 
 
@@ -699,8 +798,16 @@ def write_output(path: Path, write) -> None:
 
 def error_record(item, error: Exception, write: dict) -> dict:
     row, key = write[item.id]
-    return {"id": item.id, "status": "error", "error": str(error), "row": row, "key": key, "outputs": {},
-            "sha256": {}, "timing": None}
+    return {
+        "id": item.id,
+        "status": "error",
+        "error": str(error),
+        "row": row,
+        "key": key,
+        "outputs": {},
+        "sha256": {},
+        "timing": None,
+    }
 
 
 def run_batch(pipe, batch: list, args, out: Path, write: dict):
@@ -744,7 +851,9 @@ def open_shard(path: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise UsageError(f"--out: another npi-edit batch is writing {path}; wait for it, or use another folder") from None
+        raise UsageError(
+            f"--out: another npi-edit batch is writing {path}; wait for it, or use another folder"
+        ) from None
     if handle.tell() > 0:
         handle.seek(handle.tell() - 1)
         if handle.read(1) != "\n":
@@ -783,8 +892,10 @@ def batch_command(args) -> int:
         raise UsageError(f"MANIFEST: {error}") from None
     check_ids(items, args.manifest)
     if not any(item.image.is_file() for item in items):
-        raise UsageError(f"MANIFEST: none of its {len(items)} images exists (the first would be {items[0].image});"
-                         " give their folder with --images")
+        raise UsageError(
+            f"MANIFEST: none of its {len(items)} images exists (the first would be {items[0].image});"
+            " give their folder with --images"
+        )
     device = resolve_device(args)
 
     import torch
@@ -811,14 +922,19 @@ def batch_command(args) -> int:
                 run_share(args, device, shard, state, mine, todo)
         except KeyboardInterrupt:
             finished = len(finished_items(out, keys))
-            print(f"\ninterrupted: {finished} of {len(items)} items done; run the same command again to resume",
-                  file=sys.stderr)
+            print(
+                f"\ninterrupted: {finished} of {len(items)} items done; run the same command again to resume",
+                file=sys.stderr,
+            )
             return EXIT_INTERRUPTED
         except OutputError as error:
             missing = [item.id for item in items if item.id not in finished_items(out, keys)]
-            print(f"npi-edit batch: error: {error}; {len(missing)} of {len(items)} items missing"
-                  f" ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); free the space and run the same"
-                  " command again to resume", file=sys.stderr)
+            print(
+                f"npi-edit batch: error: {error}; {len(missing)} of {len(items)} items missing"
+                f" ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); free the space and run the same"
+                " command again to resume",
+                file=sys.stderr,
+            )
             return EXIT_FAILED
     state.wait_for_everyone()
     return summarise_batch(items, out, keys) if state.is_main_process else 0
@@ -831,9 +947,14 @@ def run_share(args, device, shard, state, mine, todo) -> None:
 
     pipe = load_pipeline(args, device)
     total = sum(map(len, mine))
-    with tqdm(total=total, initial=total - sum(map(len, todo)), unit="item", position=state.process_index,
-              desc="items" if state.num_processes == 1 else f"process {state.process_index}",
-              dynamic_ncols=True) as progress:
+    with tqdm(
+        total=total,
+        initial=total - sum(map(len, todo)),
+        unit="item",
+        position=state.process_index,
+        desc="items" if state.num_processes == 1 else f"process {state.process_index}",
+        dynamic_ncols=True,
+    ) as progress:
         for batch, write in zip(mine, todo):
             if write:
                 for record in run_batch(pipe, batch, args, Path(args.out), write):
@@ -851,11 +972,15 @@ def report_resume(items, out: Path, done: dict, rows: dict) -> None:
     failed = [item for item in items if latest.get(item.id, {}).get("status") == "error"]
     parts = [f"{len(done)} of {len(items)} items already done, skipped"]
     if changed:
-        parts.append(f"{plural(len(changed), 'item')} changed since written (row or image: "
-                     f"{', '.join(item.id for item in changed[:3])}{', ...' if len(changed) > 3 else ''}), recomputed")
+        parts.append(
+            f"{plural(len(changed), 'item')} changed since written (row or image: "
+            f"{', '.join(item.id for item in changed[:3])}{', ...' if len(changed) > 3 else ''}), recomputed"
+        )
     if len(stale) > len(changed):
-        parts.append(f"{len(stale) - len(changed)} more recomputed (a row of their batch changed, or an output file"
-                     " is damaged or gone)")
+        parts.append(
+            f"{len(stale) - len(changed)} more recomputed (a row of their batch changed, or an output file"
+            " is damaged or gone)"
+        )
     if failed:
         parts.append(f"{len(failed)} failed last time, retried")
     print("; ".join(parts), file=sys.stderr)
@@ -868,15 +993,19 @@ def summarise_batch(items, out: Path, keys: dict) -> int:
     latest.update(finished_items(out, keys))  # an item with intact outputs is ok, whatever came after
     records = [latest[item.id] for item in items if item.id in latest]
     try:
-        write_atomically(out / "results.jsonl",
-                         lambda path: path.write_text("".join(json.dumps(record) + "\n" for record in records)))
+        write_atomically(
+            out / "results.jsonl",
+            lambda path: path.write_text("".join(json.dumps(record) + "\n" for record in records)),
+        )
     except OSError as error:
         print(f"npi-edit batch: error: could not write {out / 'results.jsonl'} ({error.strerror})", file=sys.stderr)
         return EXIT_FAILED
     errors = [record for record in records if record["status"] != "ok"]
     missing = len(items) - len(records)
-    print(f"{len(records) - len(errors)} ok, {len(errors)} errors, {missing} missing of {len(items)} items"
-          f" -> {out / 'results.jsonl'}")
+    print(
+        f"{len(records) - len(errors)} ok, {len(errors)} errors, {missing} missing of {len(items)} items"
+        f" -> {out / 'results.jsonl'}"
+    )
     for record in errors:
         print(f"  {record['id']}: {record['error']}")
     return EXIT_FAILED if errors or missing else 0
@@ -926,8 +1055,10 @@ def evaluate_folder(folder, columns, extra=None, metrics_file: str = "metrics.js
     metrics = {"count": len(rows), "by_kind": summary, "items": rows}
     (out / metrics_file).write_text(json.dumps(metrics, indent=1))
     if skipped:
-        print(f"not evaluated: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}"
-              " (rows changed since the batch ran: rerun it; or edits of another size than their source)")
+        print(
+            f"not evaluated: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}"
+            " (rows changed since the batch ran: rerun it; or edits of another size than their source)"
+        )
     print(f"{len(rows)} edits evaluated -> {out / metrics_file}\n\n{table}")
     return metrics
 

@@ -59,9 +59,16 @@ from .pipeline_negative_prompt_inversion import _image_to_tensor
 
 # PIE-Bench's editing_type_id values (the folder-name prefixes of annotation_images/).
 EDITING_TYPES = {
-    "0": "random", "1": "change_object", "2": "add_object", "3": "delete_object", "4": "change_attribute_content",
-    "5": "change_attribute_pose", "6": "change_attribute_color", "7": "change_attribute_material",
-    "8": "change_background", "9": "change_style",
+    "0": "random",
+    "1": "change_object",
+    "2": "add_object",
+    "3": "delete_object",
+    "4": "change_attribute_content",
+    "5": "change_attribute_pose",
+    "6": "change_attribute_color",
+    "7": "change_attribute_material",
+    "8": "change_background",
+    "9": "change_style",
 }
 
 
@@ -171,13 +178,19 @@ def _pie_items(path: Path, text: str, root: Path) -> list[Item]:
         mask = _field(entry, "mask", where, list, required=False)
         if mask is not None and (len(mask) % 2 or not all(_is_int(v) and v >= 0 for v in mask)):
             raise ManifestError(f"{where}: 'mask' must be a run-length code [start, length, ...] of whole numbers")
-        items.append(Item(
-            id=key, image=root / _field(entry, "image_path", where, str),
-            source_prompt=strip_brackets(_field(entry, "original_prompt", where, str)),
-            target_prompts=[strip_brackets(_field(entry, "editing_prompt", where, str))],
-            blend=tuple(words) if len(words) == 2 else None, mask=mask,
-            editing_type=_editing_type(entry, where), entry=entry, line=line,
-        ))
+        items.append(
+            Item(
+                id=key,
+                image=root / _field(entry, "image_path", where, str),
+                source_prompt=strip_brackets(_field(entry, "original_prompt", where, str)),
+                target_prompts=[strip_brackets(_field(entry, "editing_prompt", where, str))],
+                blend=tuple(words) if len(words) == 2 else None,
+                mask=mask,
+                editing_type=_editing_type(entry, where),
+                entry=entry,
+                line=line,
+            )
+        )
     return items
 
 
@@ -193,8 +206,10 @@ def _csv_rows(path: Path, text: str):
         header = reader.fieldnames or []
         missing = [name for name in ("image", "source_prompt", "target_prompt") if name not in header]
         if missing:
-            raise ManifestError(f"{path}:1: the header has no column {', '.join(map(repr, missing))}"
-                                f" (its columns: {', '.join(map(repr, header)) or 'none'})")
+            raise ManifestError(
+                f"{path}:1: the header has no column {', '.join(map(repr, missing))}"
+                f" (its columns: {', '.join(map(repr, header)) or 'none'})"
+            )
         start = reader.line_num + 1
         for row in reader:
             if None in row or None in row.values():
@@ -231,8 +246,17 @@ def _row_item(path: Path, line: int, index: int, row, root: Path) -> Item:
             raise ManifestError(f"{where}: 'blend' must be 'source_word target_word', got {blend!r}")
         blend = tuple(words)
     mask = _field(row, "mask", where, str, required=False) or None
-    return Item(str(item_id), root / _field(row, "image", where, str), _field(row, "source_prompt", where, str),
-                list(targets), blend, root / mask if mask else None, _editing_type(row, where), row, line)
+    return Item(
+        str(item_id),
+        root / _field(row, "image", where, str),
+        _field(row, "source_prompt", where, str),
+        list(targets),
+        blend,
+        root / mask if mask else None,
+        _editing_type(row, where),
+        row,
+        line,
+    )
 
 
 def _json(path: Path, text: str, line: int):
@@ -246,13 +270,22 @@ def _json(path: Path, text: str, line: int):
     try:
         return json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as error:
-        raise ManifestError(f"{path}:{line + error.lineno - 1}: not valid JSON ({error.msg}, column {error.colno})") from None
+        raise ManifestError(
+            f"{path}:{line + error.lineno - 1}: not valid JSON ({error.msg}, column {error.colno})"
+        ) from None
     except ValueError as error:
         raise ManifestError(f"{path}:{line}: {error}") from None
 
 
-PIE_FIELDS = ("image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
-              "blended_word", "mask")
+PIE_FIELDS = (
+    "image_path",
+    "original_prompt",
+    "editing_prompt",
+    "editing_instruction",
+    "editing_type_id",
+    "blended_word",
+    "mask",
+)
 ROW_FIELDS = ("id", "image", "source_prompt", "target_prompt", "target_prompts", "blend", "mask", "editing_type_id")
 
 
@@ -378,10 +411,15 @@ class Column:
 
 BACKGROUND_COLUMNS = (
     Column("background_psnr", "bg PSNR", "PSNR (dB) of the unedited region against the source; higher = better kept"),
-    Column("background_mse", "bg MSE ×10⁴", "mean squared error of the unedited region, ×10⁴; lower = better kept",
-           1e4),
-    Column("background_ssim", "bg SSIM ×10²", "structural similarity of the unedited region, ×10²; higher = better"
-           " kept", 100),
+    Column(
+        "background_mse", "bg MSE ×10⁴", "mean squared error of the unedited region, ×10⁴; lower = better kept", 1e4
+    ),
+    Column(
+        "background_ssim",
+        "bg SSIM ×10²",
+        "structural similarity of the unedited region, ×10²; higher = better kept",
+        100,
+    ),
 )
 BACKGROUND_NOTE = (
     "The unedited region is the image outside the item's mask, as PnPInversion's evaluation computes it: both images"
@@ -400,8 +438,10 @@ def kind_table(rows: list[dict], columns, note: str = BACKGROUND_NOTE) -> tuple[
     summary = {name: _means(groups[name], columns) for name in order}
     if len(order) != 1:
         summary["all"] = _means(rows, columns)
-    lines = ["| edit kind | edits | " + " | ".join(c.header for c in columns) + " |",
-             "|---|---:|" + "---:|" * len(columns)]
+    lines = [
+        "| edit kind | edits | " + " | ".join(c.header for c in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
     for name, means in summary.items():
         cells = [f"{means[c.key] * c.scale:.{c.digits}f}" for c in columns]
         lines.append(f"| {name} | {means['edits']} | " + " | ".join(cells) + " |")
@@ -496,6 +536,7 @@ class LearnedMetrics:
         pixels = (image * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         inputs = processor(text=[prompt], images=[pixels], return_tensors="pt", padding=True).to(self.device)
         img = F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
-        txt = F.normalize(model.get_text_features(input_ids=inputs["input_ids"],
-                                                  attention_mask=inputs["attention_mask"]), dim=-1)
+        txt = F.normalize(
+            model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]), dim=-1
+        )
         return float(100 * (img * txt).sum().clamp(min=0))

@@ -217,7 +217,9 @@ def proximal_direction(direction: torch.Tensor, mode: str, quantile: float, thre
     if threshold is None:
         threshold = per_sample_quantile(direction.abs(), quantile)
     else:
-        threshold = torch.full((len(direction), *[1] * (direction.dim() - 1)), float(threshold), device=direction.device)
+        threshold = torch.full(
+            (len(direction), *[1] * (direction.dim() - 1)), float(threshold), device=direction.device
+        )
     operator = soft_threshold if mode == "soft" else hard_threshold
     return operator(direction, threshold), threshold
 
@@ -276,7 +278,11 @@ INVERSION_METHODS = {
 # What a target's guidance direction ε_c − ε_u is taken against (``target_guidance``): the inversion method's own
 # unconditional embedding, or the null embedding. PnP Inversion (Ju et al. 2024, §4) guides targets against E("").
 TARGET_GUIDANCES = ("inversion", "null")
-_UNCOND_NAMES = {"source": 'E(source prompt)', "negative": "the null embedding", "null_text": "its optimised null text"}
+_UNCOND_NAMES = {
+    "source": "E(source prompt)",
+    "negative": "the null embedding",
+    "null_text": "its optimised null text",
+}
 
 
 # =================================================================================================================
@@ -297,7 +303,12 @@ class InvalidInversionError(ValueError):
 
 
 _TENSOR_NAMES = (
-    "latents", "prompt_embeds", "timesteps", "null_embeds", "null_text_losses", "pooled_prompt_embeds",
+    "latents",
+    "prompt_embeds",
+    "timesteps",
+    "null_embeds",
+    "null_text_losses",
+    "pooled_prompt_embeds",
     "null_pooled_embeds",
 )
 _REQUIRED_TENSORS = ("latents", "prompt_embeds", "timesteps")
@@ -384,8 +395,10 @@ class InversionResult:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         # own copies: safetensors refuses tensors that share memory (NTI from the prompt: pooled null = pooled source)
-        return {name: tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
-                for name, tensor in self._present().items()}
+        return {
+            name: tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for name, tensor in self._present().items()
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a ``.safetensors`` file whose header carries the JSON metadata and a SHA-256 of every tensor.
@@ -519,14 +532,18 @@ class InversionResult:
         optimised = INVERSION_METHODS[self.method].optimises_null_text
         sdxl = "pooled_prompt_embeds" in present
         if optimised and "null_embeds" not in present:
-            return ["method 'nti' needs null_embeds (NTI's optimised unconditional embedding of each step), which are"
-                    " missing"]
+            return [
+                "method 'nti' needs null_embeds (NTI's optimised unconditional embedding of each step), which are"
+                " missing"
+            ]
         stray = [name for name in ("null_embeds", "null_text_losses") if name in present and not optimised]
         if stray:
             return [f"{' and '.join(stray)} belong to method 'nti' only, method is {self.method!r}"]
         if optimised and sdxl and "null_pooled_embeds" not in present:
-            return ["an SDXL inversion of method 'nti' needs null_pooled_embeds (the pooled embedding of its"
-                    " unconditional branch), which are missing"]
+            return [
+                "an SDXL inversion of method 'nti' needs null_pooled_embeds (the pooled embedding of its"
+                " unconditional branch), which are missing"
+            ]
         if "null_pooled_embeds" in present and not (optimised and sdxl):
             return ["null_pooled_embeds belong to SDXL inversions (with pooled_prompt_embeds) of method 'nti' only"]
         return []
@@ -563,7 +580,10 @@ def _invalid(where: str, problems: list[str]) -> InvalidInversionError:
 # encoder or an inversion makes. Text embeddings reach a few hundred in CLIP's outlier features; past float16's
 # largest value a half-precision UNet would read them as inf. (NTI's losses are NaN after early stopping by design.)
 _VALUE_LIMITS = {
-    "latents": 1e4, "prompt_embeds": 65504.0, "null_embeds": 65504.0, "pooled_prompt_embeds": 65504.0,
+    "latents": 1e4,
+    "prompt_embeds": 65504.0,
+    "null_embeds": 65504.0,
+    "pooled_prompt_embeds": 65504.0,
     "null_pooled_embeds": 65504.0,
 }
 
@@ -777,8 +797,11 @@ class LocalBlend:
                     )
                 weights[k, positions] = 1.0
         return _LocalBlendStep(
-            weights.to(plan.device), _index(plan.targets, plan.device), _index(plan.sources, plan.device),
-            self.threshold, int(self.start * plan.num_steps),
+            weights.to(plan.device),
+            _index(plan.targets, plan.device),
+            _index(plan.sources, plan.device),
+            self.threshold,
+            int(self.start * plan.num_steps),
         )
 
 
@@ -865,8 +888,11 @@ class PromptToPrompt:
         self_replace = MutualSelfAttention(
             plan.step, window, cond_rows[source_pos], cond_rows[target_pos], borrow=("query", "key")
         )
-        rules = {layer.name: cross if layer.cross else self_replace for layer in plan.layers
-                 if layer.cross or layer.level >= 1}
+        rules = {
+            layer.name: cross if layer.cross else self_replace
+            for layer in plan.layers
+            if layer.cross or layer.level >= 1
+        }
         return rules, None if self.local_blend is None else self.local_blend.prepare(plan)
 
     def token_edit(self, branch: "Branch", weights: dict | None, tokenizer):
@@ -910,11 +936,17 @@ class MasaCtrl:
     def prepare(self, plan: "EditPlan"):
         rows = plan.rows
         pairs = [(rows.cond[s], rows.cond[t]) for s, t in zip(plan.sources, plan.targets)]
-        pairs += [(rows.uncond[s], rows.uncond[t]) for s, t in zip(plan.sources, plan.targets)
-                  if rows.uncond[t] != rows.cond[t]]
+        pairs += [
+            (rows.uncond[s], rows.uncond[t])
+            for s, t in zip(plan.sources, plan.targets)
+            if rows.uncond[t] != rows.cond[t]
+        ]
         window = (torch.arange(plan.num_steps) >= self.start_step).to(plan.device)
         rule = MutualSelfAttention(
-            plan.step, window, _index([s for s, _ in pairs], plan.device), _index([t for _, t in pairs], plan.device),
+            plan.step,
+            window,
+            _index([s for s, _ in pairs], plan.device),
+            _index([t for _, t in pairs], plan.device),
             borrow=("key", "value"),
         )
         finest = min(layer.level for layer in plan.layers)
@@ -1114,10 +1146,19 @@ def plan_branches(
         for prompt in prompts:
             reconstructs = prompt == source and not controlled
             pinned = reconstructs and method.pins_source
-            branches.append(Branch(
-                image, source, prompt, False, method.uncond if reconstructs else edit_uncond, controlled, pinned=pinned,
-                negative=next(negatives), denoised=records_maps or not pinned,
-            ))
+            branches.append(
+                Branch(
+                    image,
+                    source,
+                    prompt,
+                    False,
+                    method.uncond if reconstructs else edit_uncond,
+                    controlled,
+                    pinned=pinned,
+                    negative=next(negatives),
+                    denoised=records_maps or not pinned,
+                )
+            )
     return branches
 
 
@@ -1156,8 +1197,11 @@ def _output_rows(branches: list[Branch]) -> list[int]:
     """Where each target's final latent lies in ``cat(denoised branches' latents, z*_0 of each image)``, in output
     order: a reconstruction that was never denoised (`Branch.denoised`) is its image's z*_0."""
     denoised = list(itertools.accumulate(branch.denoised for branch in branches))
-    return [denoised[k] - 1 if branch.denoised else denoised[-1] + branch.image
-            for k, branch in enumerate(branches) if not branch.is_source]
+    return [
+        denoised[k] - 1 if branch.denoised else denoised[-1] + branch.image
+        for k, branch in enumerate(branches)
+        if not branch.is_source
+    ]
 
 
 @dataclass
@@ -1248,8 +1292,10 @@ class _StepCallback:
         returned = outputs.get("latents", latents)
         if returned is latents:
             return latents
-        if not (isinstance(returned, torch.Tensor) and (returned.shape, returned.dtype, returned.device)
-                == (latents.shape, latents.dtype, latents.device)):
+        if not (
+            isinstance(returned, torch.Tensor)
+            and (returned.shape, returned.dtype, returned.device) == (latents.shape, latents.dtype, latents.device)
+        ):
             raise ValueError(
                 f"callback_on_step_end returned latents {_describe(returned)} at step {step}; they must be"
                 f" {_describe(latents)}, as the latents it was given."
@@ -1350,8 +1396,11 @@ def _unet_forward(unet, inputs: dict) -> torch.Tensor:
     """The UNet's output for ``inputs``: latents, timestep, embeds and, on SDXL, ``text_embeds`` and ``time_ids``."""
     added = {name: inputs[name] for name in ("text_embeds", "time_ids") if name in inputs}
     return unet(
-        inputs["latents"], inputs["timestep"], encoder_hidden_states=inputs["embeds"],
-        added_cond_kwargs=added or None, return_dict=False,
+        inputs["latents"],
+        inputs["timestep"],
+        encoder_hidden_states=inputs["embeds"],
+        added_cond_kwargs=added or None,
+        return_dict=False,
     )[0]
 
 
@@ -1878,7 +1927,9 @@ class NegativePromptInversionPipeline(
 
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
         quantize_(self.unet, config, filter_fn=still_bfloat16)  # a second call converts nothing twice
-        return sum(isinstance(module, torch.nn.Linear) and not still_bfloat16(module) for module in self.unet.modules())
+        return sum(
+            isinstance(module, torch.nn.Linear) and not still_bfloat16(module) for module in self.unet.modules()
+        )
 
     def disable_cuda_graphs(self) -> None:
         """Run the UNet eagerly again and release the captured graphs."""
@@ -1942,7 +1993,9 @@ class NegativePromptInversionPipeline(
         if prediction_type == "v_prediction":
             return v_prediction_to_noise(output, latents.float(), alpha)
         if prediction_type != "epsilon":
-            raise ValueError(f"prediction_type {prediction_type!r} is not supported (use 'epsilon' or 'v_prediction').")
+            raise ValueError(
+                f"prediction_type {prediction_type!r} is not supported (use 'epsilon' or 'v_prediction')."
+            )
         return output
 
     def added_conditioning(self, pooled: torch.Tensor | None, image_size: tuple[int, int]) -> dict | None:
@@ -1972,8 +2025,10 @@ class NegativePromptInversionPipeline(
         }
         return {
             "config": _digest(configs),
-            "configs": {**{name: _digest(config) for name, config in configs.items()},
-                        "scheduler": _digest(self._schedule_config())},
+            "configs": {
+                **{name: _digest(config) for name, config in configs.items()},
+                "scheduler": _digest(self._schedule_config()),
+            },
             "weights": {name: _weight_samples(name, model) for name, model in models.items()},
         }
 
@@ -2020,8 +2075,10 @@ class NegativePromptInversionPipeline(
         probes = theirs.get("probe")
         differences = []
         if mine["config"] != theirs.get("config"):
-            differences.append("the config of the UNet, VAE or text encoder (a file of an earlier version, which does"
-                               " not record which)")
+            differences.append(
+                "the config of the UNet, VAE or text encoder (a file of an earlier version, which does"
+                " not record which)"
+            )
         for name, model in self._signed_models().items():
             first = next(model.parameters()).detach().flatten()[:8].float().cpu()
             if not (isinstance(probes, dict) and _same_weights([float(v) for v in first], probes.get(name))):
@@ -2190,8 +2247,17 @@ class NegativePromptInversionPipeline(
                     empty, empty_pooled = self.null_embedding(self.encode_text([""], device))
                     start, null_pooled = empty.expand_as(prompt_embeds), _expand_rows(empty_pooled, len(prompts))
                 null_embeds, losses = self.null_text_optimization(
-                    trajectory, prompt_embeds, start, timesteps, alphas, alphas_next, guidance_scale, inner_steps,
-                    early_stop, added_cond, self.added_conditioning(null_pooled, image_size),
+                    trajectory,
+                    prompt_embeds,
+                    start,
+                    timesteps,
+                    alphas,
+                    alphas_next,
+                    guidance_scale,
+                    inner_steps,
+                    early_stop,
+                    added_cond,
+                    self.added_conditioning(null_pooled, image_size),
                 )
 
         self.maybe_free_model_hooks()
@@ -2221,8 +2287,18 @@ class NegativePromptInversionPipeline(
         return torch.stack(trajectory, dim=1)
 
     def null_text_optimization(
-        self, trajectory, prompt_embeds, start_embeds, timesteps, alphas, alphas_next, guidance_scale, inner_steps,
-        early_stop, added_cond=None, null_added_cond=None,
+        self,
+        trajectory,
+        prompt_embeds,
+        start_embeds,
+        timesteps,
+        alphas,
+        alphas_next,
+        guidance_scale,
+        inner_steps,
+        early_stop,
+        added_cond=None,
+        null_added_cond=None,
     ):
         """ALGORITHMS §2 (Mokady et al. 2023, Alg. 1): per step, optimise the unconditional embedding so that the
         guided DDIM step lands on the inversion trajectory.
@@ -2259,7 +2335,9 @@ class NegativePromptInversionPipeline(
                             latents, t, null.to(self.unet.dtype), alphas[i], null_added_cond
                         )
                         noise = classifier_free_guidance(noise_uncond, noise_cond - noise_uncond, guidance_scale)
-                        loss = (ddim_step(latents, noise, alphas[i], alphas_next[i]) - target).pow(2).flatten(1).mean(1)
+                        loss = (
+                            (ddim_step(latents, noise, alphas[i], alphas_next[i]) - target).pow(2).flatten(1).mean(1)
+                        )
                         (loss.sum() * loss_scale).backward()
                     null.grad /= loss_scale
                     before = null.detach().clone()
@@ -2338,7 +2416,10 @@ class NegativePromptInversionPipeline(
         output_type: str = "pil",
         return_dict: bool = True,
         guidance_rescale: float = 0.0,
-        callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         generator: torch.Generator | list[torch.Generator] | None = None,
         image=None,
@@ -2424,12 +2505,28 @@ class NegativePromptInversionPipeline(
         inversion = self.check_inversion(inversion, num_inference_steps)  # as this file's class, whichever made it
         inversion = _edited_as(inversion, inversion_method)
         if guidance_scale is None:
-            guidance_scale = inversion.guidance_scale if INVERSION_METHODS[inversion.method].optimises_null_text else 7.5
-        self.check_inputs(inversion, guidance_scale, guidance_rescale, attention_control, proximal_guidance,
-                          target_guidance, output_type, callback_on_step_end_tensor_inputs)
+            guidance_scale = (
+                inversion.guidance_scale if INVERSION_METHODS[inversion.method].optimises_null_text else 7.5
+            )
+        self.check_inputs(
+            inversion,
+            guidance_scale,
+            guidance_rescale,
+            attention_control,
+            proximal_guidance,
+            target_guidance,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
         targets, negatives, given = _edit_prompts(
-            prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_embeds,
-            negative_pooled_prompt_embeds, inversion, attention_control,
+            prompt,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            inversion,
+            attention_control,
         )
         self.check_target_prompts([[p for p in ps if isinstance(p, str)] for ps in targets], inversion.source_prompts)
         self._guidance_scale = guidance_scale
@@ -2438,7 +2535,9 @@ class NegativePromptInversionPipeline(
         steps = inversion.num_inference_steps
 
         # 2. Lay out the branches (latents) and the UNet batch rows that serve them
-        branches = plan_branches(inversion, targets, attention_control, target_guidance, negatives, return_attention_maps)
+        branches = plan_branches(
+            inversion, targets, attention_control, target_guidance, negatives, return_attention_maps
+        )
         if negatives is not None:
             _check_negative_prompt_is_read(branches, inversion.method)
         denoised = [branch for branch in branches if branch.denoised]
@@ -2446,7 +2545,13 @@ class NegativePromptInversionPipeline(
 
         # 3. Prepare attention control (text-side mapping raises here, before any UNet work)
         control = self.prepare_control(
-            attention_control, denoised, rows, steps, tuple(inversion.latents.shape[-2:]), return_attention_maps, device
+            attention_control,
+            denoised,
+            rows,
+            steps,
+            tuple(inversion.latents.shape[-2:]),
+            return_attention_maps,
+            device,
         )
 
         # 4. Encode: the embeddings of every row at every step (and SDXL's added conditioning of every row)
@@ -2460,8 +2565,12 @@ class NegativePromptInversionPipeline(
         latents = trajectory[:, steps].clone()
         row_index = rows.index(device)
         edited = _index([k for k, branch in enumerate(denoised) if not branch.is_source], device)
-        proximal = None if proximal_guidance is None else proximal_guidance.prepare(
-            edited, timesteps.tolist(), torch.zeros(len(denoised), 1, *latents.shape[-2:], device=device)
+        proximal = (
+            None
+            if proximal_guidance is None
+            else proximal_guidance.prepare(
+                edited, timesteps.tolist(), torch.zeros(len(denoised), 1, *latents.shape[-2:], device=device)
+            )
         )
         callback = _StepCallback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, steps)
         self._num_timesteps = steps if denoised else 0  # Direct Inversion's reconstructions alone: no step to run
@@ -2474,7 +2583,9 @@ class NegativePromptInversionPipeline(
                     continue
                 context.index = i
                 control.step.fill_(i)
-                noise_cond, noise_uncond = self._branch_noise(latents, t, alphas[i], row_index, row_embeds[i], added_cond)
+                noise_cond, noise_uncond = self._branch_noise(
+                    latents, t, alphas[i], row_index, row_embeds[i], added_cond
+                )
                 noise = _guided_noise(noise_cond, noise_uncond, guidance_scale, guidance_rescale, proximal, context)
                 latents = _denoising_step(latents, noise, alphas[i], alphas_next[i], proximal, context)
                 for hook in hooks:
@@ -2536,7 +2647,9 @@ class NegativePromptInversionPipeline(
         texts.update({key: tuple(map(on_device, value)) for key, value in given.items()})
         embedding = {  # (sequence, pooled) by where an embedding comes from (see InversionMethod)
             "source": lambda branch: tuple(_row(tensor, branch.image) for tensor in source),
-            "negative": lambda branch: self.null_embedding(texts[""]) if branch.negative == "" else texts[branch.negative],
+            "negative": lambda branch: (
+                self.null_embedding(texts[""]) if branch.negative == "" else texts[branch.negative]
+            ),
             "null_text": lambda branch: tuple(_row(tensor, branch.image) for tensor in null_text),
             "prompt": lambda branch: texts[branch.prompt],
         }
@@ -2594,7 +2707,9 @@ class NegativePromptInversionPipeline(
     def run_safety_checker(self, image, device, dtype):
         if self.safety_checker is None:
             return image, None
-        features = self.feature_extractor(self.image_processor.postprocess(image, output_type="pil"), return_tensors="pt")
+        features = self.feature_extractor(
+            self.image_processor.postprocess(image, output_type="pil"), return_tensors="pt"
+        )
         return self.safety_checker(images=image, clip_input=features.pixel_values.to(device=device, dtype=dtype))
 
 
@@ -2607,8 +2722,16 @@ class NegativePromptInversionPipeline(
 # output switches can be set per load. Keys starting with "_" (`_name_or_path`, `_diffusers_version`,
 # `_use_default_values`, ...) are bookkeeping of the same kind.
 _INCIDENTAL_CONFIG_KEYS = frozenset(
-    {"architectures", "dtype", "torch_dtype", "transformers_version", "use_cache", "output_hidden_states",
-     "output_attentions", "return_dict"}
+    {
+        "architectures",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "use_cache",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+    }
 )
 
 
@@ -2624,8 +2747,16 @@ def _architecture_config(config) -> dict:
 SIGNATURE_SAMPLES = 8
 # The scheduler config keys that decide the DDIM steps (`ddim_schedule`) and what the UNet predicts.
 _SCHEDULE_KEYS = (
-    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-    "set_alpha_to_one", "steps_offset", "timestep_spacing", "rescale_betas_zero_snr",
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "set_alpha_to_one",
+    "steps_offset",
+    "timestep_spacing",
+    "rescale_betas_zero_snr",
 )
 
 
@@ -2659,8 +2790,10 @@ def _weights_match(mine: str, theirs) -> bool:
     2⁻²⁴: within bfloat16's eps (2⁻⁷) of the larger value plus 2⁻²⁴, any two casts of a weight agree, while weights
     that differ by more are other weights."""
     try:
-        a, b = (np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4").astype(np.float64)
-                for value in (mine, theirs))
+        a, b = (
+            np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4").astype(np.float64)
+            for value in (mine, theirs)
+        )
     except (TypeError, ValueError):
         return False
     if a.shape != b.shape:
@@ -2732,8 +2865,9 @@ def _check_sdxl_components(unet, tokenizer, text_encoder_2, tokenizer_2) -> None
         )
     # Special and added tokens may differ (SDXL's second tokenizer pads with "!"); the BPE vocabulary may not.
     added = set(tokenizer.get_added_vocab()) | set(tokenizer_2.get_added_vocab())
-    first, second = ({token: i for token, i in t.get_vocab().items() if token not in added}
-                     for t in (tokenizer, tokenizer_2))
+    first, second = (
+        {token: i for token, i in t.get_vocab().items() if token not in added} for t in (tokenizer, tokenizer_2)
+    )
     if first != second:
         different = sorted(token for token in first.keys() | second.keys() if first.get(token) != second.get(token))
         raise ValueError(
@@ -2905,16 +3039,31 @@ def _targets_per_image(prompt, sources: list[str]) -> list[list[str]]:
 # diffusers' call arguments that mean nothing for an edit of an inversion: the value that is harmless (None: only
 # leaving it out is), and what to do instead.
 _UNUSED_ARGUMENTS = {
-    "generator": (None, "inversion and editing are deterministic DDIM (η = 0), so the same call always returns the"
-                        " same images; there is nothing to seed"),
-    "image": (None, "invert the image first, inversion = pipe.invert(image, source_prompt), then edit it with"
-                    " pipe(prompt=..., inversion=inversion)"),
-    "num_images_per_prompt": (1, "editing is deterministic, so the images would be identical; give several target"
-                                 " prompts (prompt=[...]) to get several edits in one batch"),
-    "latents": (None, "an edit starts from the inversion's z_T (inversion.latents[:, -1]); invert the image you want"
-                      " to start from instead"),
-    "eta": (0, "inversion and editing are deterministic DDIM (η = 0), the only sampler that retraces an inversion;"
-               " leave eta unset"),
+    "generator": (
+        None,
+        "inversion and editing are deterministic DDIM (η = 0), so the same call always returns the"
+        " same images; there is nothing to seed",
+    ),
+    "image": (
+        None,
+        "invert the image first, inversion = pipe.invert(image, source_prompt), then edit it with"
+        " pipe(prompt=..., inversion=inversion)",
+    ),
+    "num_images_per_prompt": (
+        1,
+        "editing is deterministic, so the images would be identical; give several target"
+        " prompts (prompt=[...]) to get several edits in one batch",
+    ),
+    "latents": (
+        None,
+        "an edit starts from the inversion's z_T (inversion.latents[:, -1]); invert the image you want"
+        " to start from instead",
+    ),
+    "eta": (
+        0,
+        "inversion and editing are deterministic DDIM (η = 0), the only sampler that retraces an inversion;"
+        " leave eta unset",
+    ),
 }
 
 
@@ -2941,8 +3090,14 @@ def _edited_as(inversion: InversionResult, method: str | None) -> InversionResul
 
 
 def _edit_prompts(
-    prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_embeds,
-    negative_pooled_prompt_embeds, inversion: InversionResult, attention_control,
+    prompt,
+    prompt_embeds,
+    pooled_prompt_embeds,
+    negative_prompt,
+    negative_prompt_embeds,
+    negative_pooled_prompt_embeds,
+    inversion: InversionResult,
+    attention_control,
 ) -> tuple[list[list], list | None, dict]:
     """The targets of each image (text, or `_GivenEmbedding` rows of ``prompt_embeds``), each target's negative
     prompt in output order (`None`: not given), and the given embeddings' rows by key."""
@@ -2965,20 +3120,26 @@ def _edit_prompts(
     count = sum(map(len, targets))
     if negative_prompt_embeds is None:
         if negative_pooled_prompt_embeds is not None:
-            raise ValueError("negative_pooled_prompt_embeds comes with negative_prompt_embeds (SDXL), which is not given.")
+            raise ValueError(
+                "negative_pooled_prompt_embeds comes with negative_prompt_embeds (SDXL), which is not given."
+            )
         if negative_prompt is None:
             return targets, None, given
         negatives = [negative_prompt] * count if isinstance(negative_prompt, str) else negative_prompt
-        if not (isinstance(negatives, (list, tuple)) and len(negatives) == count
-                and all(isinstance(n, str) for n in negatives)):
+        if not (
+            isinstance(negatives, (list, tuple))
+            and len(negatives) == count
+            and all(isinstance(n, str) for n in negatives)
+        ):
             raise ValueError(
                 f"negative_prompt must be a string or a list of {count} strings (one per target), got {negative_prompt!r}."
             )
         return targets, list(negatives), given
     if negative_prompt is not None:
         raise ValueError("Give negative_prompt or negative_prompt_embeds, not both.")
-    negative = _given_embeddings("negative_prompt_embeds", negative_prompt_embeds, negative_pooled_prompt_embeds,
-                                 inversion)
+    negative = _given_embeddings(
+        "negative_prompt_embeds", negative_prompt_embeds, negative_pooled_prompt_embeds, inversion
+    )
     if len(negative) not in (1, count):
         raise ValueError(
             f"negative_prompt_embeds has {len(negative)} rows for {count} targets; give one row (for every target)"
@@ -2992,16 +3153,24 @@ def _given_embeddings(name: str, embeds, pooled, inversion: InversionResult) -> 
     the inversion's E(source): the text encoders' output shapes."""
     pooled_name = name.replace("prompt_embeds", "pooled_prompt_embeds")
     tokens, dim = inversion.prompt_embeds.shape[1:]
-    if not (isinstance(embeds, torch.Tensor) and embeds.dtype.is_floating_point and embeds.dim() == 3
-            and len(embeds) > 0 and tuple(embeds.shape[1:]) == (tokens, dim)):
+    if not (
+        isinstance(embeds, torch.Tensor)
+        and embeds.dtype.is_floating_point
+        and embeds.dim() == 3
+        and len(embeds) > 0
+        and tuple(embeds.shape[1:]) == (tokens, dim)
+    ):
         raise ValueError(f"{name} must be a floating-point tensor (n, {tokens}, {dim}), got {_describe(embeds)}.")
     sdxl_pooled = inversion.pooled_prompt_embeds
     if sdxl_pooled is None and pooled is not None:
         raise ValueError(f"{pooled_name} belongs to SDXL (text_encoder_2's pooled embedding); this is SD 1.x/2.x.")
     if sdxl_pooled is not None:
         width = sdxl_pooled.shape[1]
-        if not (isinstance(pooled, torch.Tensor) and pooled.dtype.is_floating_point
-                and tuple(pooled.shape) == (len(embeds), width)):
+        if not (
+            isinstance(pooled, torch.Tensor)
+            and pooled.dtype.is_floating_point
+            and tuple(pooled.shape) == (len(embeds), width)
+        ):
             raise ValueError(
                 f"On SDXL {name} needs {pooled_name}, text_encoder_2's pooled embedding of the same prompts"
                 f" ({len(embeds)}, {width}); got {_describe(pooled)}."
@@ -3139,9 +3308,7 @@ def _image_to_tensor(image) -> torch.Tensor:
     if image.ndim == 2:
         image = image[None]
     if image.ndim != 3 or image.shape[0] not in (1, 2, 3, 4):
-        raise ValueError(
-            f"image must have 1–4 channels (CHW tensors, HWC arrays), got shape {tuple(image.shape)}."
-        )
+        raise ValueError(f"image must have 1–4 channels (CHW tensors, HWC arrays), got shape {tuple(image.shape)}.")
     if 0 in image.shape[1:]:
         raise ValueError(f"image has no pixels (height × width = {image.shape[1]} × {image.shape[2]}).")
     if not torch.isfinite(image).all():
@@ -3220,9 +3387,8 @@ def _ensure_finite(tensor: torch.Tensor, what: str, model: torch.nn.Module) -> t
     if broken is not None:
         cause = f"the {kind}'s weight {broken} holds NaN or inf; load finite weights"
     elif dtype == torch.float16:
-        cause = (
-            f"the {kind} overflowed float16 (largest value 65504); run it in bfloat16 or float32"
-            + (" (SDXL's VAE: upcast it, or use the fp16-fixed VAE)" if "Autoencoder" in kind else "")
+        cause = f"the {kind} overflowed float16 (largest value 65504); run it in bfloat16 or float32" + (
+            " (SDXL's VAE: upcast it, or use the fp16-fixed VAE)" if "Autoencoder" in kind else ""
         )
     else:
         cause = (

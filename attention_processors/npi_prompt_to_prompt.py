@@ -241,7 +241,9 @@ def check_window(name: str, window) -> tuple[float, float]:
     is_number = lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool)  # noqa: E731
     pair = (0.0, window) if is_number(window) else tuple(window) if isinstance(window, (tuple, list)) else ()
     if not (len(pair) == 2 and all(map(is_number, pair)) and 0.0 <= pair[0] <= pair[1] <= 1.0):
-        raise ValueError(f"{name} must lie in [0, 1] (a fraction of the steps, or a (start, end) pair), got {window!r}.")
+        raise ValueError(
+            f"{name} must lie in [0, 1] (a fraction of the steps, or a (start, end) pair), got {window!r}."
+        )
     return float(pair[0]), float(pair[1])
 
 

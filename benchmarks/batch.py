@@ -79,26 +79,55 @@ TARGET_SCALING_2_GPUS = 1.9  # … and two GPUs against one
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder for batch.json and batch.md")
-    parser.add_argument("--device", default=None, help="cuda (each process its own GPU) or cpu; default cuda if available")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="images per pipeline call (1 4 8; --quick: 1 2)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
-                        help="default: eager cuda_graphs compiled on CUDA, eager on a CPU (where the others run eagerly"
-                             " anyway); regional: enable_cuda_graphs(compile='regional')")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps of inversion and of the edit (50; --quick: 3)")
+    parser.add_argument(
+        "--device", default=None, help="cuda (each process its own GPU) or cpu; default cuda if available"
+    )
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help="images per pipeline call (1 4 8; --quick: 1 2)"
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=None,
+        help="default: eager cuda_graphs compiled on CUDA, eager on a CPU (where the others run eagerly"
+        " anyway); regional: enable_cuda_graphs(compile='regional')",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="DDIM steps of inversion and of the edit (50; --quick: 3)"
+    )
     parser.add_argument("--size", type=int, default=None, help="image side in px (512; --quick: 64)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (3; --quick: 1)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (the first captures/compiles)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed runs before the timed ones (the first captures/compiles)"
+    )
     parser.add_argument("--model", choices=sorted(MODELS), default=None, help="sd15 (default) or tiny (--quick)")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
-                        help="float16 on CUDA (bfloat16 with --fp8), float32 on CPU by default")
+    parser.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default=None,
+        help="float16 on CUDA (bfloat16 with --fp8), float32 on CPU by default",
+    )
     add_run_options(parser)
-    parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, 3 steps, 64 px, 1 repeat, batch sizes 1 2")
-    parser.add_argument("--baseline-json", type=Path, default=None,
-                        help="batch.json of a 1-process run: report scaling against its edits/s per (mode, batch size)")
-    parser.add_argument("--time-budget", type=float, default=480.0,
-                        help="seconds since start after which remaining rows are skipped (the table is still written)")
+    parser.add_argument(
+        "--quick", action="store_true", help="CPU smoke test: tiny model, 3 steps, 64 px, 1 repeat, batch sizes 1 2"
+    )
+    parser.add_argument(
+        "--baseline-json",
+        type=Path,
+        default=None,
+        help="batch.json of a 1-process run: report scaling against its edits/s per (mode, batch size)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=480.0,
+        help="seconds since start after which remaining rows are skipped (the table is still written)",
+    )
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.batch_sizes = args.batch_sizes or ([1, 2] if args.quick else [1, 4, 8])
@@ -129,30 +158,43 @@ class BatchBenchmark:
         self.state = PartialState(cpu=not args.device.startswith("cuda"))
         self.world = self.state.num_processes
         # accelerate names a single process's GPU "cuda", without the index set_device needs
-        self.device = (torch.device("cuda", self.state.local_process_index) if args.device.startswith("cuda")
-                       else torch.device(args.device))
+        self.device = (
+            torch.device("cuda", self.state.local_process_index)
+            if args.device.startswith("cuda")
+            else torch.device(args.device)
+        )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = getattr(torch, args.dtype)
         self.meta = {
             **environment_metadata(self.device),
             "processes": self.world,
-            "model": args.model, "dtype": args.dtype, "size": args.size, "steps": args.steps,
-            "repeats": args.repeats, "warmup": args.warmup, "batch_sizes": args.batch_sizes, "modes": args.modes,
-            "quick": args.quick, "prompts": {"source": SOURCE, "targets": TARGETS},
+            "model": args.model,
+            "dtype": args.dtype,
+            "size": args.size,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "batch_sizes": args.batch_sizes,
+            "modes": args.modes,
+            "quick": args.quick,
+            "prompts": {"source": SOURCE, "targets": TARGETS},
         }
         self.baseline = self.load_baseline(args.baseline_json)
         self.rows: list[dict] = []
-        self.log(f"{self.world} process(es) on {self.meta['device_name']}; model {args.model}, {args.dtype}, "
-                 f"{args.size}px, {args.steps} + {args.steps} steps")
+        self.log(
+            f"{self.world} process(es) on {self.meta['device_name']}; model {args.model}, {args.dtype}, "
+            f"{args.size}px, {args.steps} + {args.steps} steps"
+        )
         workdir = Path(tempfile.mkdtemp(prefix=f"npi-batch-{self.state.process_index}-"))
         self.components = build_components(args.model, self.device, self.dtype, workdir)
         self.pipe = NegativePromptInversionPipeline(**self.components, safety_checker=None, feature_extractor=None)
         self.pipe.set_progress_bar_config(disable=True)
         self.mode = None
         self.log("models built")
-        self.work, self.peak, self.attention = prepare_run(self.pipe, args, self.device, self.dtype, self.meta,
-                                                           self.log)
+        self.work, self.peak, self.attention = prepare_run(
+            self.pipe, args, self.device, self.dtype, self.meta, self.log
+        )
 
     def log(self, message: str) -> None:
         if self.state.is_main_process:
@@ -178,8 +220,9 @@ class BatchBenchmark:
         images, sources, targets, p2p = edit_inputs(batch, args.size)
 
         def run():
-            inversion = self.pipe.invert(images, sources, num_inference_steps=args.steps, height=args.size,
-                                         width=args.size)
+            inversion = self.pipe.invert(
+                images, sources, num_inference_steps=args.steps, height=args.size, width=args.size
+            )
             return self.pipe(prompt=targets, inversion=inversion, attention_control=p2p, output_type="pil")
 
         return run
@@ -194,8 +237,15 @@ class BatchBenchmark:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         components = None if self.work is None else functools.partial(ComponentTimer, self.pipe, self.device)
-        stats = measure(self.edit_batch(batch), args.repeats, args.warmup, self.device, self.pipe.count_unet_calls,
-                        before_run=self.state.wait_for_everyone, components=components)
+        stats = measure(
+            self.edit_batch(batch),
+            args.repeats,
+            args.warmup,
+            self.device,
+            self.pipe.count_unet_calls,
+            before_run=self.state.wait_for_everyone,
+            components=components,
+        )
         stats.pop("result")
         row = {**stats, **summarize_calls(stats.pop("counts"))}
         if mode in COMPILE_MODES:
@@ -217,9 +267,11 @@ class BatchBenchmark:
         row.update(aggregate(per_process, batch, self.baseline.get((mode, batch))))
         self.rows.append(row)
         if row.get("edits_per_s"):
-            self.log(f"  {row['median_s']:.3f} s/batch → {row['edits_per_s']:.2f} edits/s"
-                     + (f" (all {self.world} processes: {row['aggregate_edits_per_s']:.2f})" if self.world > 1 else "")
-                     + f"; first call {row['warmup_times_s'][0]:.1f} s" * bool(row.get("warmup_times_s")))
+            self.log(
+                f"  {row['median_s']:.3f} s/batch → {row['edits_per_s']:.2f} edits/s"
+                + (f" (all {self.world} processes: {row['aggregate_edits_per_s']:.2f})" if self.world > 1 else "")
+                + f"; first call {row['warmup_times_s'][0]:.1f} s" * bool(row.get("warmup_times_s"))
+            )
             if row.get("unet_tflops") is not None:
                 rate, share = format_utilisation(row)
                 self.log(f"  UNet {rate} TFLOP/s, {share} of peak; {format_breakdown(row)}")
@@ -285,23 +337,35 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"NPI invert ({meta['steps']} steps) + P2P word-swap edit with local blend ({meta['steps']} steps, VAE decode "
         f"to PIL) of one batch, one target per image. Median of {meta['repeats']} timed run(s) after "
         f"{meta['warmup']} warm-up run(s). torch {meta['torch']}, diffusers {meta['diffusers']}"
-        + (f", CUDA {meta['cuda']}" if meta.get("cuda") else "") + f", commit {meta['git_commit']}.",
+        + (f", CUDA {meta['cuda']}" if meta.get("cuda") else "")
+        + f", commit {meta['git_commit']}.",
         "",
     ]
     if world > 1:
-        lines += [(f"Aggregate edits/s = {world} processes × batch / the slowest process's median; every process "
-                   "drives its own device, and all start each run together (barrier)."), ""]
+        lines += [
+            (
+                f"Aggregate edits/s = {world} processes × batch / the slowest process's median; every process "
+                "drives its own device, and all start each run together (barrier)."
+            ),
+            "",
+        ]
     if meta.get("fp8_linear_layers") is not None:
-        lines += [f"UNet linear layers in FP8 (`pipe.enable_fp8()`): {meta['fp8_linear_layers']} of "
-                  f"{meta['linear_layers']}.", ""]
+        lines += [
+            f"UNet linear layers in FP8 (`pipe.enable_fp8()`): {meta['fp8_linear_layers']} of "
+            f"{meta['linear_layers']}.",
+            "",
+        ]
     lines += [
         utilisation_note(meta) + (" Columns of rank 0." if world > 1 else ""),
         "",
-        ("| Mode | Batch | Median s/batch | Edits/s (1 process) | Aggregate edits/s | Scaling vs baseline | "
-         "First call s | UNet TFLOP/s | % peak | Breakdown s | Peak GiB | UNet calls | Samples/call | Notes |"),
+        (
+            "| Mode | Batch | Median s/batch | Edits/s (1 process) | Aggregate edits/s | Scaling vs baseline | "
+            "First call s | UNet TFLOP/s | % peak | Breakdown s | Peak GiB | UNet calls | Samples/call | Notes |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for row in rows:
+
         def number(key, fmt="{:.2f}", row=row):
             return fmt.format(row[key]) if row.get(key) is not None else "—"
 
@@ -315,13 +379,18 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"{number('peak_mem_gib')} | {row.get('unet_calls') or '—'} | "
             f"{format_per_call(row.get('samples_per_call'))} | {notes} |"
         )
-    best = max((row for row in rows if row.get("aggregate_edits_per_s")), key=lambda r: r["aggregate_edits_per_s"],
-               default=None)
+    best = max(
+        (row for row in rows if row.get("aggregate_edits_per_s")),
+        key=lambda r: r["aggregate_edits_per_s"],
+        default=None,
+    )
     lines.append("")
     if best:
-        lines.append(f"Best: {best['aggregate_edits_per_s']:.2f} edits/s ({best['mode']}, batch {best['batch_size']}"
-                     f"{f', {world} processes' if world > 1 else ''}). Targets of the batch-editing issue: ≥ "
-                     f"{TARGET_EDITS_PER_S} edits/s on one H200; 2 GPUs ≥ {TARGET_SCALING_2_GPUS}× one.")
+        lines.append(
+            f"Best: {best['aggregate_edits_per_s']:.2f} edits/s ({best['mode']}, batch {best['batch_size']}"
+            f"{f', {world} processes' if world > 1 else ''}). Targets of the batch-editing issue: ≥ "
+            f"{TARGET_EDITS_PER_S} edits/s on one H200; 2 GPUs ≥ {TARGET_SCALING_2_GPUS}× one."
+        )
     if not meta["device"].startswith("cuda"):
         lines.append("On a CPU `enable_cuda_graphs` does nothing: every mode runs eagerly.")
     return "\n".join(lines) + "\n"

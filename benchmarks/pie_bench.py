@@ -54,9 +54,11 @@ REWEIGHT = 2.0  # PnPInversion's P2P runs scale the target's blended word's atte
 #   guidance.
 PROTOCOLS = {
     "pipeline": {"edit_type": None, "proximal": "soft", "proximal_masactrl": "soft"},
-    "references": {"edit_type": "refine",
-                   "proximal": ProximalGuidance("soft", quantile=0.5, inversion_guidance=False),
-                   "proximal_masactrl": ProximalGuidance("soft", quantile=0.7, inversion_guidance=False)},
+    "references": {
+        "edit_type": "refine",
+        "proximal": ProximalGuidance("soft", quantile=0.5, inversion_guidance=False),
+        "proximal_masactrl": ProximalGuidance("soft", quantile=0.7, inversion_guidance=False),
+    },
 }
 
 
@@ -82,8 +84,11 @@ def rows(protocol: str) -> dict:
         "DI+Prox+P2P": ("direct", {**p2p, **proximal}, True),
         "MasaCtrl": ("npi", {"attention_control": MasaCtrl()}, False),
         "DI+MasaCtrl": ("direct", {"attention_control": MasaCtrl()}, False),
-        "ProxMasaCtrl": ("npi", {"attention_control": MasaCtrl(), "proximal_guidance": settings["proximal_masactrl"]},
-                         False),
+        "ProxMasaCtrl": (
+            "npi",
+            {"attention_control": MasaCtrl(), "proximal_guidance": settings["proximal_masactrl"]},
+            False,
+        ),
         "LEDITS++": ("ledits", {}, False),
     }
 
@@ -110,17 +115,25 @@ def run_row(pipe, row: tuple, items, inversions: dict, steps: int, guidance: flo
         else:
             extra = {"guidance_scale": guidance} if method == "nti" else {}
             t0 = time.perf_counter()
-            inversions[method] = pipe.invert(images, sources, num_inference_steps=steps, inversion_method=method,
-                                             **extra)
+            inversions[method] = pipe.invert(
+                images, sources, num_inference_steps=steps, inversion_method=method, **extra
+            )
             inversions.setdefault("seconds", {})[method] = time.perf_counter() - t0
     call = dict(kwargs)
     if blend and all(all(item.blended_word) for item in items):  # PIE-Bench leaves some blended_word empty
         words = [tuple((w,) for w in item.blended_word) for item in items]
         call["attention_control"] = dataclasses.replace(
-            call["attention_control"], local_blend=None if blend == "reweight" else LocalBlend(words),
-            reweight=[{item.blended_word[1]: REWEIGHT} for item in items])
-    out = pipe(prompt=[item.target_prompt for item in items], inversion=inversions[method],
-               guidance_scale=guidance, output_type="pt", **call)
+            call["attention_control"],
+            local_blend=None if blend == "reweight" else LocalBlend(words),
+            reweight=[{item.blended_word[1]: REWEIGHT} for item in items],
+        )
+    out = pipe(
+        prompt=[item.target_prompt for item in items],
+        inversion=inversions[method],
+        guidance_scale=guidance,
+        output_type="pt",
+        **call,
+    )
     return list(out.images.float().cpu())
 
 
@@ -129,23 +142,44 @@ def ledits_edit(pipe, item, steps: int) -> torch.Tensor:
     from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion
 
     peer = LEditsPPPipelineStableDiffusion(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++",
-                                                          solver_order=2),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     peer.set_progress_bar_config(disable=True)
     processors = pipe.unet.attn_processors
     try:
         size = item.image.shape[-1]
         generator = torch.Generator(pipe.device).manual_seed(0)
-        peer.invert(image=item.image[None], source_prompt=item.source_prompt, num_inversion_steps=steps,
-                    height=size, width=size, generator=generator)
+        peer.invert(
+            image=item.image[None],
+            source_prompt=item.source_prompt,
+            num_inversion_steps=steps,
+            height=size,
+            width=size,
+            generator=generator,
+        )
         # The bracketed words: remove the source's, add the target's.
-        removed, added = pie_format.bracketed(item.entry["original_prompt"]), pie_format.bracketed(item.entry["editing_prompt"])
+        removed, added = (
+            pie_format.bracketed(item.entry["original_prompt"]),
+            pie_format.bracketed(item.entry["editing_prompt"]),
+        )
         words, reverse = removed + added, [True] * len(removed) + [False] * len(added)
-        out = peer(editing_prompt=words, reverse_editing_direction=reverse, edit_guidance_scale=[5.0] * len(words),
-                   edit_threshold=[0.9] * len(words), generator=generator, output_type="pt")
+        out = peer(
+            editing_prompt=words,
+            reverse_editing_direction=reverse,
+            edit_guidance_scale=[5.0] * len(words),
+            edit_threshold=[0.9] * len(words),
+            generator=generator,
+            output_type="pt",
+        )
         return out.images[0].float().cpu()
     finally:
         pipe.unet.set_attn_processor(processors)  # LEDITS++ installs its own processors on the shared UNet
@@ -180,7 +214,9 @@ def measure(items, edited, learned) -> list[dict]:
     records = []
     for item, image in zip(items, edited):
         rec = {"id": item.id, "editing_type_id": item.editing_type_id}
-        rec.update({f"background_{k}": v for k, v in pie_format.background_metrics(item.image, image, item.mask).items()})
+        rec.update(
+            {f"background_{k}": v for k, v in pie_format.background_metrics(item.image, image, item.mask).items()}
+        )
         rec.update(learned(item.image, image, item.mask, item.target_prompt))
         if item.truth is not None:
             rec.update(pie_bench.toy_metrics(image, item.truth))
@@ -203,12 +239,20 @@ def summarise(records: list[dict]) -> dict:
     return summary
 
 
-COLUMNS = [("background_psnr", "bg PSNR", "{:.2f}"), ("background_mse", "bg MSE ×10⁴", "{:.1f}", 1e4),
-           ("background_ssim", "bg SSIM ×10²", "{:.2f}", 1e2), ("structure_distance", "struct ×10³", "{:.2f}", 1e3),
-           ("lpips", "LPIPS ×10³", "{:.1f}", 1e3), ("clip_whole", "CLIP whole", "{:.2f}"),
-           ("clip_edited", "CLIP edited", "{:.2f}"), ("edit_psnr", "edit PSNR", "{:.2f}"),
-           ("unedited_psnr_exact", "unedited PSNR", "{:.2f}"), ("attribute_ok", "attribute acc.", "{:.1%}"),
-           ("objects_kept", "objects kept", "{:.1%}"), ("seconds", "s / image", "{:.3f}")]
+COLUMNS = [
+    ("background_psnr", "bg PSNR", "{:.2f}"),
+    ("background_mse", "bg MSE ×10⁴", "{:.1f}", 1e4),
+    ("background_ssim", "bg SSIM ×10²", "{:.2f}", 1e2),
+    ("structure_distance", "struct ×10³", "{:.2f}", 1e3),
+    ("lpips", "LPIPS ×10³", "{:.1f}", 1e3),
+    ("clip_whole", "CLIP whole", "{:.2f}"),
+    ("clip_edited", "CLIP edited", "{:.2f}"),
+    ("edit_psnr", "edit PSNR", "{:.2f}"),
+    ("unedited_psnr_exact", "unedited PSNR", "{:.2f}"),
+    ("attribute_ok", "attribute acc.", "{:.1%}"),
+    ("objects_kept", "objects kept", "{:.1%}"),
+    ("seconds", "s / image", "{:.3f}"),
+]
 
 
 def markdown(result) -> str:
@@ -222,8 +266,13 @@ def markdown(result) -> str:
             cells.append("—" if isinstance(v, float) and math.isnan(v) else fmt.format(v * (scale[0] if scale else 1)))
         lines.append(f"| {name} | {result['items'][name]} | " + " | ".join(cells) + " |")
     if result["reconstruction"]:
-        lines += ["", f"Reconstruction (no edit, guidance {result['args']['guidance']}), whole-image PSNR:", "",
-                  "| inversion | items | PSNR (dB) |", "|---|---:|---:|"]
+        lines += [
+            "",
+            f"Reconstruction (no edit, guidance {result['args']['guidance']}), whole-image PSNR:",
+            "",
+            "| inversion | items | PSNR (dB) |",
+            "|---|---:|---:|",
+        ]
         lines += [f"| {name} | {len(v)} | {mean(v):.2f} |" for name, v in result["reconstruction"].items()]
     lines += pareto_markdown(rows)
     lines += [""] + [f"- {m}" for m in result["skipped"].values()]
@@ -235,8 +284,10 @@ PARETO = ("unedited_psnr_exact", "attribute_ok")  # keep the unedited image, rea
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
     """The names whose point no other point matches or beats on both coordinates and beats on one."""
+
     def beaten(p):
         return any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points.values())
+
     return {name for name, point in points.items() if not beaten(point)}
 
 
@@ -249,51 +300,84 @@ def pareto_markdown(rows: dict) -> list[str]:
     types = sorted({t for s in summaries.values() for t in s["by_type"]})
     columns = {"overall": summaries}
     for t in types:
-        columns[pie_format.EDITING_TYPES.get(t, t)] = {name: s["by_type"][t] for name, s in summaries.items()
-                                                       if t in s["by_type"]}
+        columns[pie_format.EDITING_TYPES.get(t, t)] = {
+            name: s["by_type"][t] for name, s in summaries.items() if t in s["by_type"]
+        }
     fronts = {}
     for column, cells in columns.items():
-        points = {name: tuple(cell[key] for key in PARETO) for name, cell in cells.items()
-                  if not any(math.isnan(cell[key]) for key in PARETO)}
+        points = {
+            name: tuple(cell[key] for key in PARETO)
+            for name, cell in cells.items()
+            if not any(math.isnan(cell[key]) for key in PARETO)
+        }
         fronts[column] = (points, pareto_front(points))
-    lines = ["", "Unedited PSNR (dB) / attribute accuracy, overall and per editing type; ★ Pareto-optimal in its"
-             " column (no other row keeps the unedited image better and reaches the attribute as often or more):",
-             "", "| row | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines = [
+        "",
+        "Unedited PSNR (dB) / attribute accuracy, overall and per editing type; ★ Pareto-optimal in its"
+        " column (no other row keeps the unedited image better and reaches the attribute as often or more):",
+        "",
+        "| row | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
     for name in summaries:
         cells = []
         for points, front in fronts.values():
             point = points.get(name)
-            cells.append("—" if point is None else f"{point[0]:.2f} / {point[1]:.1%}" + (" ★" if name in front else ""))
+            cells.append(
+                "—" if point is None else f"{point[0]:.2f} / {point[1]:.1%}" + (" ★" if name in front else "")
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", required=True, help="a PIE-Bench folder (mapping_file.json + annotation_images/)")
     p.add_argument("--write-toy", type=int, default=0, metavar="N", help="first write N toy-world pairs to --data")
     p.add_argument("--seed", type=int, default=0, help="toy pairs' seed")
-    p.add_argument("--res", type=int, default=evaluate.MODEL_RES,
-                   help="toy pairs' resolution (the model's: v2 128)")
+    p.add_argument("--res", type=int, default=evaluate.MODEL_RES, help="toy pairs' resolution (the model's: v2 128)")
     p.add_argument("--model", default=str(evaluate.MODEL_DIR))
     p.add_argument("--out", required=True)
-    p.add_argument("--rows", nargs="+", default=ROW_NAMES, choices=ROW_NAMES, metavar="ROW",
-                   help=f"the rows to run (default: all): {', '.join(ROW_NAMES)}")
-    p.add_argument("--protocol", default="pipeline", choices=list(PROTOCOLS),
-                   help="the rows' P2P and proximal settings: the pipeline's defaults, or the reference code's")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=ROW_NAMES,
+        choices=ROW_NAMES,
+        metavar="ROW",
+        help=f"the rows to run (default: all): {', '.join(ROW_NAMES)}",
+    )
+    p.add_argument(
+        "--protocol",
+        default="pipeline",
+        choices=list(PROTOCOLS),
+        help="the rows' P2P and proximal settings: the pipeline's defaults, or the reference code's",
+    )
     p.add_argument("--types", nargs="+", default=None, help="editing_type_id values to keep")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="default: fp16 on CUDA (bfloat16 with --fp8)")
-    p.add_argument("--fp8", action="store_true",
-                   help="run the UNet's linear layers in FP8 (pipe.enable_fp8(): torchao, CUDA sm_89+, bfloat16)")
-    p.add_argument("--peer-limit", type=int, default=None, metavar="N",
-                   help="run LEDITS++ on the first N items only (rounded up to whole batches)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float16", "bfloat16", "float32"],
+        help="default: fp16 on CUDA (bfloat16 with --fp8)",
+    )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="run the UNet's linear layers in FP8 (pipe.enable_fp8(): torchao, CUDA sm_89+, bfloat16)",
+    )
+    p.add_argument(
+        "--peer-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run LEDITS++ on the first N items only (rounded up to whole batches)",
+    )
     p.add_argument("--grid", type=int, default=8, help="items in OUT/examples.png (0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared machine)")
     args = p.parse_args(argv)
@@ -349,22 +433,33 @@ def main(argv=None):
 
 def example_grid(items, examples: dict):
     """Input, true edit (toy world; black otherwise), then each row's edit, one line per item."""
-    pairs = [SimpleNamespace(source_image=item.image,
-                             target_image=item.truth["target_image"] if item.truth else torch.zeros_like(item.image))
-             for item in items]
+    pairs = [
+        SimpleNamespace(
+            source_image=item.image,
+            target_image=item.truth["target_image"] if item.truth else torch.zeros_like(item.image),
+        )
+        for item in items
+    ]
     return evaluate.example_grid(pairs, {"images": examples}, count=len(items))
 
 
 def write_results(out: Path, args, records: dict, reconstruction: dict, skipped: dict) -> str:
-    result = {"args": vars(args), "items": {row: len(recs) for row, recs in records.items()}, "skipped": skipped,
-              "rows": {row: summarise(recs) for row, recs in records.items() if recs}, "records": records,
-              "reconstruction": reconstruction}
+    result = {
+        "args": vars(args),
+        "items": {row: len(recs) for row, recs in records.items()},
+        "skipped": skipped,
+        "rows": {row: summarise(recs) for row, recs in records.items() if recs},
+        "records": records,
+        "reconstruction": reconstruction,
+    }
     (out / "pie_bench.json").write_text(evaluate.compact_json(result))
     table = markdown(result)
-    precision = (f", FP8 linear layers {args.fp8_linear_layers} of {args.linear_layers}" if args.fp8 else "")
-    (out / "pie_bench.md").write_text(f"Items from `{args.data}`, model `{args.model}`, {args.steps} steps, "
-                                      f"guidance {args.guidance}, protocol `{args.protocol}`, {pipe_dtype(args)}"
-                                      f"{precision}\n\n" + table)
+    precision = f", FP8 linear layers {args.fp8_linear_layers} of {args.linear_layers}" if args.fp8 else ""
+    (out / "pie_bench.md").write_text(
+        f"Items from `{args.data}`, model `{args.model}`, {args.steps} steps, "
+        f"guidance {args.guidance}, protocol `{args.protocol}`, {pipe_dtype(args)}"
+        f"{precision}\n\n" + table
+    )
     return table
 
 

@@ -110,94 +110,199 @@ from toy_world.tokenizer import write_word_tokenizer
 # Configs
 
 SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
 )
 
 # SDXL's two text towers at tiny widths (CPU smoke tests)
 TINY_CLIP = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=64,
 )
 # CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14): SD 1.5's text encoder and SDXL's first
 CLIP_VIT_L = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=49408,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    layer_norm_eps=1e-5,
 )
 
 MODELS = {
     # Stable Diffusion 1.5 (runwayml / stable-diffusion-v1-5 configs)
     "sd15": {
         "unet": dict(
-            sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-            freq_shift=0, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32,
-            norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            center_input_sample=False,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            downsample_padding=1,
+            mid_block_scale_factor=1,
+            act_fn="silu",
+            norm_num_groups=32,
+            norm_eps=1e-5,
+            cross_attention_dim=768,
+            attention_head_dim=8,
         ),
         "vae": dict(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-            act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            act_fn="silu",
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=512,
+            scaling_factor=0.18215,
         ),
         "text": CLIP_VIT_L,
     },
     # Same block layout, tiny widths: only for smoke tests on a CPU.
     "tiny": {
         "unet": dict(
-            sample_size=32, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(32, 64, 64, 64),
-            layers_per_block=1, norm_num_groups=32, cross_attention_dim=64, attention_head_dim=8,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(32, 64, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=32,
+            cross_attention_dim=64,
+            attention_head_dim=8,
         ),
         "vae": dict(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
-            latent_channels=4, norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=256,
+            scaling_factor=0.18215,
         ),
         "text": dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=64,
         ),
     },
     # SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 configs)
     "sdxl": {
         "unet": dict(
-            sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-            freq_shift=0, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
-            up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), block_out_channels=(320, 640, 1280),
-            layers_per_block=2, transformer_layers_per_block=(1, 2, 10), downsample_padding=1,
-            mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=2048,
-            attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            center_input_sample=False,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+            up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            downsample_padding=1,
+            mid_block_scale_factor=1,
+            act_fn="silu",
+            norm_num_groups=32,
+            norm_eps=1e-5,
+            cross_attention_dim=2048,
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
         ),
         "vae": dict(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-            act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            act_fn="silu",
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=1024,
+            scaling_factor=0.13025,
             force_upcast=True,
         ),
         "text": CLIP_VIT_L,
         # OpenCLIP ViT-bigG/14 text tower with its projection (text_encoder_2)
         "text_2": dict(
-            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-            vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=1280,
             layer_norm_eps=1e-5,
         ),
     },
     # SDXL's block layout (no attention at full resolution, transformer depth 2 below), tiny widths: CPU smoke tests.
     "tiny-sdxl": {
         "unet": dict(
-            sample_size=32, in_channels=4, out_channels=4,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
-            up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), block_out_channels=(32, 64, 64),
-            layers_per_block=1, transformer_layers_per_block=(1, 1, 2), norm_num_groups=32, cross_attention_dim=128,
-            attention_head_dim=8, use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, projection_class_embeddings_input_dim=64 + 6 * 8,
+            up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 1, 2),
+            norm_num_groups=32,
+            cross_attention_dim=128,
+            attention_head_dim=8,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=64 + 6 * 8,
         ),
         "vae": dict(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
-            latent_channels=4, norm_num_groups=32, sample_size=256, scaling_factor=0.13025, force_upcast=True,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=256,
+            scaling_factor=0.13025,
+            force_upcast=True,
         ),
         "text": TINY_CLIP,
         "text_2": dict(TINY_CLIP, hidden_act="gelu"),  # OpenCLIP's activation, as SDXL's second encoder
@@ -245,12 +350,16 @@ def build_components(model: str, device: torch.device, dtype: torch.dtype, workd
     vae = construct(lambda: AutoencoderKL(**configs["vae"]), device, dtype, 1)
 
     def text_config(config: dict, tok: CLIPTokenizer) -> CLIPTextConfig:
-        return CLIPTextConfig(**config, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id)
+        return CLIPTextConfig(
+            **config, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
 
     text_encoder = construct(lambda: CLIPTextModel(text_config(configs["text"], tokenizer)), device, dtype, 2)
     components = {
-        "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
         "scheduler": DDIMScheduler(**SCHEDULER),
     }
     if "text_2" in configs:  # SDXL: the second tokenizer pads with "!", as SDXL's
@@ -296,8 +405,16 @@ def hooked_unet_calls(unet):
         handle.remove()
 
 
-def measure(fn, repeats: int, warmup: int, device: torch.device, count_calls=None,
-            deadline: float | None = None, before_run=None, components=None) -> dict:
+def measure(
+    fn,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    count_calls=None,
+    deadline: float | None = None,
+    before_run=None,
+    components=None,
+) -> dict:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and peak GPU memory.
 
     The UNet calls of the first run (warm-up or timed) are counted with ``count_calls()``, a context manager
@@ -361,14 +478,27 @@ def set_pipeline_mode(pipe: NegativePromptInversionPipeline, mode: str) -> None:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options of speed.py and batch.py alike: FP8, utilisation, the regional mode's variants."""
-    parser.add_argument("--fp8", action="store_true",
-                        help="pipe.enable_fp8() (torchao, FP8 linear layers; CUDA sm_89+; bfloat16, the default then)")
-    parser.add_argument("--no-utilisation", action="store_true",
-                        help="skip the peak matrix product, the FLOP count and the breakdown of each row")
-    parser.add_argument("--regional-dynamic", action="store_true",
-                        help="regional mode compiles its blocks with dynamic shapes (fewer compilations)")
-    parser.add_argument("--regional-blocks", nargs="+", default=None,
-                        help="block class names the regional mode compiles (default: the pipeline's choice)")
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="pipe.enable_fp8() (torchao, FP8 linear layers; CUDA sm_89+; bfloat16, the default then)",
+    )
+    parser.add_argument(
+        "--no-utilisation",
+        action="store_true",
+        help="skip the peak matrix product, the FLOP count and the breakdown of each row",
+    )
+    parser.add_argument(
+        "--regional-dynamic",
+        action="store_true",
+        help="regional mode compiles its blocks with dynamic shapes (fewer compilations)",
+    )
+    parser.add_argument(
+        "--regional-blocks",
+        nargs="+",
+        default=None,
+        help="block class names the regional mode compiles (default: the pipeline's choice)",
+    )
 
 
 def prepare_run(pipe, args, device: torch.device, dtype: torch.dtype, meta: dict, say=log):
@@ -380,10 +510,15 @@ def prepare_run(pipe, args, device: torch.device, dtype: torch.dtype, meta: dict
         peak = measure_peak(device)
         work = unet_work(pipe, args.size, device, dtype)
         attention = AttentionTimes(work["attention_calls"], device)
-        meta.update(peak, unet_gflop_per_sample=work["flops_per_sample"] / 1e9,
-                    attention_calls_per_sample=len(work["attention_calls"]))
-        say(f"peak {peak['peak_tflops']:.4g} TFLOP/s ({peak['peak_matmul']}); UNet "
-            f"{meta['unet_gflop_per_sample']:.1f} GFLOP per sample, {len(work['attention_calls'])} attention calls")
+        meta.update(
+            peak,
+            unet_gflop_per_sample=work["flops_per_sample"] / 1e9,
+            attention_calls_per_sample=len(work["attention_calls"]),
+        )
+        say(
+            f"peak {peak['peak_tflops']:.4g} TFLOP/s ({peak['peak_matmul']}); UNet "
+            f"{meta['unet_gflop_per_sample']:.1f} GFLOP per sample, {len(work['attention_calls'])} attention calls"
+        )
     if args.fp8:  # after the FLOP count, which runs the eager bfloat16 UNet
         meta["linear_layers"] = sum(isinstance(module, torch.nn.Linear) for module in pipe.unet.modules())
         meta["fp8_linear_layers"] = pipe.enable_fp8()
@@ -429,8 +564,13 @@ def plain_cfg_loop(components: dict, prompt: str, steps: int, size: int, guidanc
     unet, vae, tokenizer, text_encoder = (components[k] for k in ("unet", "vae", "tokenizer", "text_encoder"))
     device, dtype = unet.device, unet.dtype
     with torch.no_grad():
-        tokens = tokenizer(["", prompt], padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
+        tokens = tokenizer(
+            ["", prompt],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         embeds = text_encoder(tokens.input_ids.to(device))[0].to(dtype)
         scheduler = DDIMScheduler(**SCHEDULER)
         scheduler.set_timesteps(steps, device=device)
@@ -461,8 +601,11 @@ def ledits_pipeline(components: dict):
     shared = {name: components[name] for name in ("vae", "text_encoder", "tokenizer", "unet")}
     if "text_encoder_2" in components:
         pipe = LEditsPPPipelineStableDiffusionXL(
-            **shared, text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"],
-            scheduler=scheduler, add_watermarker=False,
+            **shared,
+            text_encoder_2=components["text_encoder_2"],
+            tokenizer_2=components["tokenizer_2"],
+            scheduler=scheduler,
+            add_watermarker=False,
         )
     else:
         pipe = LEditsPPPipelineStableDiffusion(
@@ -536,14 +679,19 @@ def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
         f"{meta['steps']} DDIM steps, one image, one process. Median of the timed runs (column Runs) after "
         f"{meta['warmup']} warm-up run(s); NTI inversions without warm-up. torch {meta['torch']}, "
         f"diffusers {meta['diffusers']}, transformers {meta['transformers']}, Python {meta['python']}"
-        + (f", CUDA {meta['cuda']}" if meta.get("cuda") else "") + ".",
+        + (f", CUDA {meta['cuda']}" if meta.get("cuda") else "")
+        + ".",
         "",
         "Modes: `eager`; `cuda_graphs` = `pipe.enable_cuda_graphs()`; `compiled` = channels-last UNet + "
-        "`pipe.enable_cuda_graphs(compile=True)`; `regional` = the same with `compile=\"regional\"`. Graphs and "
+        '`pipe.enable_cuda_graphs(compile=True)`; `regional` = the same with `compile="regional"`. Graphs and '
         "compiled code persist across calls, as in a user's session; the first call of each kind (capture, "
         "compilation) is the warm-up, reported in Notes."
-        + (f" UNet linear layers in FP8 (`pipe.enable_fp8()`): {meta['fp8_linear_layers']} of "
-           f"{meta['linear_layers']}." if meta.get("fp8_linear_layers") is not None else ""),
+        + (
+            f" UNet linear layers in FP8 (`pipe.enable_fp8()`): {meta['fp8_linear_layers']} of "
+            f"{meta['linear_layers']}."
+            if meta.get("fp8_linear_layers") is not None
+            else ""
+        ),
         "",
         utilisation_note(meta),
         "",
@@ -564,7 +712,10 @@ def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
         notes = [row.get("note") or ""]
         if row["mode"] != "eager" and row.get("warmup_times_s"):
             captures = row.get("graph_captures")
-            notes.append(f"first call {row['warmup_times_s'][0]:.1f} s" + (f" ({captures} graph capture(s))" if captures else ""))
+            notes.append(
+                f"first call {row['warmup_times_s'][0]:.1f} s"
+                + (f" ({captures} graph capture(s))" if captures else "")
+            )
         notes = "; ".join(filter(None, notes))
         if row.get("error"):
             notes = f"**error**: {row['error']}"[:300]
@@ -580,8 +731,10 @@ def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
         lines.append("† counted on the eager run of the same row: CUDA-graph replays bypass the UNet's forward hooks.")
     if not meta["device"].startswith("cuda"):
         lines.append("On a CPU `enable_cuda_graphs` does nothing: every mode runs eagerly.")
-    lines.append("Every row includes text encoding; invert rows include VAE encode, edit rows VAE decode to PIL. "
-                 "UNet calls count logical calls (a replayed graph counts as one call).")
+    lines.append(
+        "Every row includes text encoding; invert rows include VAE encode, edit rows VAE decode to PIL. "
+        "UNet calls count logical calls (a replayed graph counts as one call)."
+    )
     lines.append("")
     for mode in MODES:
         facts = []
@@ -594,15 +747,18 @@ def markdown(meta: dict, rows: list[dict], extra: dict) -> str:
         if facts:
             lines.append(f"- {mode}: {', '.join(facts)}.")
     if "ledits_over_headline" in extra:
-        lines.append(f"- LEDITS++ invert + edit / our headline ({extra['headline_mode']}): "
-                     f"{extra['ledits_over_headline']:.2f}×.")
+        lines.append(
+            f"- LEDITS++ invert + edit / our headline ({extra['headline_mode']}): "
+            f"{extra['ledits_over_headline']:.2f}×."
+        )
     if "nti_invert_plus_edit_s" in extra:
         lines.append(f"- NTI invert + P2P edit (cuda_graphs): {extra['nti_invert_plus_edit_s']:.3f} s.")
     if "peak_mem_npi_over_nti" in extra:
         activation = extra.get("activation_mem_npi_over_nti")
         lines.append(
             f"- Peak memory, NPI headline / NTI: {extra['peak_mem_npi_over_nti']:.0%}"
-            + (f"; above the {meta['weights_gib']:.2f} GiB of weights: {activation:.0%}" if activation else "") + "."
+            + (f"; above the {meta['weights_gib']:.2f} GiB of weights: {activation:.0%}" if activation else "")
+            + "."
         )
     return "\n".join(lines) + "\n"
 
@@ -624,8 +780,14 @@ def utilisation_note(meta: dict) -> str:
 HEADLINE = "NPI invert + P2P edit (1 target) incl. VAE"
 MODES = ("eager", "cuda_graphs", "compiled", "regional")
 COMPILE_MODES = {"compiled": True, "regional": "regional"}  # mode -> enable_cuda_graphs(compile=...)
-COMPILED_ROWS = ("NPI invert", "NPI reconstruction", "NPI P2P edit, 1 target", "DI P2P edit, 1 target",
-                 "NPI P2P edit, 4 targets", HEADLINE)
+COMPILED_ROWS = (
+    "NPI invert",
+    "NPI reconstruction",
+    "NPI P2P edit, 1 target",
+    "DI P2P edit, 1 target",
+    "NPI P2P edit, 4 targets",
+    HEADLINE,
+)
 SDXL_ROWS = ("NPI invert", "NPI P2P edit, 1 target", HEADLINE)
 
 
@@ -634,7 +796,9 @@ SDXL_ROWS = ("NPI invert", "NPI P2P edit, 1 target", HEADLINE)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder for speed.json and speed.md")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (50; --quick: 5)")
@@ -642,31 +806,62 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per fast row (5; --quick: 1)")
     parser.add_argument("--eager-repeats", type=int, default=None, help="timed runs per eager row (2; --quick: 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
-    parser.add_argument("--peer-repeats", type=int, default=None, help="timed runs of LEDITS++ and NTI-edit rows (2; --quick: 1)")
-    parser.add_argument("--nti-repeats", type=int, default=None, help="timed runs of the NTI inversion row (no warm-up; 3; --quick: 1)")
-    parser.add_argument("--nti-inner-steps", type=int, default=None,
-                        help="NTI inner steps (pipeline default 10; --quick: 2)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 5 steps, 256 px, 1 repeat, 2 NTI inner steps")
-    parser.add_argument("--model", choices=sorted(MODELS), default=None,
-                        help="sd15 (default), sdxl, or their tiny layouts tiny / tiny-sdxl (what --quick on a CPU"
-                             " runs instead)")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
-                        help="float16 on CUDA, float32 on CPU by default")
-    parser.add_argument("--cpu-threads", type=int, default=None,
-                        help="torch.set_num_threads on CPU (default: torch's choice; 1 for --quick on a CPU, which"
-                             " avoids oversubscription on small shared machines)")
+    parser.add_argument(
+        "--peer-repeats", type=int, default=None, help="timed runs of LEDITS++ and NTI-edit rows (2; --quick: 1)"
+    )
+    parser.add_argument(
+        "--nti-repeats", type=int, default=None, help="timed runs of the NTI inversion row (no warm-up; 3; --quick: 1)"
+    )
+    parser.add_argument(
+        "--nti-inner-steps", type=int, default=None, help="NTI inner steps (pipeline default 10; --quick: 2)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: 5 steps, 256 px, 1 repeat, 2 NTI inner steps"
+    )
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default=None,
+        help="sd15 (default), sdxl, or their tiny layouts tiny / tiny-sdxl (what --quick on a CPU runs instead)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default=None,
+        help="float16 on CUDA, float32 on CPU by default",
+    )
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads on CPU (default: torch's choice; 1 for --quick on a CPU, which"
+        " avoids oversubscription on small shared machines)",
+    )
     parser.add_argument("--only", default=None, help="regex: run only rows whose name matches")
     parser.add_argument("--no-nti", action="store_true", help="skip the NTI rows")
     parser.add_argument("--no-peers", action="store_true", help="skip LEDITS++ and the plain CFG loop")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager", "cuda_graphs", "compiled"],
-                        help="modes of our rows (default: eager cuda_graphs compiled; compiled and regional: CUDA only,"
-                             " each new batch size compiles for ~1.5 min (whole model) on an H100)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=["eager", "cuda_graphs", "compiled"],
+        help="modes of our rows (default: eager cuda_graphs compiled; compiled and regional: CUDA only,"
+        " each new batch size compiles for ~1.5 min (whole model) on an H100)",
+    )
     add_run_options(parser)
-    parser.add_argument("--time-budget", type=float, default=480.0,
-                        help="seconds since start after which remaining rows are skipped and repeats cut short")
-    parser.add_argument("--compile-reserve", type=float, default=150.0,
-                        help="a compiled row starts only while this many seconds of the budget are left (compiling"
-                             " a new batch size takes 1–2.5 min and cannot be cut short)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=480.0,
+        help="seconds since start after which remaining rows are skipped and repeats cut short",
+    )
+    parser.add_argument(
+        "--compile-reserve",
+        type=float,
+        default=150.0,
+        help="a compiled row starts only while this many seconds of the budget are left (compiling"
+        " a new batch size takes 1–2.5 min and cannot be cut short)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.quick and device.type == "cpu" and args.model in (None, "sdxl"):
@@ -701,19 +896,26 @@ class Benchmark:
         self.rows: list[dict] = []
         self.state: dict = {}  # results shared between rows (inversions)
         self.mode = None
-        log(f"device {self.meta['device_name']}, torch {self.meta['torch']}, diffusers {self.meta['diffusers']}, "
+        log(
+            f"device {self.meta['device_name']}, torch {self.meta['torch']}, diffusers {self.meta['diffusers']}, "
             f"transformers {self.meta['transformers']}; model {args.model}, {args.dtype}, {args.size}px, "
-            f"{args.steps} steps")
+            f"{args.steps} steps"
+        )
 
         start = time.perf_counter()
-        self.components = build_components(args.model, self.device, self.dtype, Path(tempfile.mkdtemp(prefix="npi-speed-")))
+        self.components = build_components(
+            args.model, self.device, self.dtype, Path(tempfile.mkdtemp(prefix="npi-speed-"))
+        )
         synchronize(self.device)
         self.meta["params_m"] = {
             name: round(sum(p.numel() for p in self.components[name].parameters()) / 1e6, 1)
-            for name in ("unet", "vae", "text_encoder", "text_encoder_2") if name in self.components
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+            if name in self.components
         }
         self.meta["build_s"] = time.perf_counter() - start
-        self.meta["weights_gib"] = torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        self.meta["weights_gib"] = (
+            torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        )
         log(f"built models in {self.meta['build_s']:.1f}s: {self.meta['params_m']} M params")
         self.pipe = NegativePromptInversionPipeline(**self.components, safety_checker=None, feature_extractor=None)
         self.pipe.set_progress_bar_config(disable=True)
@@ -726,8 +928,9 @@ class Benchmark:
 
     def invert(self, **kwargs):
         args = self.args
-        return self.pipe.invert(self.image, SOURCE, num_inference_steps=args.steps, height=args.size, width=args.size,
-                                **kwargs)
+        return self.pipe.invert(
+            self.image, SOURCE, num_inference_steps=args.steps, height=args.size, width=args.size, **kwargs
+        )
 
     def inversion(self, key: str, **kwargs):
         """The inversion an edit row starts from: the one the invert row produced, else made now (untimed)."""
@@ -744,15 +947,29 @@ class Benchmark:
         set_pipeline_mode(self.pipe, mode)
         self.mode = mode
 
-    def run_row(self, name: str, group: str, mode: str, fn, repeats: int, warmup: int, note: str = "",
-                keep: str | None = None, annotate=None, setup=None, ours: bool = True, reserve: float = 0.0):
+    def run_row(
+        self,
+        name: str,
+        group: str,
+        mode: str,
+        fn,
+        repeats: int,
+        warmup: int,
+        note: str = "",
+        keep: str | None = None,
+        annotate=None,
+        setup=None,
+        ours: bool = True,
+        reserve: float = 0.0,
+    ):
         args, device = self.args, self.device
         if args.only and not re.search(args.only, name):
             return
         row = {"name": name, "group": group, "mode": mode, "note": note, "median_s": None, "error": None}
         if time.perf_counter() > self.deadline - reserve:
             row["error"] = f"skipped: time budget of {args.time_budget:.0f}s spent" + (
-                f" (this row starts only with {reserve:.0f}s left)" if reserve else "")
+                f" (this row starts only with {reserve:.0f}s left)" if reserve else ""
+            )
             self.rows.append(row)
             log(f"{name} [{mode}]: skipped (time budget)")
             write_outputs(args.out, self.meta, self.rows)
@@ -767,15 +984,23 @@ class Benchmark:
             if setup is not None:
                 setup()
             count_calls = self.pipe.count_unet_calls if ours else lambda: hooked_unet_calls(self.components["unet"])
-            components = None if self.work is None else functools.partial(
-                ComponentTimer, self.pipe, device, unet_via="pipeline" if ours else "hooks")
+            components = (
+                None
+                if self.work is None
+                else functools.partial(ComponentTimer, self.pipe, device, unet_via="pipeline" if ours else "hooks")
+            )
             stats = measure(fn, repeats, warmup, device, count_calls, self.deadline, components=components)
             result = stats.pop("result")
             row.update(stats)
             row["repeats_requested"], row["warmup"] = repeats, warmup
             row.update(summarize_calls(row.pop("counts")))
             graphs = self.pipe._cuda_graphs
-            if mode != "eager" and device.type == "cuda" and not row.get("graph_captures") and not (graphs and graphs.graphs):
+            if (
+                mode != "eager"
+                and device.type == "cuda"
+                and not row.get("graph_captures")
+                and not (graphs and graphs.graphs)
+            ):
                 row["note"] = "; ".join(filter(None, [row["note"], "WARNING: no CUDA graph was captured"]))
             if keep:
                 self.state[keep] = result
@@ -794,9 +1019,11 @@ class Benchmark:
         self.rows.append(row)
         if row["median_s"] is not None:
             peak = f", peak {row['peak_mem_gib']:.2f} GiB" if row.get("peak_mem_gib") is not None else ""
-            log(f"  median {row['median_s']:.3f}s over {len(row['times_s'])} run(s){peak}, "
+            log(
+                f"  median {row['median_s']:.3f}s over {len(row['times_s'])} run(s){peak}, "
                 f"UNet calls {row.get('unet_calls')} ({format_per_call(row.get('samples_per_call'))}/call); "
-                f"row took {row['row_elapsed_s']:.1f}s")
+                f"row took {row['row_elapsed_s']:.1f}s"
+            )
             if row.get("unet_tflops") is not None:
                 rate, share = format_utilisation(row)
                 log(f"  UNet {rate} TFLOP/s, {share} of peak; {format_breakdown(row)}")
@@ -820,10 +1047,12 @@ class Benchmark:
         """Ours with NPI, in each of ``modes``: invert, reconstruct, the edits, and the headline invert + edit (SDXL:
         invert, the one-target P2P edit and the headline)."""
         args, pipe = self.args, self.pipe
-        p2p = PromptToPrompt(cross_replace_steps=0.4, self_replace_steps=0.6,
-                             local_blend=LocalBlend((SOURCE_WORD, TARGET_WORDS[0])))
-        p2p_four = PromptToPrompt(cross_replace_steps=0.4, self_replace_steps=0.6,
-                                  local_blend=LocalBlend([SOURCE_WORD, *TARGET_WORDS]))
+        p2p = PromptToPrompt(
+            cross_replace_steps=0.4, self_replace_steps=0.6, local_blend=LocalBlend((SOURCE_WORD, TARGET_WORDS[0]))
+        )
+        p2p_four = PromptToPrompt(
+            cross_replace_steps=0.4, self_replace_steps=0.6, local_blend=LocalBlend([SOURCE_WORD, *TARGET_WORDS])
+        )
         npi = lambda: self.inversion("npi")  # noqa: E731
 
         def headline():
@@ -832,22 +1061,37 @@ class Benchmark:
         rows = [
             ("NPI invert", self.invert, "incl. text + VAE encode"),
             ("NPI reconstruction", lambda: pipe(inversion=npi(), output_type="pil"), "incl. VAE decode"),
-            ("NPI P2P edit, 1 target",
-             lambda: pipe(prompt=TARGETS[0], inversion=npi(), attention_control=p2p, output_type="pil"),
-             "word swap + local blend; incl. VAE decode"),
-            ("DI P2P edit, 1 target",  # Direct Inversion: the same inversion, the source pinned to it
-             lambda: pipe(prompt=TARGETS[0], inversion=npi(), inversion_method="direct", attention_control=p2p,
-                          output_type="pil"),
-             "the NPI row's rows, source pinned, targets against E(\"\"); incl. VAE decode"),
-            ("NPI P2P edit, 4 targets",
-             lambda: pipe(prompt=TARGETS, inversion=npi(), attention_control=p2p_four, output_type="pil"),
-             "one inversion, 4 outputs; incl. VAE decode"),
-            ("ProxNPI edit (soft)",
-             lambda: pipe(prompt=TARGETS[0], inversion=npi(), proximal_guidance="soft", output_type="pil"),
-             "incl. VAE decode"),
-            ("NPI MasaCtrl edit",
-             lambda: pipe(prompt=TARGETS[0], inversion=npi(), attention_control=MasaCtrl(), output_type="pil"),
-             "incl. VAE decode"),
+            (
+                "NPI P2P edit, 1 target",
+                lambda: pipe(prompt=TARGETS[0], inversion=npi(), attention_control=p2p, output_type="pil"),
+                "word swap + local blend; incl. VAE decode",
+            ),
+            (
+                "DI P2P edit, 1 target",  # Direct Inversion: the same inversion, the source pinned to it
+                lambda: pipe(
+                    prompt=TARGETS[0],
+                    inversion=npi(),
+                    inversion_method="direct",
+                    attention_control=p2p,
+                    output_type="pil",
+                ),
+                'the NPI row\'s rows, source pinned, targets against E(""); incl. VAE decode',
+            ),
+            (
+                "NPI P2P edit, 4 targets",
+                lambda: pipe(prompt=TARGETS, inversion=npi(), attention_control=p2p_four, output_type="pil"),
+                "one inversion, 4 outputs; incl. VAE decode",
+            ),
+            (
+                "ProxNPI edit (soft)",
+                lambda: pipe(prompt=TARGETS[0], inversion=npi(), proximal_guidance="soft", output_type="pil"),
+                "incl. VAE decode",
+            ),
+            (
+                "NPI MasaCtrl edit",
+                lambda: pipe(prompt=TARGETS[0], inversion=npi(), attention_control=MasaCtrl(), output_type="pil"),
+                "incl. VAE decode",
+            ),
             (HEADLINE, headline, "image in → edited PIL out"),
         ]
         for mode in modes:
@@ -856,38 +1100,74 @@ class Benchmark:
                     continue  # each new batch size / control kind costs a compilation (~1.5 min)
                 if self.pipe.is_sdxl and name not in SDXL_ROWS:
                     continue
-                self.run_row(name, "ours-npi", mode, fn, args.eager_repeats if mode == "eager" else args.repeats,
-                             args.warmup, note=note, keep="npi" if name == "NPI invert" else None,
-                             setup=None if name in ("NPI invert", HEADLINE) else npi,
-                             reserve=args.compile_reserve if mode in COMPILE_MODES else 0.0)
+                self.run_row(
+                    name,
+                    "ours-npi",
+                    mode,
+                    fn,
+                    args.eager_repeats if mode == "eager" else args.repeats,
+                    args.warmup,
+                    note=note,
+                    keep="npi" if name == "NPI invert" else None,
+                    setup=None if name in ("NPI invert", HEADLINE) else npi,
+                    reserve=args.compile_reserve if mode in COMPILE_MODES else 0.0,
+                )
 
     def peer_rows(self) -> None:
         """What users would pick instead: a hand-written CFG loop and core diffusers' LEDITS++, eagerly."""
         args, components = self.args, self.components
         if not self.pipe.is_sdxl:  # the hand-written loop encodes with one text encoder
-            self.run_row("plain CFG loop (hand-written)", "peer", "eager",
-                         lambda: plain_cfg_loop(components, TARGETS[0], args.steps, args.size), args.eager_repeats,
-                         args.warmup, note="text encode + DDIM, batch 2 + VAE decode", ours=False)
+            self.run_row(
+                "plain CFG loop (hand-written)",
+                "peer",
+                "eager",
+                lambda: plain_cfg_loop(components, TARGETS[0], args.steps, args.size),
+                args.eager_repeats,
+                args.warmup,
+                note="text encode + DDIM, batch 2 + VAE decode",
+                ours=False,
+            )
         ledits = functools.cache(lambda: ledits_pipeline(components))
         generator = lambda: torch.Generator(self.device).manual_seed(0)  # noqa: E731
 
         def ledits_both():
-            ledits().invert(image=self.image, source_prompt=SOURCE, num_inversion_steps=args.steps, height=args.size,
-                            width=args.size, generator=generator())
+            ledits().invert(
+                image=self.image,
+                source_prompt=SOURCE,
+                num_inversion_steps=args.steps,
+                height=args.size,
+                width=args.size,
+                generator=generator(),
+            )
             # LEDITS++ SDXL's invert leaves a float16 VAE upcast to float32, and its edit then fails on float16
             # latents ("Input type (c10::Half) and bias type (float)"); cast it back, as a user would have to.
             components["vae"].to(dtype=self.dtype)
             return ledits()(
-                editing_prompt=[SOURCE_WORD, TARGET_WORDS[0]], reverse_editing_direction=[True, False],
-                edit_guidance_scale=[5.0, 10.0], edit_threshold=[0.9, 0.85], generator=generator(), output_type="pil",
+                editing_prompt=[SOURCE_WORD, TARGET_WORDS[0]],
+                reverse_editing_direction=[True, False],
+                edit_guidance_scale=[5.0, 10.0],
+                edit_threshold=[0.9, 0.85],
+                generator=generator(),
+                output_type="pil",
             )
 
-        note = (f"image in → edited PIL out; DPM-Solver++ SDE, source_guidance_scale 3.5, skip 0.15; edit: remove "
-                f"'{SOURCE_WORD}' + add '{TARGET_WORDS[0]}'"
-                + ("; VAE cast back to the model dtype between invert and edit" if self.pipe.is_sdxl else ""))
+        note = (
+            f"image in → edited PIL out; DPM-Solver++ SDE, source_guidance_scale 3.5, skip 0.15; edit: remove "
+            f"'{SOURCE_WORD}' + add '{TARGET_WORDS[0]}'"
+            + ("; VAE cast back to the model dtype between invert and edit" if self.pipe.is_sdxl else "")
+        )
         try:
-            self.run_row("LEDITS++ invert + edit", "peer", "eager", ledits_both, args.peer_repeats, args.warmup,
-                         note=note, setup=ledits, ours=False)
+            self.run_row(
+                "LEDITS++ invert + edit",
+                "peer",
+                "eager",
+                ledits_both,
+                args.peer_repeats,
+                args.warmup,
+                note=note,
+                setup=ledits,
+                ours=False,
+            )
         finally:
             # LEDITS++ installs its own (non-SDPA) attention processors on the shared UNet; put the defaults back.
             components["unet"].set_attn_processor(self.default_processors)
@@ -902,38 +1182,71 @@ class Benchmark:
         inner = pipe.config.null_text_inner_steps if args.nti_inner_steps is None else args.nti_inner_steps
 
         def warm_up():  # untimed: the backward kernels and the optimiser, with a 2-step, 1-inner-step NTI
-            pipe.invert(self.image, SOURCE, num_inference_steps=2, height=args.size, width=args.size,
-                        inversion_method="nti", null_text_inner_steps=1)
+            pipe.invert(
+                self.image,
+                SOURCE,
+                num_inference_steps=2,
+                height=args.size,
+                width=args.size,
+                inversion_method="nti",
+                null_text_inner_steps=1,
+            )
 
         def inner_used(result) -> str:
             if result is None or result.null_text_losses is None:
                 return ""
             return f"inner steps used {int(torch.isfinite(result.null_text_losses).sum())}/{args.steps * inner}"
 
-        self.run_row("NTI invert", "ours-nti", "cuda_graphs", lambda: self.invert(**nti), args.nti_repeats, 0,
-                     note=f"{inner} inner steps, early stop {pipe.config.null_text_early_stop:g}, init "
-                          f"'{pipe.config.null_text_init}' (the pipeline's defaults)",
-                     keep="nti", annotate=inner_used, setup=warm_up)
-        p2p = PromptToPrompt(cross_replace_steps=0.4, self_replace_steps=0.6,
-                             local_blend=LocalBlend((SOURCE_WORD, TARGET_WORDS[0])))
-        self.run_row("NTI P2P edit, 1 target", "ours-nti", "cuda_graphs",
-                     lambda: pipe(prompt=TARGETS[0], inversion=self.inversion("nti", **nti), attention_control=p2p,
-                                  output_type="pil"),
-                     args.peer_repeats, args.warmup, note="from the NTI inversion; incl. VAE decode",
-                     setup=lambda: self.inversion("nti", **nti))
+        self.run_row(
+            "NTI invert",
+            "ours-nti",
+            "cuda_graphs",
+            lambda: self.invert(**nti),
+            args.nti_repeats,
+            0,
+            note=f"{inner} inner steps, early stop {pipe.config.null_text_early_stop:g}, init "
+            f"'{pipe.config.null_text_init}' (the pipeline's defaults)",
+            keep="nti",
+            annotate=inner_used,
+            setup=warm_up,
+        )
+        p2p = PromptToPrompt(
+            cross_replace_steps=0.4, self_replace_steps=0.6, local_blend=LocalBlend((SOURCE_WORD, TARGET_WORDS[0]))
+        )
+        self.run_row(
+            "NTI P2P edit, 1 target",
+            "ours-nti",
+            "cuda_graphs",
+            lambda: pipe(
+                prompt=TARGETS[0], inversion=self.inversion("nti", **nti), attention_control=p2p, output_type="pil"
+            ),
+            args.peer_repeats,
+            args.warmup,
+            note="from the NTI inversion; incl. VAE decode",
+            setup=lambda: self.inversion("nti", **nti),
+        )
         if self.pipe.is_sdxl:
             return  # ten inner steps per timestep from E(""): minutes at 1024 px
-        self.run_row("NTI invert, null_text_init='null'", "ours-nti", "cuda_graphs",
-                     lambda: self.invert(null_text_init="null", **nti), 1, 0,
-                     note=f"{inner} inner steps from the empty prompt's embedding, as the paper",
-                     annotate=inner_used, setup=warm_up)
+        self.run_row(
+            "NTI invert, null_text_init='null'",
+            "ours-nti",
+            "cuda_graphs",
+            lambda: self.invert(null_text_init="null", **nti),
+            1,
+            0,
+            note=f"{inner} inner steps from the empty prompt's embedding, as the paper",
+            annotate=inner_used,
+            setup=warm_up,
+        )
 
     def finish(self) -> int:
         self.meta["total_s"] = time.perf_counter() - T0
         table = write_outputs(self.args.out, self.meta, self.rows)
         failed = [row["name"] + f" [{row['mode']}]" for row in self.rows if row.get("error")]
-        log(f"done in {self.meta['total_s']:.1f}s; {len(self.rows)} rows, {len(failed)} failed"
-            f"{': ' + ', '.join(failed) if failed else ''}")
+        log(
+            f"done in {self.meta['total_s']:.1f}s; {len(self.rows)} rows, {len(failed)} failed"
+            f"{': ' + ', '.join(failed) if failed else ''}"
+        )
         log(f"wrote {self.args.out / 'speed.json'} and {self.args.out / 'speed.md'}")
         print(flush=True)
         print(table, flush=True)
@@ -943,8 +1256,12 @@ class Benchmark:
 def environment_metadata(device: torch.device) -> dict:
     """Device name, library versions and git commit of a run."""
     try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001
         commit = None
     cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

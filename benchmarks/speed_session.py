@@ -48,8 +48,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 T0 = time.perf_counter()
 HEADLINE = r"invert \+ P2P"  # speed.py's headline row: NPI invert + P2P edit (1 target) incl. VAE
-TARGETS = {"single_s": 0.6, "first_call_s": 30.0, "steady_vs_whole": 0.05, "edits_per_s": 3.0, "sdxl_s": 3.3,
-           "fp8_recon_db": 0.5}
+TARGETS = {
+    "single_s": 0.6,
+    "first_call_s": 30.0,
+    "steady_vs_whole": 0.05,
+    "edits_per_s": 3.0,
+    "sdxl_s": 3.3,
+    "fp8_recon_db": 0.5,
+}
 
 
 @dataclass
@@ -73,52 +79,178 @@ def stages(args) -> list[Stage]:
     python = [sys.executable, "-m"]
     device = ["--device", args.device]
     bf16 = ["--dtype", "bfloat16"] if not quick else []
-    single = ["--no-peers", "--no-nti", "--only", HEADLINE, "--compile-reserve", "0",
-              *(["--quick", "--repeats", "2"] if quick else ["--repeats", "5"]), *device, *bf16]
+    single = [
+        "--no-peers",
+        "--no-nti",
+        "--only",
+        HEADLINE,
+        "--compile-reserve",
+        "0",
+        *(["--quick", "--repeats", "2"] if quick else ["--repeats", "5"]),
+        *device,
+        *bf16,
+    ]
     batch_size = ["1"] if quick else ["16"]
-    batch = ["--batch-sizes", *batch_size, "--modes", "regional",
-             *(["--quick", "--repeats", "1"] if quick else ["--repeats", "2"]), *device, *bf16]
+    batch = [
+        "--batch-sizes",
+        *batch_size,
+        "--modes",
+        "regional",
+        *(["--quick", "--repeats", "1"] if quick else ["--repeats", "2"]),
+        *device,
+        *bf16,
+    ]
     pairs = str(args.toy_pairs or (2 if quick else 64))
-    toy = ["--data", str(args.scratch / "toy_data"), "--model", str(ROOT / "toy_world" / "model_v2"), "--rows", *args.toy_rows,
-           "--batch-size", pairs, "--grid", "0", *device,
-           "--dtype", "bfloat16", *(["--limit", pairs, "--steps", "3", "--threads", "1"] if quick else [])]
+    toy = [
+        "--data",
+        str(args.scratch / "toy_data"),
+        "--model",
+        str(ROOT / "toy_world" / "model_v2"),
+        "--rows",
+        *args.toy_rows,
+        "--batch-size",
+        pairs,
+        "--grid",
+        "0",
+        *device,
+        "--dtype",
+        "bfloat16",
+        *(["--limit", pairs, "--steps", "3", "--threads", "1"] if quick else []),
+    ]
 
     def speed(name, *extra):
         return [*python, "benchmarks.speed", "--out", str(out / name), *single, *extra]
 
     return [
-        Stage("regional_cold", "SD 1.5 headline, regional compile, empty cache", 160,
-              [speed("regional_cold", "--modes", "regional")], "regional", "speed"),
-        Stage("regional_transformer", "SD 1.5 headline, regional: transformer blocks only, empty cache", 100,
-              [speed("regional_transformer", "--modes", "regional", "--regional-blocks", "BasicTransformerBlock")],
-              "regional_transformer", "speed"),
-        Stage("regional_warm", "SD 1.5 headline, regional compile, new process, warm cache", 80,
-              [speed("regional_warm", "--modes", "regional")], "regional", "speed"),
-        Stage("whole_cold", "SD 1.5 headline, whole-model compile, empty cache", 200,
-              [speed("whole_cold", "--modes", "compiled")], "whole", "speed"),
-        Stage("batch_bf16", f"batch {batch_size[0]}, regional, bf16", 150,
-              [[*python, "benchmarks.batch", "--out", str(out / "batch_bf16"), *batch]], "regional", "batch"),
-        Stage("batch_fp8", f"batch {batch_size[0]}, regional, FP8", 150,
-              [[*python, "benchmarks.batch", "--out", str(out / "batch_fp8"), *batch, "--fp8"]], "regional", "batch"),
-        Stage("toy_fp8", "toy world: bf16 then FP8 on the same pairs", 120,
-              [[*python, "benchmarks.pie_bench", "--write-toy", pairs, "--res", "128", "--out", str(out / "toy_fp8" / "bf16"),
-                *toy],
-               [*python, "benchmarks.pie_bench", "--out", str(out / "toy_fp8" / "fp8"), *toy, "--fp8"]],
-              "toy", "toy", minimum=40),
-        Stage("kernels", "attention backends, VAE layout", 60,
-              [[*python, "benchmarks.kernels", "--out", str(out / "kernels"), *device,
-                *(["--quick"] if quick else ["--dtype", "bfloat16"])]], "kernels", "kernels", minimum=20),
-        Stage("sdxl_regional", "SDXL headline, regional compile", 240,
-              [speed("sdxl_regional", "--modes", "regional", "--model", "sdxl")], "sdxl", "speed", minimum=90),
-        Stage("sdxl_fp8", "SDXL headline, regional compile, FP8", 240,
-              [speed("sdxl_fp8", "--modes", "regional", "--model", "sdxl", "--fp8")], "sdxl", "speed", minimum=90),
-        Stage("regional_dynamic", "SD 1.5 headline, regional, dynamic shapes, empty cache", 150,
-              [speed("regional_dynamic", "--modes", "regional", "--regional-dynamic")], "regional_dynamic", "speed"),
+        Stage(
+            "regional_cold",
+            "SD 1.5 headline, regional compile, empty cache",
+            160,
+            [speed("regional_cold", "--modes", "regional")],
+            "regional",
+            "speed",
+        ),
+        Stage(
+            "regional_transformer",
+            "SD 1.5 headline, regional: transformer blocks only, empty cache",
+            100,
+            [speed("regional_transformer", "--modes", "regional", "--regional-blocks", "BasicTransformerBlock")],
+            "regional_transformer",
+            "speed",
+        ),
+        Stage(
+            "regional_warm",
+            "SD 1.5 headline, regional compile, new process, warm cache",
+            80,
+            [speed("regional_warm", "--modes", "regional")],
+            "regional",
+            "speed",
+        ),
+        Stage(
+            "whole_cold",
+            "SD 1.5 headline, whole-model compile, empty cache",
+            200,
+            [speed("whole_cold", "--modes", "compiled")],
+            "whole",
+            "speed",
+        ),
+        Stage(
+            "batch_bf16",
+            f"batch {batch_size[0]}, regional, bf16",
+            150,
+            [[*python, "benchmarks.batch", "--out", str(out / "batch_bf16"), *batch]],
+            "regional",
+            "batch",
+        ),
+        Stage(
+            "batch_fp8",
+            f"batch {batch_size[0]}, regional, FP8",
+            150,
+            [[*python, "benchmarks.batch", "--out", str(out / "batch_fp8"), *batch, "--fp8"]],
+            "regional",
+            "batch",
+        ),
+        Stage(
+            "toy_fp8",
+            "toy world: bf16 then FP8 on the same pairs",
+            120,
+            [
+                [
+                    *python,
+                    "benchmarks.pie_bench",
+                    "--write-toy",
+                    pairs,
+                    "--res",
+                    "128",
+                    "--out",
+                    str(out / "toy_fp8" / "bf16"),
+                    *toy,
+                ],
+                [*python, "benchmarks.pie_bench", "--out", str(out / "toy_fp8" / "fp8"), *toy, "--fp8"],
+            ],
+            "toy",
+            "toy",
+            minimum=40,
+        ),
+        Stage(
+            "kernels",
+            "attention backends, VAE layout",
+            60,
+            [
+                [
+                    *python,
+                    "benchmarks.kernels",
+                    "--out",
+                    str(out / "kernels"),
+                    *device,
+                    *(["--quick"] if quick else ["--dtype", "bfloat16"]),
+                ]
+            ],
+            "kernels",
+            "kernels",
+            minimum=20,
+        ),
+        Stage(
+            "sdxl_regional",
+            "SDXL headline, regional compile",
+            240,
+            [speed("sdxl_regional", "--modes", "regional", "--model", "sdxl")],
+            "sdxl",
+            "speed",
+            minimum=90,
+        ),
+        Stage(
+            "sdxl_fp8",
+            "SDXL headline, regional compile, FP8",
+            240,
+            [speed("sdxl_fp8", "--modes", "regional", "--model", "sdxl", "--fp8")],
+            "sdxl",
+            "speed",
+            minimum=90,
+        ),
+        Stage(
+            "regional_dynamic",
+            "SD 1.5 headline, regional, dynamic shapes, empty cache",
+            150,
+            [speed("regional_dynamic", "--modes", "regional", "--regional-dynamic")],
+            "regional_dynamic",
+            "speed",
+        ),
     ]
 
 
-DEFAULT_STAGES = ("regional_cold", "regional_warm", "whole_cold", "batch_bf16", "toy_fp8", "batch_fp8",
-                  "regional_transformer", "kernels", "sdxl_regional", "sdxl_fp8")
+DEFAULT_STAGES = (
+    "regional_cold",
+    "regional_warm",
+    "whole_cold",
+    "batch_bf16",
+    "toy_fp8",
+    "batch_fp8",
+    "regional_transformer",
+    "kernels",
+    "sdxl_regional",
+    "sdxl_fp8",
+)
 REGIONAL_STAGES = ("regional_cold", "regional_transformer", "regional_dynamic", "regional_warm")
 
 
@@ -134,8 +266,9 @@ def run_stage(stage: Stage, args, caches: Path) -> None:
         log(f"{stage.name}: skipped ({stage.result['error']})")
         return
     cache = caches / stage.cache
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"),
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"), PYTHONUNBUFFERED="1"
+    )
     started = time.perf_counter()
     log(f"{stage.name}: {stage.what} (limit {limit:.0f} s)")
     with open(folder / "log.txt", "w") as log_file:
@@ -145,8 +278,9 @@ def run_stage(stage: Stage, args, caches: Path) -> None:
                 command = [*command, "--time-budget", str(max(remaining - 15, 10))]
             log_file.write("$ " + " ".join(command) + "\n")
             log_file.flush()
-            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 rc = process.wait(timeout=max(remaining, 1))
             except subprocess.TimeoutExpired:
@@ -162,8 +296,10 @@ def run_stage(stage: Stage, args, caches: Path) -> None:
         stage.result["summary"] = SUMMARIES[stage.kind](folder)
     except Exception as error:  # noqa: BLE001
         stage.result.setdefault("error", f"no results: {type(error).__name__}: {error}")
-    log(f"{stage.name}: {stage.result['status']} in {stage.result['seconds']:.0f} s"
-        + (f" ({stage.result['error']})" if stage.result.get("error") else ""))
+    log(
+        f"{stage.name}: {stage.result['status']} in {stage.result['seconds']:.0f} s"
+        + (f" ({stage.result['error']})" if stage.result.get("error") else "")
+    )
 
 
 def last_error(path: Path) -> str:
@@ -181,21 +317,46 @@ def speed_summary(folder: Path) -> dict:
     data = json.loads((folder / "speed.json").read_text())
     meta = data["metadata"]
     rows = [compact_row(row) for row in data["rows"]]
-    return {"rows": rows, "peak_tflops": meta.get("peak_tflops"), "fp8_linear_layers": meta.get("fp8_linear_layers"),
-            "linear_layers": meta.get("linear_layers"), "device": meta.get("device_name"), "torch": meta.get("torch"),
-            "diffusers": meta.get("diffusers"), "git_commit": meta.get("git_commit"), "model": meta.get("model")}
+    return {
+        "rows": rows,
+        "peak_tflops": meta.get("peak_tflops"),
+        "fp8_linear_layers": meta.get("fp8_linear_layers"),
+        "linear_layers": meta.get("linear_layers"),
+        "device": meta.get("device_name"),
+        "torch": meta.get("torch"),
+        "diffusers": meta.get("diffusers"),
+        "git_commit": meta.get("git_commit"),
+        "model": meta.get("model"),
+    }
 
 
 def batch_summary(folder: Path) -> dict:
     data = json.loads((folder / "batch.json").read_text())
     meta = data["metadata"]
-    return {"rows": [compact_row(row) for row in data["rows"]], "peak_tflops": meta.get("peak_tflops"),
-            "fp8_linear_layers": meta.get("fp8_linear_layers"), "linear_layers": meta.get("linear_layers")}
+    return {
+        "rows": [compact_row(row) for row in data["rows"]],
+        "peak_tflops": meta.get("peak_tflops"),
+        "fp8_linear_layers": meta.get("fp8_linear_layers"),
+        "linear_layers": meta.get("linear_layers"),
+    }
 
 
 def compact_row(row: dict) -> dict:
-    keys = ("name", "mode", "batch_size", "median_s", "edits_per_s", "unet_tflops", "unet_tflops_in_unet",
-            "peak_fraction", "attention_s", "breakdown", "compile_stats", "error", "unet_samples")
+    keys = (
+        "name",
+        "mode",
+        "batch_size",
+        "median_s",
+        "edits_per_s",
+        "unet_tflops",
+        "unet_tflops_in_unet",
+        "peak_fraction",
+        "attention_s",
+        "breakdown",
+        "compile_stats",
+        "error",
+        "unet_samples",
+    )
     result = {key: row[key] for key in keys if row.get(key) is not None}
     if row.get("warmup_times_s"):
         result["first_call_s"] = row["warmup_times_s"][0]
@@ -212,9 +373,13 @@ def toy_summary(folder: Path) -> dict:
         recon = {name: sum(values) / len(values) for name, values in data["reconstruction"].items() if values}
         keys = ("background_psnr", "edit_psnr", "unedited_psnr_exact", "attribute_ok", "objects_kept")
         rows = {name: {key: summary[key] for key in keys if key in summary} for name, summary in data["rows"].items()}
-        result[precision] = {"reconstruction_psnr": recon, "rows": rows, "items": data["items"],
-                             "fp8_linear_layers": data["args"].get("fp8_linear_layers"),
-                             "linear_layers": data["args"].get("linear_layers")}
+        result[precision] = {
+            "reconstruction_psnr": recon,
+            "rows": rows,
+            "items": data["items"],
+            "fp8_linear_layers": data["args"].get("fp8_linear_layers"),
+            "linear_layers": data["args"].get("linear_layers"),
+        }
     return result
 
 
@@ -238,18 +403,24 @@ def breakdown_cell(row: dict) -> str:
     if not parts:
         return ""
     attention = f" (attn {row['attention_s']:.3f})" if row.get("attention_s") is not None else ""
-    return (f"{parts['unet_s']:.3f}{attention} / {parts['vae_s']:.3f} / {parts['text_encoders_s']:.3f} / "
-            f"{parts['other_s']:.3f}")
+    return (
+        f"{parts['unet_s']:.3f}{attention} / {parts['vae_s']:.3f} / {parts['text_encoders_s']:.3f} / "
+        f"{parts['other_s']:.3f}"
+    )
 
 
 def session_markdown(meta: dict, results: list[dict]) -> str:
-    lines = [f"## Speed session on {meta.get('device') or meta['host']}", "",
-             f"torch {meta.get('torch')}, diffusers {meta.get('diffusers')}, commit {meta.get('git_commit')}; "
-             f"budget {meta['budget_s']:.0f} s, used {meta['elapsed_s']:.0f} s. Peak matmul (bf16 on a GPU) "
-             f"{fmt(meta.get('peak_tflops'), '{:.4g}')} TFLOP/s.", "",
-             "| stage | row | first call s | median s | edits/s | UNet TFLOP/s (in UNet) | % peak | UNet (attn) / VAE / "
-             "text / other s | graphs, compile s | status |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
+    lines = [
+        f"## Speed session on {meta.get('device') or meta['host']}",
+        "",
+        f"torch {meta.get('torch')}, diffusers {meta.get('diffusers')}, commit {meta.get('git_commit')}; "
+        f"budget {meta['budget_s']:.0f} s, used {meta['elapsed_s']:.0f} s. Peak matmul (bf16 on a GPU) "
+        f"{fmt(meta.get('peak_tflops'), '{:.4g}')} TFLOP/s.",
+        "",
+        "| stage | row | first call s | median s | edits/s | UNet TFLOP/s (in UNet) | % peak | UNet (attn) / VAE / "
+        "text / other s | graphs, compile s | status |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|",
+    ]
     for result in results:
         summary = result.get("summary") or {}
         rows = summary.get("rows") if isinstance(summary.get("rows"), list) else None
@@ -260,19 +431,27 @@ def session_markdown(meta: dict, results: list[dict]) -> str:
                 lines.append(f"| {result['name']} | — | | | | | | | | {status} |")
             continue
         for row in rows:
-            label = (row["name"].replace("NPI ", "").replace(" (1 target) incl. VAE", "") if row.get("name")
-                     else f"batch {row.get('batch_size')}") + f" [{row.get('mode')}]"
-            rate = fmt(row.get("unet_tflops"), "{:.3g}") + (f" ({row['unet_tflops_in_unet']:.3g})"
-                                                          if row.get("unet_tflops_in_unet") else "")
+            label = (
+                row["name"].replace("NPI ", "").replace(" (1 target) incl. VAE", "")
+                if row.get("name")
+                else f"batch {row.get('batch_size')}"
+            ) + f" [{row.get('mode')}]"
+            rate = fmt(row.get("unet_tflops"), "{:.3g}") + (
+                f" ({row['unet_tflops_in_unet']:.3g})" if row.get("unet_tflops_in_unet") else ""
+            )
             stats = row.get("compile_stats") or {}
             compiled = f"{stats.get('graphs_compiled')}, {fmt(stats.get('compile_s'), '{:.0f}')}" if stats else ""
-            fp8 = (f"FP8 {summary['fp8_linear_layers']}/{summary['linear_layers']} linear; "
-                   if summary.get("fp8_linear_layers") is not None else "")
+            fp8 = (
+                f"FP8 {summary['fp8_linear_layers']}/{summary['linear_layers']} linear; "
+                if summary.get("fp8_linear_layers") is not None
+                else ""
+            )
             lines.append(
                 f"| {result['name']} | {label.replace('|', '/')[:48]} | {fmt(row.get('first_call_s'), '{:.1f}')} | "
                 f"{fmt(row.get('median_s'))} | {fmt(row.get('edits_per_s'), '{:.2f}')} | {rate} | "
                 f"{fmt(row.get('peak_fraction'), '{:.1%}')} | {breakdown_cell(row)} | {compiled} | "
-                f"{fp8}{(row.get('error') or status)[:120]} |")
+                f"{fp8}{(row.get('error') or status)[:120]} |"
+            )
     lines += toy_lines(results) + kernel_lines(results) + ["", "Must-holds of issue 29:", ""] + must_holds(results)
     return "\n".join(lines) + "\n"
 
@@ -281,18 +460,28 @@ def toy_lines(results: list[dict]) -> list[str]:
     toy = next((r.get("summary") for r in results if r["name"] == "toy_fp8" and r.get("summary")), None)
     if not toy:
         return []
-    lines = ["", "Toy world (model_v2), same pairs: reconstruction PSNR (dB) and PIE-Bench-format rows", "",
-             "| precision | FP8 linear layers | recon NPI | recon VAE | row | items | bg PSNR | edit PSNR | "
-             "unedited PSNR | attribute acc. |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "Toy world (model_v2), same pairs: reconstruction PSNR (dB) and PIE-Bench-format rows",
+        "",
+        "| precision | FP8 linear layers | recon NPI | recon VAE | row | items | bg PSNR | edit PSNR | "
+        "unedited PSNR | attribute acc. |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for precision, data in toy.items():
         recon = data["reconstruction_psnr"]
-        layers = (f"{data['fp8_linear_layers']} of {data['linear_layers']}" if data.get("fp8_linear_layers") is not None
-                  else "—")
+        layers = (
+            f"{data['fp8_linear_layers']} of {data['linear_layers']}"
+            if data.get("fp8_linear_layers") is not None
+            else "—"
+        )
         for name, row in data["rows"].items():
-            lines.append(f"| {precision} | {layers} | {fmt(recon.get('NPI'), '{:.2f}')} | "
-                         f"{fmt(recon.get('VAE'), '{:.2f}')} | {name} | {data['items'].get(name)} | "
-                         f"{fmt(row.get('background_psnr'), '{:.2f}')} | {fmt(row.get('edit_psnr'), '{:.2f}')} | "
-                         f"{fmt(row.get('unedited_psnr_exact'), '{:.2f}')} | {fmt(row.get('attribute_ok'), '{:.1%}')} |")
+            lines.append(
+                f"| {precision} | {layers} | {fmt(recon.get('NPI'), '{:.2f}')} | "
+                f"{fmt(recon.get('VAE'), '{:.2f}')} | {name} | {data['items'].get(name)} | "
+                f"{fmt(row.get('background_psnr'), '{:.2f}')} | {fmt(row.get('edit_psnr'), '{:.2f}')} | "
+                f"{fmt(row.get('unedited_psnr_exact'), '{:.2f}')} | {fmt(row.get('attribute_ok'), '{:.1%}')} |"
+            )
     return lines
 
 
@@ -302,14 +491,23 @@ def kernel_lines(results: list[dict]) -> list[str]:
         return []
     rows = kernels["attention_s_per_unet_call"]
     names = [name for name in rows[0] if name != "batch"]
-    lines = ["", f"Fused attention of one UNet call, ms, per backend ({kernels['attention_calls_per_sample']} calls "
-             "per forward, each shape timed alone):", "",
-             "| samples per call | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    lines = [
+        "",
+        f"Fused attention of one UNet call, ms, per backend ({kernels['attention_calls_per_sample']} calls "
+        "per forward, each shape timed alone):",
+        "",
+        "| samples per call | " + " | ".join(names) + " |",
+        "|---:|" + "---:|" * len(names),
+    ]
     for row in rows:
         lines.append(f"| {row['batch']} | " + " | ".join(fmt(row[n] and row[n] * 1e3, "{:.2f}") for n in names) + " |")
     vae = kernels["vae_decode_s"]
-    lines += ["", f"VAE decode of {kernels['vae_batch']} image(s): "
-              + ", ".join(f"{layout} {seconds * 1e3:.1f} ms" for layout, seconds in vae.items()) + "."]
+    lines += [
+        "",
+        f"VAE decode of {kernels['vae_batch']} image(s): "
+        + ", ".join(f"{layout} {seconds * 1e3:.1f} ms" for layout, seconds in vae.items())
+        + ".",
+    ]
     return lines
 
 
@@ -331,36 +529,51 @@ def must_holds(results: list[dict]) -> list[str]:
     lines = []
     best = min(singles, key=singles.get) if singles else None
     seconds = singles.get(best)
-    lines.append(f"- single image ≤ {TARGETS['single_s']} s compiled: {fmt(seconds)} s ({best}) → "
-                 f"{check(None if seconds is None else seconds <= TARGETS['single_s'])}")
+    lines.append(
+        f"- single image ≤ {TARGETS['single_s']} s compiled: {fmt(seconds)} s ({best}) → "
+        f"{check(None if seconds is None else seconds <= TARGETS['single_s'])}"
+    )
     if whole:
-        lines.append(f"- whole-model compile (reference): first call {fmt(whole.get('first_call_s'), '{:.1f}')} s, "
-                     f"steady {fmt(whole['median_s'])} s")
+        lines.append(
+            f"- whole-model compile (reference): first call {fmt(whole.get('first_call_s'), '{:.1f}')} s, "
+            f"steady {fmt(whole['median_s'])} s"
+        )
     for name, row in regional.items():
         first = row.get("first_call_s")
-        line = (f"- {name}: first call ≤ {TARGETS['first_call_s']:.0f} s: {fmt(first, '{:.1f}')} s → "
-                f"{check(None if first is None else first <= TARGETS['first_call_s'])}")
+        line = (
+            f"- {name}: first call ≤ {TARGETS['first_call_s']:.0f} s: {fmt(first, '{:.1f}')} s → "
+            f"{check(None if first is None else first <= TARGETS['first_call_s'])}"
+        )
         if whole:
             ratio = row["median_s"] / whole["median_s"] - 1
-            line += (f"; steady state within {TARGETS['steady_vs_whole']:.0%} of whole-model: {ratio:+.1%} → "
-                     f"{check(ratio <= TARGETS['steady_vs_whole'])}")
+            line += (
+                f"; steady state within {TARGETS['steady_vs_whole']:.0%} of whole-model: {ratio:+.1%} → "
+                f"{check(ratio <= TARGETS['steady_vs_whole'])}"
+            )
         lines.append(line)
     for stage in ("batch_bf16", "batch_fp8"):
         row = headline(results, stage)
         rate = row.get("edits_per_s") if row else None
-        lines.append(f"- batch throughput ≥ {TARGETS['edits_per_s']} edits/s ({stage}): {fmt(rate, '{:.2f}')} → "
-                     f"{check(None if rate is None else rate >= TARGETS['edits_per_s'])}")
+        lines.append(
+            f"- batch throughput ≥ {TARGETS['edits_per_s']} edits/s ({stage}): {fmt(rate, '{:.2f}')} → "
+            f"{check(None if rate is None else rate >= TARGETS['edits_per_s'])}"
+        )
     for stage in ("sdxl_regional", "sdxl_fp8"):
         row = headline(results, stage)
         seconds = row["median_s"] if row else None
-        lines.append(f"- SDXL invert + P2P ≤ {TARGETS['sdxl_s']} s ({stage}): {fmt(seconds)} s → "
-                     f"{check(None if seconds is None else seconds <= TARGETS['sdxl_s'])}")
+        lines.append(
+            f"- SDXL invert + P2P ≤ {TARGETS['sdxl_s']} s ({stage}): {fmt(seconds)} s → "
+            f"{check(None if seconds is None else seconds <= TARGETS['sdxl_s'])}"
+        )
     toy = next((r.get("summary") for r in results if r["name"] == "toy_fp8" and r.get("summary")), {})
     if "bf16" in toy and "fp8" in toy:
         drop = toy["bf16"]["reconstruction_psnr"].get("NPI", float("nan")) - toy["fp8"]["reconstruction_psnr"].get(
-            "NPI", float("nan"))
-        lines.append(f"- FP8 toy reconstruction within {TARGETS['fp8_recon_db']} dB of bf16: {drop:+.2f} dB lower → "
-                     f"{check(drop <= TARGETS['fp8_recon_db'])}")
+            "NPI", float("nan")
+        )
+        lines.append(
+            f"- FP8 toy reconstruction within {TARGETS['fp8_recon_db']} dB of bf16: {drop:+.2f} dB lower → "
+            f"{check(drop <= TARGETS['fp8_recon_db'])}"
+        )
     return lines
 
 
@@ -368,11 +581,16 @@ def must_holds(results: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--budget", type=float, default=480.0, help="seconds for all stages (from this script's start)")
-    parser.add_argument("--stages", nargs="+", default=None, help=f"stages in order (default: {' '.join(DEFAULT_STAGES)})")
+    parser.add_argument(
+        "--budget", type=float, default=480.0, help="seconds for all stages (from this script's start)"
+    )
+    parser.add_argument(
+        "--stages", nargs="+", default=None, help=f"stages in order (default: {' '.join(DEFAULT_STAGES)})"
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke test of the session")
     parser.add_argument("--toy-pairs", type=int, default=None, help="toy-world pairs for the FP8 quality stage (64)")
@@ -395,9 +613,15 @@ def main(argv=None) -> int:
             stage = available[name]
             run_stage(stage, args, caches)
             results.append(stage.result)
-            meta.update({key: value for key, value in (stage.result.get("summary") or {}).items()
-                         if key in ("device", "torch", "diffusers", "git_commit", "peak_tflops") and value
-                         and key not in meta})
+            meta.update(
+                {
+                    key: value
+                    for key, value in (stage.result.get("summary") or {}).items()
+                    if key in ("device", "torch", "diffusers", "git_commit", "peak_tflops")
+                    and value
+                    and key not in meta
+                }
+            )
             write(args.out, meta, results)
     finally:
         shutil.rmtree(args.scratch, ignore_errors=True)

@@ -6,6 +6,7 @@ for 256 scenes)::
 
     python benchmarks/toy_grounding_check.py toy_world/model_v2 /tmp/grounded --scenes 256
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,17 @@ def check(folder: str, count: int, batch: int, res: int) -> dict:
         noise = torch.randn(z.shape, generator=g)
         a = alphas[timesteps[part]].view(-1, 1, 1, 1)
         state = dict(regions=regions[part], slots=slots[part], losses=[])
-        pred = unet(a.sqrt() * z + (1 - a).sqrt() * noise, timesteps[part], text_encoder(ids[part])[0],
-                    cross_attention_kwargs=dict(grounding=state)).sample
+        pred = unet(
+            a.sqrt() * z + (1 - a).sqrt() * noise,
+            timesteps[part],
+            text_encoder(ids[part])[0],
+            cross_attention_kwargs=dict(grounding=state),
+        ).sample
         denoising.append((pred - noise).pow(2).mean().item())
         grounding.append(torch.stack(state["losses"]).mean().item())
-    return dict(model=folder, denoising_mse=sum(denoising) / len(denoising), token_loss=sum(grounding) / len(grounding))
+    return dict(
+        model=folder, denoising_mse=sum(denoising) / len(denoising), token_loss=sum(grounding) / len(grounding)
+    )
 
 
 def main(argv=None):

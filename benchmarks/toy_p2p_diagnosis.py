@@ -62,8 +62,12 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/toy_v2"))
     p.add_argument("--tag", default="v2")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: on a shared machine, more threads than free cores is far slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a shared machine, more threads than free cores is far slower)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -87,8 +91,17 @@ def main(argv=None):
         src = edit.source_image
         inv = pipe.invert(src[None], edit.source_caption, num_inference_steps=args.steps)
         with torch.no_grad():
-            run = lambda control, **kw: pipe(prompt=edit.target_caption, inversion=inv, output_type="pt",  # noqa: E731
-                                             num_inference_steps=args.steps, attention_control=control, **kw)
+
+            def run(control, **kw):
+                return pipe(
+                    prompt=edit.target_caption,
+                    inversion=inv,
+                    output_type="pt",
+                    num_inference_steps=args.steps,
+                    attention_control=control,
+                    **kw,
+                )
+
             piped = run(dataclasses.replace(p2p, local_blend=LocalBlend(bw)), return_attention_maps=True)
             no_blend = run(p2p).images[0].cpu()
             latent0 = pipe.encode_images(src[None].to(pipe.device) * 2 - 1)
@@ -96,8 +109,9 @@ def main(argv=None):
             r = ref.edit(latent0, edit.source_caption, edit.target_caption, bw, steps=args.steps, blend_size=level)
             ref_img = (pipe.decode_latents(r.latents[1:]).float().cpu() / 2 + 0.5).clamp(0, 1)[0]
             finest = max(r.maps, key=lambda s: s[0])
-            r_fine = ref.edit(latent0, edit.source_caption, edit.target_caption, bw, steps=args.steps,
-                              blend_size=finest)
+            r_fine = ref.edit(
+                latent0, edit.source_caption, edit.target_caption, bw, steps=args.steps, blend_size=finest
+            )
             ref_fine_img = (pipe.decode_latents(r_fine.latents[1:]).float().cpu() / 2 + 0.5).clamp(0, 1)[0]
         img = piped.images[0].cpu()
         keep = ~edit.mask[None]
@@ -114,7 +128,9 @@ def main(argv=None):
             loc[f"{size[0]}x{size[1]}"] = dict(touch=mean([h[0] for h in hits]), half=mean([h[1] for h in hits]))
         obj_area = float(edit.mask.float().mean())
         row = dict(
-            kind=edit.kind, object_area=obj_area, map_level=list(level),
+            kind=edit.kind,
+            object_area=obj_area,
+            map_level=list(level),
             localisation=loc,
             pipeline_blend_area=float(r.masks[-1].float().mean()),  # same level/threshold as the pipeline's
             finest_blend_area=float(r_fine.masks[-1].float().mean()),
@@ -132,10 +148,19 @@ def main(argv=None):
         rows.append(row)
         if n < 4:
             word_pos = edit.source_positions[0] + 1
-            pictures.append(dict(src=src, tgt=edit.target_image, pipe=img, ref=ref_img, ref_fine=ref_fine_img,
-                                 maps={s: m[0, :, :, word_pos] for s, m in r.maps.items()},
-                                 mask=r.masks[-1].float().expand(3, -1, -1), fine_mask=r_fine.masks[-1].float().expand(3, -1, -1),
-                                 label=f"{edit.kind}: {bw[0]}->{bw[1]}"))
+            pictures.append(
+                dict(
+                    src=src,
+                    tgt=edit.target_image,
+                    pipe=img,
+                    ref=ref_img,
+                    ref_fine=ref_fine_img,
+                    maps={s: m[0, :, :, word_pos] for s, m in r.maps.items()},
+                    mask=r.masks[-1].float().expand(3, -1, -1),
+                    fine_mask=r_fine.masks[-1].float().expand(3, -1, -1),
+                    label=f"{edit.kind}: {bw[0]}->{bw[1]}",
+                )
+            )
         print(f"[{time.time() - start:6.1f}s] pair {n}: {json.dumps(row)}", flush=True)
         write(out, args, rows, pictures)  # after every pair: a long run may be cut short
     print(markdown(summarise(rows), args))
@@ -150,44 +175,62 @@ def write(out: Path, args, rows: list, pictures: list) -> None:
 
 def summarise(rows):
     s = {}
-    for key in ("object_area", "pipeline_blend_area", "finest_blend_area", "blend_area_min_over_steps",
-                "pipeline_unedited_psnr", "no_blend_unedited_psnr", "blend_vs_no_blend_max_abs",
-                "reference_unedited_psnr", "reference_finest_unedited_psnr", "pipeline_vs_reference_psnr"):
+    for key in (
+        "object_area",
+        "pipeline_blend_area",
+        "finest_blend_area",
+        "blend_area_min_over_steps",
+        "pipeline_unedited_psnr",
+        "no_blend_unedited_psnr",
+        "blend_vs_no_blend_max_abs",
+        "reference_unedited_psnr",
+        "reference_finest_unedited_psnr",
+        "pipeline_vs_reference_psnr",
+    ):
         s[key] = mean([r[key] for r in rows])
     for key in ("pipeline_attribute_ok", "reference_attribute_ok", "reference_finest_attribute_ok"):
         s[key] = mean([float(r[key]) for r in rows])
     s["blend_area_over_object_area"] = mean([r["pipeline_blend_area"] / r["object_area"] for r in rows])
     s["finest_blend_area_over_object_area"] = mean([r["finest_blend_area"] / r["object_area"] for r in rows])
-    s["localisation"] = {lvl: {k: mean([r["localisation"][lvl][k] for r in rows]) for k in ("touch", "half")}
-                         for lvl in rows[0]["localisation"]}
+    s["localisation"] = {
+        lvl: {k: mean([r["localisation"][lvl][k] for r in rows]) for k in ("touch", "half")}
+        for lvl in rows[0]["localisation"]
+    }
     s["map_level"] = rows[0]["map_level"]
     s["pairs"] = len(rows)
     return s
 
 
 def markdown(s, args) -> str:
-    lines = [f"Model `{args.model}`, {s['pairs']} colour/shape swaps, {args.steps} steps, guidance 7.5, NPI + P2P "
-             f"(cross 0.4, self 0.6, blend threshold 0.3, pipeline map level {s['map_level'][0]}×{s['map_level'][1]}).",
-             "", "| word-map peak in the object (colour and shape words, every object) | touches | ≥ half the cell |",
-             "|---|---:|---:|"]
+    lines = [
+        f"Model `{args.model}`, {s['pairs']} colour/shape swaps, {args.steps} steps, guidance 7.5, NPI + P2P "
+        f"(cross 0.4, self 0.6, blend threshold 0.3, pipeline map level {s['map_level'][0]}×{s['map_level'][1]}).",
+        "",
+        "| word-map peak in the object (colour and shape words, every object) | touches | ≥ half the cell |",
+        "|---|---:|---:|",
+    ]
     for lvl, v in s["localisation"].items():
         lines.append(f"| {lvl} map | {100 * v['touch']:.0f}% | {100 * v['half']:.0f}% |")
-    lines += ["", "| measure | value |", "|---|---:|",
-              f"| edited-object area (pixels) | {100 * s['object_area']:.1f}% |",
-              f"| blend mask area, pipeline's level, last step | {100 * s['pipeline_blend_area']:.1f}% "
-              f"({s['blend_area_over_object_area']:.1f}× the object) |",
-              f"| blend mask area, smallest step (mean) | {100 * s['blend_area_min_over_steps']:.1f}% |",
-              f"| blend mask area, finest level, last step | {100 * s['finest_blend_area']:.1f}% "
-              f"({s['finest_blend_area_over_object_area']:.1f}× the object) |",
-              f"| pipeline: unedited PSNR with / without blend words | {s['pipeline_unedited_psnr']:.2f} / "
-              f"{s['no_blend_unedited_psnr']:.2f} dB |",
-              f"| pipeline: max abs difference with vs without blend words | {s['blend_vs_no_blend_max_abs']:.2e} |",
-              f"| reference P2P: unedited PSNR (pipeline's level / finest level) | {s['reference_unedited_psnr']:.2f}"
-              f" / {s['reference_finest_unedited_psnr']:.2f} dB |",
-              f"| pipeline image vs reference image, PSNR | {s['pipeline_vs_reference_psnr']:.1f} dB |",
-              f"| attribute accuracy: pipeline / reference / reference at finest level | "
-              f"{100 * s['pipeline_attribute_ok']:.0f}% / {100 * s['reference_attribute_ok']:.0f}% / "
-              f"{100 * s['reference_finest_attribute_ok']:.0f}% |"]
+    lines += [
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| edited-object area (pixels) | {100 * s['object_area']:.1f}% |",
+        f"| blend mask area, pipeline's level, last step | {100 * s['pipeline_blend_area']:.1f}% "
+        f"({s['blend_area_over_object_area']:.1f}× the object) |",
+        f"| blend mask area, smallest step (mean) | {100 * s['blend_area_min_over_steps']:.1f}% |",
+        f"| blend mask area, finest level, last step | {100 * s['finest_blend_area']:.1f}% "
+        f"({s['finest_blend_area_over_object_area']:.1f}× the object) |",
+        f"| pipeline: unedited PSNR with / without blend words | {s['pipeline_unedited_psnr']:.2f} / "
+        f"{s['no_blend_unedited_psnr']:.2f} dB |",
+        f"| pipeline: max abs difference with vs without blend words | {s['blend_vs_no_blend_max_abs']:.2e} |",
+        f"| reference P2P: unedited PSNR (pipeline's level / finest level) | {s['reference_unedited_psnr']:.2f}"
+        f" / {s['reference_finest_unedited_psnr']:.2f} dB |",
+        f"| pipeline image vs reference image, PSNR | {s['pipeline_vs_reference_psnr']:.1f} dB |",
+        f"| attribute accuracy: pipeline / reference / reference at finest level | "
+        f"{100 * s['pipeline_attribute_ok']:.0f}% / {100 * s['reference_attribute_ok']:.0f}% / "
+        f"{100 * s['reference_finest_attribute_ok']:.0f}% |",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -205,8 +248,11 @@ def picture(items, cell: int = 96):
         return Image.fromarray((x.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy())
 
     levels = sorted(items[0]["maps"], reverse=True)
-    titles = ["source", "truth", "pipeline", "reference", "ref. finest"] + [f"word {a}x{b}" for a, b in levels] + [
-        "blend mask", "finest mask"]
+    titles = (
+        ["source", "truth", "pipeline", "reference", "ref. finest"]
+        + [f"word {a}x{b}" for a, b in levels]
+        + ["blend mask", "finest mask"]
+    )
     label = 14
     grid = Image.new("RGB", (len(titles) * cell, label + len(items) * (cell + label)), "white")
     d = ImageDraw.Draw(grid)
@@ -214,8 +260,11 @@ def picture(items, cell: int = 96):
         d.text((c * cell + 2, 1), t, fill="black")
     for r, it in enumerate(items):
         y = label + r * (cell + label)
-        tiles = [it["src"], it["tgt"], it["pipe"], it["ref"], it["ref_fine"]] + [it["maps"][s] for s in levels] + [
-            it["mask"], it["fine_mask"]]
+        tiles = (
+            [it["src"], it["tgt"], it["pipe"], it["ref"], it["ref_fine"]]
+            + [it["maps"][s] for s in levels]
+            + [it["mask"], it["fine_mask"]]
+        )
         for c, t in enumerate(tiles):
             grid.paste(tile(t), (c * cell, y))
         d.text((2, y + cell), it["label"], fill="black")

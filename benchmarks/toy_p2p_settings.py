@@ -36,11 +36,35 @@ from toy_world import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-REFERENCE = {"level": "auto", "th": 0.3, "start": 0.2, "cross": 0.4, "self": 0.6, "rw": 1.0, "blend": 1.0, "g": 7.5,
-             "phi": 0.0, "edit": "auto", "prox": 0.0, "ig": 1.0}
+REFERENCE = {
+    "level": "auto",
+    "th": 0.3,
+    "start": 0.2,
+    "cross": 0.4,
+    "self": 0.6,
+    "rw": 1.0,
+    "blend": 1.0,
+    "g": 7.5,
+    "phi": 0.0,
+    "edit": "auto",
+    "prox": 0.0,
+    "ig": 1.0,
+}
 WORDS = {"level": ("auto",), "edit": ("auto", "refine", "replace")}  # keys that also take these words
-DEFAULT_SETTINGS = ["level=2", "", "th=0.5", "level=0", "cross=0.2,self=0.4", "cross=0.8,self=0.2", "rw=2",
-                    "rw=2,self=0.4", "rw=2,self=0.2", "rw=2,cross=0.2,self=0.4", "rw=4", "rw=4,self=0.4"]
+DEFAULT_SETTINGS = [
+    "level=2",
+    "",
+    "th=0.5",
+    "level=0",
+    "cross=0.2,self=0.4",
+    "cross=0.8,self=0.2",
+    "rw=2",
+    "rw=2,self=0.4",
+    "rw=2,self=0.2",
+    "rw=2,cross=0.2,self=0.4",
+    "rw=4",
+    "rw=4,self=0.4",
+]
 KINDS = ("colour", "shape", "background", "pattern")
 
 
@@ -65,8 +89,13 @@ def attention_control(setting: dict, pairs) -> PromptToPrompt:
     blend = LocalBlend(words, threshold=setting["th"], start=setting["start"], map_level=level)
     reweight = None if setting["rw"] == 1 else [dict.fromkeys(target, setting["rw"]) for _, target in words]
     edit_type = None if setting["edit"] == "auto" else setting["edit"]
-    return PromptToPrompt(setting["cross"], setting["self"], edit_type=edit_type, reweight=reweight,
-                          local_blend=blend if setting["blend"] else None)
+    return PromptToPrompt(
+        setting["cross"],
+        setting["self"],
+        edit_type=edit_type,
+        reweight=reweight,
+        local_blend=blend if setting["blend"] else None,
+    )
 
 
 def proximal_guidance(setting: dict) -> ProximalGuidance | bool:
@@ -95,20 +124,32 @@ def main(argv=None):
     pipe = evaluate.load_pipeline(args.model, device=args.device)
     pairs = [e for e in evaluate.make_pairs(args.pairs, seed=args.seed, res=args.res) if e.kind in args.kinds]
     with torch.no_grad():
-        inversion = pipe.invert([e.source_image for e in pairs], [e.source_caption for e in pairs],
-                                num_inference_steps=args.steps)
+        inversion = pipe.invert(
+            [e.source_image for e in pairs], [e.source_caption for e in pairs], num_inference_steps=args.steps
+        )
     results, examples = {}, {}
     for name, setting in settings.items():
         start = time.time()
         with torch.no_grad():
-            images = pipe(prompt=[e.target_caption for e in pairs], inversion=inversion, output_type="pt",
-                          guidance_scale=setting["g"], guidance_rescale=setting["phi"],
-                          attention_control=attention_control(setting, pairs),
-                          proximal_guidance=proximal_guidance(setting)).images
+            images = pipe(
+                prompt=[e.target_caption for e in pairs],
+                inversion=inversion,
+                output_type="pt",
+                guidance_scale=setting["g"],
+                guidance_rescale=setting["phi"],
+                attention_control=attention_control(setting, pairs),
+                proximal_guidance=proximal_guidance(setting),
+            ).images
         images = images.float().cpu()
-        rows = [dict(kind=edit.kind, unedited_psnr=evaluate.psnr(image, edit.source_image, ~edit.mask[None]),
-                     attribute_ok=evaluate.attribute_ok(image, edit), objects_kept=evaluate.objects_kept(image, edit))
-                for image, edit in zip(images, pairs)]
+        rows = [
+            dict(
+                kind=edit.kind,
+                unedited_psnr=evaluate.psnr(image, edit.source_image, ~edit.mask[None]),
+                attribute_ok=evaluate.attribute_ok(image, edit),
+                objects_kept=evaluate.objects_kept(image, edit),
+            )
+            for image, edit in zip(images, pairs)
+        ]
         results[name] = dict(setting=setting, rows=rows)
         examples[name] = images[: args.grid]
         print(f"[{time.time() - start:5.0f}s] {name}: {json.dumps(summary(rows))}", flush=True)
@@ -127,8 +168,11 @@ def write(out_dir: Path, args, results: dict, pairs, examples: dict) -> None:
 def summary(rows) -> dict:
     mean = statistics.mean
     s = {key: mean(float(r[key]) for r in rows) for key in ("unedited_psnr", "attribute_ok", "objects_kept")}
-    s["attribute_ok_by_kind"] = {kind: mean(float(r["attribute_ok"]) for r in rows if r["kind"] == kind)
-                                 for kind in KINDS if any(r["kind"] == kind for r in rows)}
+    s["attribute_ok_by_kind"] = {
+        kind: mean(float(r["attribute_ok"]) for r in rows if r["kind"] == kind)
+        for kind in KINDS
+        if any(r["kind"] == kind for r in rows)
+    }
     return s
 
 
@@ -136,16 +180,22 @@ def markdown(results, args) -> str:
     model = Path(args.model).resolve()
     model = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
     pairs = len(next(iter(results.values()))["rows"])
-    lines = [f"`{model}`, {pairs} pairs ({', '.join(args.kinds)}), {args.steps} steps, NPI + P2P with "
-             "`LocalBlend` on the changed words; unnamed settings keep the references' values "
-             f"({', '.join(f'{k}={v}' for k, v in REFERENCE.items())}).", "",
-             "| setting | unedited PSNR | attribute acc. | objects kept | " + " | ".join(KINDS) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(KINDS)]
+    lines = [
+        f"`{model}`, {pairs} pairs ({', '.join(args.kinds)}), {args.steps} steps, NPI + P2P with "
+        "`LocalBlend` on the changed words; unnamed settings keep the references' values "
+        f"({', '.join(f'{k}={v}' for k, v in REFERENCE.items())}).",
+        "",
+        "| setting | unedited PSNR | attribute acc. | objects kept | " + " | ".join(KINDS) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(KINDS),
+    ]
     for name, r in results.items():
         s = summary(r["rows"])
         by_kind = [f"{s['attribute_ok_by_kind'][k]:.0%}" if k in s["attribute_ok_by_kind"] else "–" for k in KINDS]
-        lines.append(f"| {name} | {s['unedited_psnr']:.2f} dB | {s['attribute_ok']:.0%} | {s['objects_kept']:.0%} | "
-                     + " | ".join(by_kind) + " |")
+        lines.append(
+            f"| {name} | {s['unedited_psnr']:.2f} dB | {s['attribute_ok']:.0%} | {s['objects_kept']:.0%} | "
+            + " | ".join(by_kind)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

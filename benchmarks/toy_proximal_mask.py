@@ -42,12 +42,19 @@ def main(argv=None):
     pipe = evaluate.load_pipeline(args.model, device=args.device)
     pairs = [e for e in evaluate.make_pairs(args.pairs, seed=args.seed) if e.kind in args.kinds]
     with torch.no_grad():
-        inversion = pipe.invert([e.source_image for e in pairs], [e.source_caption for e in pairs],
-                                num_inference_steps=args.steps)
-        out = pipe(prompt=[e.target_caption for e in pairs], inversion=inversion, output_type="pt",
-                   guidance_scale=setting["g"], guidance_rescale=setting["phi"],
-                   attention_control=attention_control(setting, pairs), proximal_guidance=proximal_guidance(setting),
-                   return_edit_mask=True)
+        inversion = pipe.invert(
+            [e.source_image for e in pairs], [e.source_caption for e in pairs], num_inference_steps=args.steps
+        )
+        out = pipe(
+            prompt=[e.target_caption for e in pairs],
+            inversion=inversion,
+            output_type="pt",
+            guidance_scale=setting["g"],
+            guidance_rescale=setting["phi"],
+            attention_control=attention_control(setting, pairs),
+            proximal_guidance=proximal_guidance(setting),
+            return_edit_mask=True,
+        )
     print("| kind | pairs | edited region: fraction of steps in the mask | the rest | attribute right |")
     print("|---|---:|---:|---:|---:|")
     for kind in args.kinds:
@@ -55,8 +62,13 @@ def main(argv=None):
         for edit, image, mask in zip(pairs, out.images, out.edit_masks):
             if edit.kind == kind:
                 fraction = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)
-                rows.append((fraction[edit.mask].mean().item(), fraction[~edit.mask].mean().item(),
-                             evaluate.attribute_ok(image.float().cpu(), edit)))
+                rows.append(
+                    (
+                        fraction[edit.mask].mean().item(),
+                        fraction[~edit.mask].mean().item(),
+                        evaluate.attribute_ok(image.float().cpu(), edit),
+                    )
+                )
         if rows:
             inside, rest, ok = (statistics.mean(map(float, column)) for column in zip(*rows))
             print(f"| {kind} | {len(rows)} | {inside:.2f} | {rest:.2f} | {ok:.0%} |")

@@ -93,15 +93,23 @@ def unet_inputs(pipe, batch: int, size: int, device: torch.device, dtype: torch.
     generator = torch.Generator(device).manual_seed(0)
     latent = size // pipe.vae_scale_factor
     inputs = {
-        "sample": torch.randn(batch, unet.config.in_channels, latent, latent, device=device, dtype=dtype,
-                              generator=generator),
+        "sample": torch.randn(
+            batch, unet.config.in_channels, latent, latent, device=device, dtype=dtype, generator=generator
+        ),
         "timestep": torch.tensor(500, device=device),
-        "encoder_hidden_states": torch.randn(batch, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim,
-                                             device=device, dtype=dtype, generator=generator),
+        "encoder_hidden_states": torch.randn(
+            batch,
+            pipe.tokenizer.model_max_length,
+            unet.config.cross_attention_dim,
+            device=device,
+            dtype=dtype,
+            generator=generator,
+        ),
     }
     if pipe.is_sdxl:
-        pooled = torch.randn(batch, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype,
-                             generator=generator)
+        pooled = torch.randn(
+            batch, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype, generator=generator
+        )
         inputs["added_cond_kwargs"] = pipe.added_conditioning(pooled, (size, size))
     return inputs
 
@@ -159,8 +167,9 @@ class AttentionTimes:
             with choice:
                 for (q, k, v, dtype), count in self.calls.items():
                     tensors = [torch.randn(batch, *shape, device=self.device, dtype=dtype) for shape in (q, k, v)]
-                    total += count * time_median(lambda: F.scaled_dot_product_attention(*tensors), self.device,
-                                                 repeats=5, warmup=2)
+                    total += count * time_median(
+                        lambda: F.scaled_dot_product_attention(*tensors), self.device, repeats=5, warmup=2
+                    )
         except RuntimeError:  # "No available kernel": this backend rejects a shape or dtype
             return None
         return total
@@ -200,9 +209,12 @@ class ComponentTimer:
 
     def __enter__(self):
         pipe = self.pipe
-        for name, module in (("vae", getattr(pipe.vae, "encoder", None)), ("vae", getattr(pipe.vae, "decoder", None)),
-                             ("text_encoders", getattr(pipe, "text_encoder", None)),
-                             ("text_encoders", getattr(pipe, "text_encoder_2", None))):
+        for name, module in (
+            ("vae", getattr(pipe.vae, "encoder", None)),
+            ("vae", getattr(pipe.vae, "decoder", None)),
+            ("text_encoders", getattr(pipe, "text_encoder", None)),
+            ("text_encoders", getattr(pipe, "text_encoder_2", None)),
+        ):
             if module is not None:
                 self._hook(module, name)
         if self.unet_via == "hooks":
@@ -227,10 +239,15 @@ class ComponentTimer:
 
     def breakdown(self, wall: float) -> dict[str, float]:
         """Seconds of UNet, VAE and text encoders in the run just timed, and the rest of its ``wall`` seconds."""
-        parts = {name: sum(self.clock.seconds(start, end) for start, end in self.marks.get(name, ()) if end is not None)
-                 for name in ("unet", "vae", "text_encoders")}
-        return {"wall_s": wall, **{f"{name}_s": seconds for name, seconds in parts.items()},
-                "other_s": wall - sum(parts.values())}
+        parts = {
+            name: sum(self.clock.seconds(start, end) for start, end in self.marks.get(name, ()) if end is not None)
+            for name in ("unet", "vae", "text_encoders")
+        }
+        return {
+            "wall_s": wall,
+            **{f"{name}_s": seconds for name, seconds in parts.items()},
+            "other_s": wall - sum(parts.values()),
+        }
 
 
 def row_utilisation(row: dict, work: dict | None, peak: dict | None, attention: AttentionTimes | None) -> dict:
@@ -258,8 +275,7 @@ def format_breakdown(row: dict) -> str:
         return ""
     attention = row.get("attention_s")
     unet = f"UNet {parts['unet_s']:.3f}" + (f" (attn {attention:.3f})" if attention is not None else "")
-    return (f"{unet} / VAE {parts['vae_s']:.3f} / text {parts['text_encoders_s']:.3f} / "
-            f"other {parts['other_s']:.3f}")
+    return f"{unet} / VAE {parts['vae_s']:.3f} / text {parts['text_encoders_s']:.3f} / other {parts['other_s']:.3f}"
 
 
 def format_utilisation(row: dict) -> tuple[str, str]:
@@ -282,7 +298,9 @@ def compile_stats() -> dict:
 
         names, values = compile_times(repr="csv", aggregate=True)
         seconds = dict(zip(names, values)).get("_compile.compile_inner")
-        return {"graphs_compiled": int(counters["stats"]["unique_graphs"]),
-                "compile_s": float(seconds) if seconds is not None else None}
+        return {
+            "graphs_compiled": int(counters["stats"]["unique_graphs"]),
+            "compile_s": float(seconds) if seconds is not None else None,
+        }
     except Exception:  # noqa: BLE001
         return {}

@@ -201,7 +201,8 @@ def push(out: Path, repo_id: str, private: bool, token: str | None, message: str
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Without --push nothing leaves this machine.",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "dist" / "hub", help="folder to write (default: dist/hub)")

@@ -64,7 +64,10 @@ def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed:
     for module in (unet, vae, text_encoder):
         module.eval()
     return {
-        "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
         "scheduler": ddim_scheduler(prediction_type),
     }
 
@@ -92,17 +95,29 @@ def tiny_vae(block_out_channels=(32, 64), **config) -> AutoencoderKL:
 
 def tiny_text_config(tokenizer: CLIPTokenizer, hidden_size: int, **config) -> CLIPTextConfig:
     return CLIPTextConfig(
-        hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77, **config,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=77,
+        **config,
     )
 
 
 def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     """Stable Diffusion's (and SDXL's) noise schedule with deterministic DDIM steps."""
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -138,8 +153,13 @@ def tiny_sdxl_components(tokenizer_dir: Path, seed: int = 0):
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
     return {
-        "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "tokenizer": tokenizer,
-        "tokenizer_2": tokenizer_2, "unet": unet, "scheduler": ddim_scheduler(),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "unet": unet,
+        "scheduler": ddim_scheduler(),
     }
 
 
@@ -154,8 +174,15 @@ def tiny_toy_model(folder: Path) -> Path:
     modules = tiny_components(tokenizer_dir)
     torch.manual_seed(1)
     vae = tiny_vae(block_out_channels=(32, 64, 64)).eval()  # factor 4, as the toy models' VAE
-    train.export(str(folder), vae, modules["unet"], modules["text_encoder"], modules["tokenizer"],
-                 record={"note": "tiny random weights (tests/conftest.py)"}, tokenizer_from=str(tokenizer_dir))
+    train.export(
+        str(folder),
+        vae,
+        modules["unet"],
+        modules["text_encoder"],
+        modules["tokenizer"],
+        record={"note": "tiny random weights (tests/conftest.py)"},
+        tokenizer_from=str(tokenizer_dir),
+    )
     return folder
 
 

@@ -100,8 +100,9 @@ NON_FINITE = {
 def test_non_finite_inversions_are_named_before_any_unet_pass(pipe, inversion, tmp_path, case):
     name, change, message = NON_FINITE[case]
     bad = dataclasses.replace(inversion, **{name: change(getattr(inversion, name).clone())})
-    refused_before_any_unet_pass(pipe, lambda: pipe(prompt=TARGET, inversion=bad), InvalidInversionError,
-                                 f"^inversion: .*{message}")
+    refused_before_any_unet_pass(
+        pipe, lambda: pipe(prompt=TARGET, inversion=bad), InvalidInversionError, f"^inversion: .*{message}"
+    )
     path = tmp_path / "inversion.safetensors"
     with pytest.raises(InvalidInversionError, match=message):
         bad.save(path)  # never writes a file that load refuses
@@ -109,7 +110,9 @@ def test_non_finite_inversions_are_named_before_any_unet_pass(pipe, inversion, t
     inversion.save(path)
     rewrite(path, lambda metadata, tensors: tensors.update({name: change(tensors[name])}))
     for load in (InversionResult.load, pipe.load_inversion):
-        refused_before_any_unet_pass(pipe, lambda: load(path), InvalidInversionError, re.escape(str(path)) + f".*{message}")
+        refused_before_any_unet_pass(
+            pipe, lambda: load(path), InvalidInversionError, re.escape(str(path)) + f".*{message}"
+        )
 
 
 def test_nti_null_embeddings_must_be_finite_and_nti_losses_may_be_nan(pipe):
@@ -117,8 +120,9 @@ def test_nti_null_embeddings_must_be_finite_and_nti_losses_may_be_nan(pipe):
     early_stopped = dataclasses.replace(nti, null_text_losses=torch.full_like(nti.null_text_losses, math.nan))
     pipe.check_inversion(early_stopped)  # NaN losses mark early-stopped steps
     bad = dataclasses.replace(nti, null_embeds=nti.null_embeds.mul(math.inf))
-    refused_before_any_unet_pass(pipe, lambda: pipe(prompt=TARGET, inversion=bad), InvalidInversionError,
-                                 "null_embeds contain NaN or inf")
+    refused_before_any_unet_pass(
+        pipe, lambda: pipe(prompt=TARGET, inversion=bad), InvalidInversionError, "null_embeds contain NaN or inf"
+    )
 
 
 def test_an_absurd_guidance_scale_in_a_file_is_named(pipe, inversion, tmp_path):
@@ -129,18 +133,28 @@ def test_an_absurd_guidance_scale_in_a_file_is_named(pipe, inversion, tmp_path):
         InversionResult.load(path)
 
 
-@pytest.mark.parametrize("factor", [1e30, math.nan, math.inf, -math.inf, MAX_REWEIGHT * 1.01, -MAX_REWEIGHT * 1.01, True])
+@pytest.mark.parametrize(
+    "factor", [1e30, math.nan, math.inf, -math.inf, MAX_REWEIGHT * 1.01, -MAX_REWEIGHT * 1.01, True]
+)
 def test_absurd_reweights_are_refused_before_any_unet_pass(pipe, inversion, factor):
     p2p = PromptToPrompt(reweight={"blue": factor})
-    refused_before_any_unet_pass(pipe, lambda: pipe(prompt=TARGET, inversion=inversion, attention_control=p2p),
-                                 ValueError, r"PromptToPrompt.reweight factor of 'blue' must lie in \[-10.0, 10.0\]")
+    refused_before_any_unet_pass(
+        pipe,
+        lambda: pipe(prompt=TARGET, inversion=inversion, attention_control=p2p),
+        ValueError,
+        r"PromptToPrompt.reweight factor of 'blue' must lie in \[-10.0, 10.0\]",
+    )
 
 
 @pytest.mark.parametrize("reweight", ["blue", [{"blue": 2.0}, 3], {1: 2.0}, {" ": 2.0}, []])
 def test_malformed_reweights_name_the_argument(pipe, inversion, reweight):
     p2p = PromptToPrompt(reweight=reweight)
-    refused_before_any_unet_pass(pipe, lambda: pipe(prompt=TARGET, inversion=inversion, attention_control=p2p),
-                                 ValueError, "PromptToPrompt.reweight")
+    refused_before_any_unet_pass(
+        pipe,
+        lambda: pipe(prompt=TARGET, inversion=inversion, attention_control=p2p),
+        ValueError,
+        "PromptToPrompt.reweight",
+    )
 
 
 def test_reweights_in_the_documented_range_are_accepted(pipe, inversion):
@@ -164,8 +178,9 @@ def test_reweights_in_the_documented_range_are_accepted(pipe, inversion):
 )
 def test_absurd_proximal_settings_are_refused_before_any_unet_pass(pipe, inversion, settings, message):
     prox = ProximalGuidance(**settings)
-    refused_before_any_unet_pass(pipe, lambda: pipe(prompt=TARGET, inversion=inversion, proximal_guidance=prox),
-                                 ValueError, message)
+    refused_before_any_unet_pass(
+        pipe, lambda: pipe(prompt=TARGET, inversion=inversion, proximal_guidance=prox), ValueError, message
+    )
 
 
 def test_a_mask_dilation_beyond_the_latent_is_the_whole_latent():
@@ -194,7 +209,9 @@ def test_non_finite_weights_are_named_instead_of_an_overflow(pipe):
 def test_a_float32_model_is_never_told_to_run_in_float32(pipe, inversion):
     handle = pipe.unet.register_forward_hook(lambda module, args, output: (output[0] * math.inf,))
     try:
-        with pytest.raises(FloatingPointError, match=r"denoised latents contain NaN or inf: .*runs in torch.float32") as raised:
+        with pytest.raises(
+            FloatingPointError, match=r"denoised latents contain NaN or inf: .*runs in torch.float32"
+        ) as raised:
             pipe(prompt=TARGET, inversion=inversion, output_type="latent")
     finally:
         handle.remove()
@@ -250,8 +267,10 @@ def test_a_failing_write_names_the_path_and_keeps_the_earlier_file(inversion, tm
     inversion.save(path)
     before = path.read_bytes()
     for code in (errno.ENOSPC, errno.EROFS):
+
         def fail(descriptor, code=code):
             raise OSError(code, os.strerror(code))
+
         monkeypatch.setattr(os, "fsync", fail)
         with pytest.raises(OSError, match=re.escape(f"Cannot save the inversion to {path}")) as raised:
             inversion.save(path)
@@ -282,8 +301,12 @@ def test_load_of_a_missing_folder_unreadable_or_corrupt_file_names_the_path(inve
     path = tmp_path / "inversion.safetensors"
     inversion.save(path)
     data = path.read_bytes()
-    for name, corrupt in (("truncated", data[: len(data) // 2]), ("huge-header", b"\xff" * 8 + data[8:]),
-                          ("empty", b""), ("text", b"not a tensor file")):
+    for name, corrupt in (
+        ("truncated", data[: len(data) // 2]),
+        ("huge-header", b"\xff" * 8 + data[8:]),
+        ("empty", b""),
+        ("text", b"not a tensor file"),
+    ):
         (tmp_path / name).write_bytes(corrupt)
         with pytest.raises(InvalidInversionError, match=re.escape(str(tmp_path / name)) + ".*not an inversion file"):
             InversionResult.load(tmp_path / name)
@@ -347,19 +370,25 @@ def test_an_nti_file_without_its_null_embeddings_says_so(pipe, tmp_path):
 @pytest.mark.parametrize("method", ["", 0, False, ["npi"], "NPI"])
 def test_an_empty_or_falsy_inversion_method_is_refused(pipe, components, method):
     image = scene_image(0)
-    refused_before_any_unet_pass(pipe, lambda: pipe.invert(image, SOURCE, num_inference_steps=STEPS,
-                                                           inversion_method=method),
-                                 ValueError, "inversion_method must be one of")
+    refused_before_any_unet_pass(
+        pipe,
+        lambda: pipe.invert(image, SOURCE, num_inference_steps=STEPS, inversion_method=method),
+        ValueError,
+        "inversion_method must be one of",
+    )
     with pytest.raises(ValueError, match="inversion_method must be one of"):
         NegativePromptInversionPipeline(**components, inversion_method=method)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(null_text_init=""), "null_text_init must be one of"),
-    (dict(proximal_guidance=""), "proximal_guidance must be one of"),
-    (dict(proximal_guidance=0), "proximal_guidance must be one of"),
-    (dict(force_zeros_for_empty_prompt="no"), "force_zeros_for_empty_prompt must be True or False"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(null_text_init=""), "null_text_init must be one of"),
+        (dict(proximal_guidance=""), "proximal_guidance must be one of"),
+        (dict(proximal_guidance=0), "proximal_guidance must be one of"),
+        (dict(force_zeros_for_empty_prompt="no"), "force_zeros_for_empty_prompt must be True or False"),
+    ],
+)
 def test_falsy_constructor_flags_are_refused(components, flags, message):
     with pytest.raises(ValueError, match=message):
         NegativePromptInversionPipeline(**components, **flags)
@@ -367,22 +396,35 @@ def test_falsy_constructor_flags_are_refused(components, flags, message):
 
 @pytest.mark.parametrize("steps", [0, 3.0, False, "3"])
 def test_a_step_count_that_is_no_count_is_named_as_such(pipe, inversion, steps):
-    refused_before_any_unet_pass(pipe, lambda: pipe(inversion=inversion, num_inference_steps=steps), ValueError,
-                                 "num_inference_steps must be a positive integer")
+    refused_before_any_unet_pass(
+        pipe,
+        lambda: pipe(inversion=inversion, num_inference_steps=steps),
+        ValueError,
+        "num_inference_steps must be a positive integer",
+    )
 
 
 def test_an_empty_null_text_init_is_refused_per_call(pipe):
-    refused_before_any_unet_pass(pipe, lambda: pipe.invert(scene_image(0), SOURCE, inversion_method="nti",
-                                                           null_text_init=""),
-                                 ValueError, "null_text_init must be one of")
+    refused_before_any_unet_pass(
+        pipe,
+        lambda: pipe.invert(scene_image(0), SOURCE, inversion_method="nti", null_text_init=""),
+        ValueError,
+        "null_text_init must be one of",
+    )
 
 
-@pytest.mark.parametrize("words", [((), ()), ("cat", ()), ("cat", ""), ("cat", "  "), "cat", [("cat", [])],
-                                   (("cat",), [["dog"]]), ("cat", 3)])
+@pytest.mark.parametrize(
+    "words",
+    [((), ()), ("cat", ()), ("cat", ""), ("cat", "  "), "cat", [("cat", [])], (("cat",), [["dog"]]), ("cat", 3)],
+)
 def test_blend_words_that_are_empty_or_not_words_are_refused(pipe, inversion, words):
     p2p = PromptToPrompt(local_blend=LocalBlend(words))
-    refused_before_any_unet_pass(pipe, lambda: pipe(prompt=TARGET, inversion=inversion, attention_control=p2p),
-                                 ValueError, "LocalBlend.words must be")
+    refused_before_any_unet_pass(
+        pipe,
+        lambda: pipe(prompt=TARGET, inversion=inversion, attention_control=p2p),
+        ValueError,
+        "LocalBlend.words must be",
+    )
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -391,8 +433,10 @@ def test_blend_words_that_are_empty_or_not_words_are_refused(pipe, inversion, wo
 
 def test_inversion_indices_are_checked_as_a_list_s(inversion):
     two = dataclasses.replace(
-        inversion, latents=torch.cat([inversion.latents, inversion.latents + 1]),
-        prompt_embeds=inversion.prompt_embeds.repeat(2, 1, 1), source_prompts=[SOURCE, TARGET],
+        inversion,
+        latents=torch.cat([inversion.latents, inversion.latents + 1]),
+        prompt_embeds=inversion.prompt_embeds.repeat(2, 1, 1),
+        source_prompts=[SOURCE, TARGET],
     )
     assert two[-1].source_prompts == [TARGET] and torch.equal(two[-1].latents, two[1].latents)
     assert two[-2].source_prompts == two[0].source_prompts == [SOURCE]
@@ -416,9 +460,13 @@ def test_weights_changed_everywhere_but_in_the_first_tensor_are_caught(pipe, inv
     with torch.no_grad():
         for parameter in list(changed.unet.parameters())[1:]:
             parameter.mul_(1.05)
-    for attempt in (lambda: changed.load_inversion(tmp_path / "inversion.safetensors"),
-                    lambda: changed(prompt=TARGET, inversion=inversion)):
-        refused_before_any_unet_pass(changed, attempt, ValueError, r"different models than this pipeline's: unet \(weights\)\.")
+    for attempt in (
+        lambda: changed.load_inversion(tmp_path / "inversion.safetensors"),
+        lambda: changed(prompt=TARGET, inversion=inversion),
+    ):
+        refused_before_any_unet_pass(
+            changed, attempt, ValueError, r"different models than this pipeline's: unet \(weights\)\."
+        )
 
 
 def test_a_changed_text_encoder_is_named(pipe, inversion):
@@ -465,41 +513,66 @@ def test_samples_are_a_fixed_number_per_tensor(pipe):
 
 def test_files_of_the_earlier_signature_still_load(pipe, inversion, tmp_path, tokenizer_dir):
     """Files saved before this version hold one config digest and 8 values of each model's first tensor."""
-    first = {name: [float(v) for v in next(getattr(pipe, name).parameters()).detach().flatten()[:8]]
-             for name in ("unet", "vae", "text_encoder")}
-    earlier = dataclasses.replace(inversion, model_signature={"config": pipe.model_signature()["config"], "probe": first})
+    first = {
+        name: [float(v) for v in next(getattr(pipe, name).parameters()).detach().flatten()[:8]]
+        for name in ("unet", "vae", "text_encoder")
+    }
+    earlier = dataclasses.replace(
+        inversion, model_signature={"config": pipe.model_signature()["config"], "probe": first}
+    )
     path = tmp_path / "earlier.safetensors"
     earlier.save(path)
-    torch.testing.assert_close(pipe(inversion=pipe.load_inversion(path), output_type="latent").images,
-                               pipe(inversion=inversion, output_type="latent").images, rtol=0, atol=0)
+    torch.testing.assert_close(
+        pipe(inversion=pipe.load_inversion(path), output_type="latent").images,
+        pipe(inversion=inversion, output_type="latent").images,
+        rtol=0,
+        atol=0,
+    )
     other = NegativePromptInversionPipeline(**tiny_components(tokenizer_dir, seed=1))
     with pytest.raises(ValueError, match=r"different models than this pipeline's: unet \(weights\); vae"):
         other.load_inversion(path)
 
 
 def test_another_vae_factor_names_the_vae(components, inversion):
-    vae = AutoencoderKL(block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
     other = NegativePromptInversionPipeline(**{**copy.deepcopy(components), "vae": vae})
     refused_before_any_unet_pass(
-        other, lambda: other(prompt=TARGET, inversion=inversion), ValueError,
+        other,
+        lambda: other(prompt=TARGET, inversion=inversion),
+        ValueError,
         r"different models than this pipeline's: vae \(config, weights, VAE factor 4 here, 2 in the inversion\)\.",
     )
 
 
-@pytest.mark.parametrize("change", [dict(prediction_type="v_prediction"), dict(steps_offset=0),
-                                    dict(beta_end=0.02), dict(timestep_spacing="trailing")])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(prediction_type="v_prediction"),
+        dict(steps_offset=0),
+        dict(beta_end=0.02),
+        dict(timestep_spacing="trailing"),
+    ],
+)
 def test_another_noise_schedule_names_the_scheduler(components, inversion, change):
     scheduler = type(components["scheduler"]).from_config(components["scheduler"].config, **change)
     other = NegativePromptInversionPipeline(**{**copy.deepcopy(components), "scheduler": scheduler})
-    refused_before_any_unet_pass(other, lambda: other(prompt=TARGET, inversion=inversion), ValueError,
-                                 r"different models than this pipeline's: scheduler \(config\)\.")
+    refused_before_any_unet_pass(
+        other,
+        lambda: other(prompt=TARGET, inversion=inversion),
+        ValueError,
+        r"different models than this pipeline's: scheduler \(config\)\.",
+    )
 
 
 def test_timesteps_that_the_scheduler_does_not_give_are_refused(pipe, inversion):
     shifted = dataclasses.replace(inversion, timesteps=inversion.timesteps - 1)
-    refused_before_any_unet_pass(pipe, lambda: pipe(inversion=shifted), ValueError,
-                                 "this pipeline's scheduler gives")
+    refused_before_any_unet_pass(pipe, lambda: pipe(inversion=shifted), ValueError, "this pipeline's scheduler gives")
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -534,12 +607,15 @@ def test_count_unet_calls_counts_only_the_calling_thread(pipe, inversion):
 # Devices
 
 
-@pytest.mark.parametrize("device, message", [
-    ("meta", "device 'meta' holds tensors without values"),
-    (torch.device("meta"), "device 'meta' holds tensors without values"),
-    ("bogus", "device 'bogus' is not a device torch can use"),
-    ("mps", "device 'mps'"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("meta", "device 'meta' holds tensors without values"),
+        (torch.device("meta"), "device 'meta' holds tensors without values"),
+        ("bogus", "device 'bogus' is not a device torch can use"),
+        ("mps", "device 'mps'"),
+    ],
+)
 def test_to_an_unusable_device_is_refused_and_moves_nothing(pipe, inversion, device, message):
     if isinstance(device, str) and device == "mps" and torch.backends.mps.is_available():
         pytest.skip("mps is available here")

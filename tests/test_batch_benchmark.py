@@ -16,8 +16,26 @@ STEPS = 3
 
 
 def test_quick_run_writes_one_row_per_mode_and_batch_size(tmp_path):
-    assert batch.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--steps", str(STEPS),
-                       "--modes", "eager", "cuda_graphs", "--batch-sizes", "1", "2"]) == 0
+    assert (
+        batch.main(
+            [
+                "--quick",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+                "--steps",
+                str(STEPS),
+                "--modes",
+                "eager",
+                "cuda_graphs",
+                "--batch-sizes",
+                "1",
+                "2",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "batch.json").read_text())
     rows = {(row["mode"], row["batch_size"]): row for row in result["rows"]}
     assert sorted(rows) == [("cuda_graphs", 1), ("cuda_graphs", 2), ("eager", 1), ("eager", 2)]

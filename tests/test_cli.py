@@ -33,10 +33,18 @@ BATCH = ["--batch-size", "2", "--p2p", *STEPS, *RUN]
 # One PIE-Bench entry per edit kind; PIE-Bench brackets the changed words and gives one blend word per side.
 ENTRIES = {
     "100000000000": ("1", "a red [cat] on a white background", "a red [dog] on a white background", "cat dog"),
-    "600000000001": ("6", "a [green] square on a black background", "a [blue] square on a black background",
-                     "green blue"),
-    "800000000002": ("8", "a red circle on a [white] background", "a red circle on a [black] background",
-                     "white black"),
+    "600000000001": (
+        "6",
+        "a [green] square on a black background",
+        "a [blue] square on a black background",
+        "green blue",
+    ),
+    "800000000002": (
+        "8",
+        "a red circle on a [white] background",
+        "a red circle on a [black] background",
+        "white black",
+    ),
     "100000000003": ("1", "a big [cat] sitting on a wall", "a big [dog] sitting on a wall", "cat dog"),
 }
 
@@ -52,8 +60,9 @@ def restore_threads():
 def model(components, tmp_path_factory) -> str:
     """The tiny test model as a diffusers folder, as `StableDiffusionPipeline.save_pretrained` writes it."""
     folder = tmp_path_factory.mktemp("tiny-sd") / "model"
-    StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
+    StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(folder)
     return str(folder)
 
 
@@ -68,9 +77,15 @@ def pie(tmp_path_factory) -> Path:
         path = f"{kind}_{pie_bench.EDITING_TYPES[kind]}/{key}.png"
         (folder / "annotation_images" / path).parent.mkdir(parents=True, exist_ok=True)
         PIL.Image.fromarray(scene_image(index)).save(folder / "annotation_images" / path)
-        mapping[key] = {"image_path": path, "original_prompt": source, "editing_prompt": target,
-                        "editing_instruction": "", "editing_type_id": kind, "blended_word": blend,
-                        "mask": pie_bench.encode_mask(mask)}
+        mapping[key] = {
+            "image_path": path,
+            "original_prompt": source,
+            "editing_prompt": target,
+            "editing_instruction": "",
+            "editing_type_id": kind,
+            "blended_word": blend,
+            "mask": pie_bench.encode_mask(mask),
+        }
     (folder / "mapping_file.json").write_text(json.dumps(mapping, indent=1))
     return folder / "mapping_file.json"
 
@@ -123,6 +138,7 @@ def fails(capsys, argv, status: int = 2) -> str:
 @pytest.fixture()
 def no_model(monkeypatch):
     """Any model load fails the test: the mistake must be found before."""
+
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
@@ -145,8 +161,15 @@ def test_help_is_quiet_and_imports_no_heavy_module(checkout_env):
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'numpy', 'PIL') if m in sys.modules]\n"
         "print('heavy:', heavy)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
-                          env=checkout_env, cwd=ROOT.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=checkout_env,
+        cwd=ROOT.parent,
+    )
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert "heavy: []" in done.stdout and done.stdout.count("usage: npi-edit") == 5
 
@@ -157,13 +180,44 @@ def test_help_is_quiet_and_imports_no_heavy_module(checkout_env):
 def test_invert_then_edit_one_image(pie, model, tmp_path, capsys):
     image = next(pie.parent.glob("annotation_images/1_*/100000000000.png"))
     inversion = tmp_path / "inv.safetensors"
-    cli.main(["invert", str(image), "--prompt", "a red cat on a white background", "--out", str(inversion),
-              "--method", "ddim", "--model", model, *STEPS, *RUN])
+    cli.main(
+        [
+            "invert",
+            str(image),
+            "--prompt",
+            "a red cat on a white background",
+            "--out",
+            str(inversion),
+            "--method",
+            "ddim",
+            "--model",
+            model,
+            *STEPS,
+            *RUN,
+        ]
+    )
     assert json.loads(safe_open(inversion, "pt").metadata()["inversion"])["method"] == "ddim"
     assert "inverting (ddim)" in capsys.readouterr().err  # the progress bar
     edited = tmp_path / "edited.png"
-    cli.main(["edit", str(inversion), "--prompt", "a red dog on a white background", "--p2p", "--blend", "cat", "dog",
-              "--proximal", "soft", "--out", str(edited), "--model", model, *RUN])
+    cli.main(
+        [
+            "edit",
+            str(inversion),
+            "--prompt",
+            "a red dog on a white background",
+            "--p2p",
+            "--blend",
+            "cat",
+            "dog",
+            "--proximal",
+            "soft",
+            "--out",
+            str(edited),
+            "--model",
+            model,
+            *RUN,
+        ]
+    )
     assert PIL.Image.open(edited).size == (32, 32)
     assert "editing" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*partial"))  # written through a temporary file, renamed
@@ -173,10 +227,38 @@ def test_a_blend_word_not_in_the_prompt_is_one_line(pie, model, tmp_path, capsys
     """Found by the pipeline's own word matching, after the model loads but before any UNet pass."""
     image = next(pie.parent.glob("annotation_images/1_*/100000000000.png"))
     inversion = tmp_path / "inv.safetensors"
-    cli.main(["invert", str(image), "--prompt", "a red cat on a white background", "--out", str(inversion),
-              "--model", model, *STEPS, *RUN])
-    line = fails(capsys, ["edit", str(inversion), "--prompt", "a red dog on a white background", "--p2p", "--blend",
-                          "cat", "tiger", "--out", str(tmp_path / "e.png"), "--model", model, *RUN])
+    cli.main(
+        [
+            "invert",
+            str(image),
+            "--prompt",
+            "a red cat on a white background",
+            "--out",
+            str(inversion),
+            "--model",
+            model,
+            *STEPS,
+            *RUN,
+        ]
+    )
+    line = fails(
+        capsys,
+        [
+            "edit",
+            str(inversion),
+            "--prompt",
+            "a red dog on a white background",
+            "--p2p",
+            "--blend",
+            "cat",
+            "tiger",
+            "--out",
+            str(tmp_path / "e.png"),
+            "--model",
+            model,
+            *RUN,
+        ],
+    )
     assert line.startswith("npi-edit edit: error: --blend:") and "'tiger'" in line
     assert not (tmp_path / "e.png").exists()
 
@@ -185,57 +267,92 @@ def test_a_blend_word_not_in_the_prompt_is_one_line(pie, model, tmp_path, capsys
 MISTAKES = {
     "steps 0": (["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors", "--steps", "0"], "--steps"),
     "steps word": (["batch", "{pie}", "--out", "{dir}/o", "--steps", "many"], "--steps: expected an integer"),
-    "steps above the schedule": (["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors",
-                                  "--steps", "5000"], "--steps: at most the model's 1000"),
+    "steps above the schedule": (
+        ["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors", "--steps", "5000"],
+        "--steps: at most the model's 1000",
+    ),
     "guidance nan": (["batch", "{pie}", "--out", "{dir}/o", "--guidance", "nan"], "--guidance"),
     "guidance inf": (["edit", "{inversion}", "--out", "{dir}/e.png", "--guidance", "inf"], "--guidance"),
-    "guidance above the pipeline's bound": (["batch", "{pie}", "--out", "{dir}/o", "--guidance", "1e6"],
-                                            "--guidance: guidance_scale must lie in"),
-    "nti guidance below 1": (["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors", "--method", "nti",
-                              "--guidance", "0.5"], "--guidance: guidance_scale must be >= 1"),
-    "guidance an npi inversion ignores": (["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors",
-                                           "--guidance", "5"], "--guidance: npi inverts at guidance 1"),
-    "cross-replace 1.5": (["batch", "{pie}", "--out", "{dir}/o", "--p2p", "--cross-replace", "1.5"],
-                          "--cross-replace: must be in [0, 1]"),
-    "cross-replace without p2p": (["edit", "{inversion}", "--prompt", "p", "--out", "{dir}/e.png",
-                                   "--cross-replace", "0.5"], "--cross-replace is a prompt-to-prompt setting"),
-    "blend without p2p": (["edit", "{inversion}", "--prompt", "p", "--blend", "a", "b", "--out", "{dir}/e.png"],
-                          "--blend is a prompt-to-prompt setting"),
+    "guidance above the pipeline's bound": (
+        ["batch", "{pie}", "--out", "{dir}/o", "--guidance", "1e6"],
+        "--guidance: guidance_scale must lie in",
+    ),
+    "nti guidance below 1": (
+        ["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors", "--method", "nti", "--guidance", "0.5"],
+        "--guidance: guidance_scale must be >= 1",
+    ),
+    "guidance an npi inversion ignores": (
+        ["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors", "--guidance", "5"],
+        "--guidance: npi inverts at guidance 1",
+    ),
+    "cross-replace 1.5": (
+        ["batch", "{pie}", "--out", "{dir}/o", "--p2p", "--cross-replace", "1.5"],
+        "--cross-replace: must be in [0, 1]",
+    ),
+    "cross-replace without p2p": (
+        ["edit", "{inversion}", "--prompt", "p", "--out", "{dir}/e.png", "--cross-replace", "0.5"],
+        "--cross-replace is a prompt-to-prompt setting",
+    ),
+    "blend without p2p": (
+        ["edit", "{inversion}", "--prompt", "p", "--blend", "a", "b", "--out", "{dir}/e.png"],
+        "--blend is a prompt-to-prompt setting",
+    ),
     "p2p without a prompt": (["edit", "{inversion}", "--p2p", "--out", "{dir}/e.png"], "--p2p changes edits only"),
-    "reconstruct with p2p": (["batch", "{pie}", "--out", "{dir}/o", "--reconstruct", "--p2p"],
-                             "--p2p changes edits only"),
-    "edit steps (the inversion's)": (["edit", "{inversion}", "--steps", "20", "--out", "{dir}/e.png"],
-                                     "unrecognized arguments: --steps 20"),
+    "reconstruct with p2p": (
+        ["batch", "{pie}", "--out", "{dir}/o", "--reconstruct", "--p2p"],
+        "--p2p changes edits only",
+    ),
+    "edit steps (the inversion's)": (
+        ["edit", "{inversion}", "--steps", "20", "--out", "{dir}/e.png"],
+        "unrecognized arguments: --steps 20",
+    ),
     "batch size 0": (["batch", "{pie}", "--out", "{dir}/o", "--batch-size", "0"], "--batch-size: must be at least 1"),
     "threads 0": (["batch", "{pie}", "--out", "{dir}/o", "--threads", "0"], "--threads"),
     "seed -1": (["batch", "{pie}", "--out", "{dir}/o", "--seed", "-1"], "--seed"),
     "method": (["batch", "{pie}", "--out", "{dir}/o", "--method", "magic"], "--method: invalid choice"),
     "device bogus": (["batch", "{pie}", "--out", "{dir}/o", "--device", "bogus"], "--device: 'bogus' is not"),
-    "device meta": (["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors", "--device", "meta"],
-                    "--device: 'meta' cannot run"),
-    "device cuda:99": (["edit", "{inversion}", "--out", "{dir}/e.png", "--device", "cuda:99"],
-                       "--device: no cuda:99 device"),
-    "cuda graphs on cpu": (["batch", "{pie}", "--out", "{dir}/o", "--device", "cpu", "--cuda-graphs"],
-                           "--cuda-graphs needs a CUDA device"),
-    "compile on cpu": (["edit", "{inversion}", "--out", "{dir}/e.png", "--device", "cpu", "--compile"],
-                       "--compile needs a CUDA device"),
+    "device meta": (
+        ["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors", "--device", "meta"],
+        "--device: 'meta' cannot run",
+    ),
+    "device cuda:99": (
+        ["edit", "{inversion}", "--out", "{dir}/e.png", "--device", "cuda:99"],
+        "--device: no cuda:99 device",
+    ),
+    "cuda graphs on cpu": (
+        ["batch", "{pie}", "--out", "{dir}/o", "--device", "cpu", "--cuda-graphs"],
+        "--cuda-graphs needs a CUDA device",
+    ),
+    "compile on cpu": (
+        ["edit", "{inversion}", "--out", "{dir}/e.png", "--device", "cpu", "--compile"],
+        "--compile needs a CUDA device",
+    ),
     "model missing": (["batch", "{pie}", "--out", "{dir}/o", "--model", "{dir}/nowhere"], "--model: no diffusers"),
-    "model not a diffusers folder": (["edit", "{inversion}", "--out", "{dir}/e.png", "--model", "{dir}"],
-                                     "no model_index.json"),
-    "image missing": (["invert", "{dir}/none.png", "--prompt", "p", "--out", "{dir}/i.safetensors"],
-                      "IMAGE: no file"),
-    "image unreadable": (["invert", "{text}", "--prompt", "p", "--out", "{dir}/i.safetensors"],
-                         "IMAGE: image: cannot read"),
+    "model not a diffusers folder": (
+        ["edit", "{inversion}", "--out", "{dir}/e.png", "--model", "{dir}"],
+        "no model_index.json",
+    ),
+    "image missing": (["invert", "{dir}/none.png", "--prompt", "p", "--out", "{dir}/i.safetensors"], "IMAGE: no file"),
+    "image unreadable": (
+        ["invert", "{text}", "--prompt", "p", "--out", "{dir}/i.safetensors"],
+        "IMAGE: image: cannot read",
+    ),
     "inversion missing": (["edit", "{dir}/none.safetensors", "--out", "{dir}/e.png"], "INVERSION: no file"),
     "inversion not an inversion": (["edit", "{inversion}", "--out", "{dir}/e.png"], "INVERSION:"),
-    "invert out in a missing folder": (["invert", "{image}", "--prompt", "p", "--out", "{dir}/no/i.safetensors"],
-                                       "--out: no folder"),
+    "invert out in a missing folder": (
+        ["invert", "{image}", "--prompt", "p", "--out", "{dir}/no/i.safetensors"],
+        "--out: no folder",
+    ),
     "edit out in a missing folder": (["edit", "{inversion}", "--out", "{dir}/no/e.png"], "--out: no folder"),
     "invert out a folder": (["invert", "{image}", "--prompt", "p", "--out", "{dir}"], "is a folder"),
-    "invert out not safetensors": (["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.png"],
-                                   "is not an inversion file (.safetensors)"),
-    "edit out without an image suffix": (["edit", "{inversion}", "--out", "{dir}/edited"],
-                                         "--out: {dir}/edited is not an image file"),
+    "invert out not safetensors": (
+        ["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.png"],
+        "is not an inversion file (.safetensors)",
+    ),
+    "edit out without an image suffix": (
+        ["edit", "{inversion}", "--out", "{dir}/edited"],
+        "--out: {dir}/edited is not an image file",
+    ),
     "edit out under a file": (["edit", "{inversion}", "--out", "{text}/e.png"], "is not a folder"),
     "batch out an existing file": (["batch", "{pie}", "--out", "{text}"], "is a file, not a folder"),
     "batch out under a file": (["batch", "{pie}", "--out", "{text}/o"], "is a file, not a folder"),
@@ -252,8 +369,13 @@ def paths(pie, tmp_path):
     text.write_text("not an image")
     inversion = tmp_path / "fake.safetensors"
     inversion.write_bytes(b"\x00" * 16)
-    return {"dir": str(tmp_path), "pie": str(pie), "text": str(text), "inversion": str(inversion),
-            "image": str(next(pie.parent.glob("annotation_images/1_*/100000000000.png")))}
+    return {
+        "dir": str(tmp_path),
+        "pie": str(pie),
+        "text": str(text),
+        "inversion": str(inversion),
+        "image": str(next(pie.parent.glob("annotation_images/1_*/100000000000.png"))),
+    }
 
 
 @pytest.mark.parametrize("case", list(MISTAKES))
@@ -269,8 +391,9 @@ def test_a_mistake_is_one_line_before_any_model_loads(case, paths, model, no_mod
 
 def test_debug_shows_where_a_failure_came_from(paths, model, no_model):
     with pytest.raises(cli.UsageError, match="--device: .bogus. is not a torch device"):
-        cli.main(["batch", paths["pie"], "--out", paths["dir"] + "/o", "--device", "bogus", "--debug",
-                  "--model", model])
+        cli.main(
+            ["batch", paths["pie"], "--out", paths["dir"] + "/o", "--device", "bogus", "--debug", "--model", model]
+        )
 
 
 def test_the_device_cuda_without_cuda_is_one_line(paths, model, no_model, capsys):
@@ -284,9 +407,11 @@ def test_a_read_only_output_is_one_line(paths, model, no_model, monkeypatch, cap
     """Read-only folders (and file systems) deny write access; as root only the latter do, so access is simulated."""
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if mode & os.W_OK else access(path, mode))
-    for argv in (["invert", paths["image"], "--prompt", "p", "--out", paths["dir"] + "/i.safetensors"],
-                 ["edit", paths["inversion"], "--out", paths["dir"] + "/e.png"],
-                 ["batch", paths["pie"], "--out", paths["dir"] + "/o"]):
+    for argv in (
+        ["invert", paths["image"], "--prompt", "p", "--out", paths["dir"] + "/i.safetensors"],
+        ["edit", paths["inversion"], "--out", paths["dir"] + "/e.png"],
+        ["batch", paths["pie"], "--out", paths["dir"] + "/o"],
+    ):
         assert "read-only" in fails(capsys, [*argv, "--model", model])
 
 
@@ -295,37 +420,69 @@ def test_a_read_only_output_is_one_line(paths, model, no_model, monkeypatch, cap
 MANIFESTS = {
     "bad JSONL line": ("m.jsonl", ["{row}", "{{not json"], "m.jsonl:2: not valid JSON"),
     "JSONL row a list": ("m.jsonl", ["{row}", '["a.png", "a cat", "a dog"]'], "m.jsonl:2: a row is a JSON object"),
-    "target_prompts a string": ("m.jsonl", ['{{"image": "a.png", "source_prompt": "a cat", "target_prompts": "a dog"}}'],
-                                "m.jsonl:1: 'target_prompts' must be a list"),
-    "JSONL row without image": ("m.jsonl", ["{row}", '{{"source_prompt": "a", "target_prompt": "b"}}'],
-                                "m.jsonl:2: no 'image'"),
-    "blend of one word": ("m.jsonl", ['{{"image": "a.png", "source_prompt": "a", "target_prompt": "b", "blend": "a"}}'],
-                          "m.jsonl:1: 'blend' must be"),
+    "target_prompts a string": (
+        "m.jsonl",
+        ['{{"image": "a.png", "source_prompt": "a cat", "target_prompts": "a dog"}}'],
+        "m.jsonl:1: 'target_prompts' must be a list",
+    ),
+    "JSONL row without image": (
+        "m.jsonl",
+        ["{row}", '{{"source_prompt": "a", "target_prompt": "b"}}'],
+        "m.jsonl:2: no 'image'",
+    ),
+    "blend of one word": (
+        "m.jsonl",
+        ['{{"image": "a.png", "source_prompt": "a", "target_prompt": "b", "blend": "a"}}'],
+        "m.jsonl:1: 'blend' must be",
+    ),
     "mapping file a list": ("mapping_file.json", ['["a.png"]'], "mapping_file.json:1: a PIE-Bench mapping file is a"),
-    "mapping entry without prompt": ("mapping_file.json", ['{{', '"1": {{"image_path": "a.png"}}', '}}'],
-                                     "mapping_file.json:2: entry '1': no 'original_prompt'"),
+    "mapping entry without prompt": (
+        "mapping_file.json",
+        ["{{", '"1": {{"image_path": "a.png"}}', "}}"],
+        "mapping_file.json:2: entry '1': no 'original_prompt'",
+    ),
     "mapping with a repeated id": ("mapping_file.json", ['{{"1": {{}},', '"1": {{}}}}'], "key '1' appears twice"),
     "CSV without a column": ("m.csv", ["image,source_prompt", "a.png,a cat"], "m.csv:1: the header has no column"),
-    "CSV row short": ("m.csv", ["image,source_prompt,target_prompt", "a.png,a cat,a dog", "b.png,a cat"],
-                      "m.csv:3: this row has fewer fields"),
+    "CSV row short": (
+        "m.csv",
+        ["image,source_prompt,target_prompt", "a.png,a cat,a dog", "b.png,a cat"],
+        "m.csv:3: this row has fewer fields",
+    ),
     "empty": ("m.jsonl", [""], "m.jsonl: no items"),
-    "ids that share a file": ("m.jsonl", ['{{"id": "a/b", {fields}}}', '{{"id": "a_b", {fields}}}'],
-                              "m.jsonl:2: id 'a_b' would write inversions/a_b.safetensors, as id 'a/b' (line 1)"),
-    "ids that differ in case": ("m.jsonl", ['{{"id": "Cat", {fields}}}', '{{"id": "cat", {fields}}}'],
-                                "id 'cat' would write"),
-    "an id another item's target names": ("m.jsonl", [
-        '{{"id": "x", "image": "a.png", "source_prompt": "a", "target_prompts": ["b", "c"]}}',
-        '{{"id": "x_1", {fields}}}'], "id 'x_1' would write edits/x_1.png, as id 'x'"),
-    "a misspelt field": ("m.jsonl", ['{{"image": "a.png", "source_prompt": "a", "target_prompt": "b", "blnd": "a b"}}'],
-                         "m.jsonl:1: unknown field 'blnd'; did you mean 'blend'?"),
+    "ids that share a file": (
+        "m.jsonl",
+        ['{{"id": "a/b", {fields}}}', '{{"id": "a_b", {fields}}}'],
+        "m.jsonl:2: id 'a_b' would write inversions/a_b.safetensors, as id 'a/b' (line 1)",
+    ),
+    "ids that differ in case": (
+        "m.jsonl",
+        ['{{"id": "Cat", {fields}}}', '{{"id": "cat", {fields}}}'],
+        "id 'cat' would write",
+    ),
+    "an id another item's target names": (
+        "m.jsonl",
+        [
+            '{{"id": "x", "image": "a.png", "source_prompt": "a", "target_prompts": ["b", "c"]}}',
+            '{{"id": "x_1", {fields}}}',
+        ],
+        "id 'x_1' would write edits/x_1.png, as id 'x'",
+    ),
+    "a misspelt field": (
+        "m.jsonl",
+        ['{{"image": "a.png", "source_prompt": "a", "target_prompt": "b", "blnd": "a b"}}'],
+        "m.jsonl:1: unknown field 'blnd'; did you mean 'blend'?",
+    ),
     "no image where the manifest says": ("m.jsonl", ["{row}"], "MANIFEST: none of its 1 images exists"),
-    "duplicate ids": ("m.jsonl", ['{{"id": "a", {fields}}}', '{{"id": "a", {fields}}}'], "m.jsonl:2: id 'a' is already"),
+    "duplicate ids": (
+        "m.jsonl",
+        ['{{"id": "a", {fields}}}', '{{"id": "a", {fields}}}'],
+        "m.jsonl:2: id 'a' is already",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(MANIFESTS))
-def test_a_manifest_that_is_not_what_it_claims_is_one_line_with_file_and_line(case, tmp_path, model, no_model,
-                                                                              capsys):
+def test_a_manifest_that_is_not_what_it_claims_is_one_line_with_file_and_line(case, tmp_path, model, no_model, capsys):
     name, lines, message = MANIFESTS[case]
     fields = '"image": "a.png", "source_prompt": "a cat", "target_prompt": "a dog"'
     manifest = tmp_path / name
@@ -339,11 +496,21 @@ def test_csv_and_jsonl_manifests(tmp_path):
     (tmp_path / "m.csv").write_text("image,source_prompt,target_prompt,blend\ncat.png,a cat,a dog,cat dog\n")
     (item,) = pie_bench.read_manifest(tmp_path / "m.csv", images=str(tmp_path / "imgs"))
     assert (item.id, item.image, item.target_prompts, item.blend, item.line) == (
-        "000000", tmp_path / "imgs" / "cat.png", ["a dog"], ("cat", "dog"), 2)
+        "000000",
+        tmp_path / "imgs" / "cat.png",
+        ["a dog"],
+        ("cat", "dog"),
+        2,
+    )
     rows = [row("a.png", id=7, target_prompt=None, target_prompts=["b", "c"], editing_type_id=6), "", row("b.png")]
     first, second = pie_bench.read_manifest(jsonl(tmp_path / "m.jsonl", rows))
     assert (first.id, first.target_prompts, first.editing_type, second.id, second.line) == (
-        "7", ["b", "c"], "6", "000001", 3)
+        "7",
+        ["b", "c"],
+        "6",
+        "000001",
+        3,
+    )
 
 
 # ================================================================================================ batches
@@ -382,15 +549,22 @@ def test_bad_items_are_recorded_the_batch_goes_on_and_exits_non_zero(pie, model,
     (tmp_path / "broken.png").write_text("not an image")
     PIL.Image.new("L", (8, 8)).save(tmp_path / "small_mask.png")
     PIL.Image.new("L", (32, 32)).save(tmp_path / "mask.png")
-    manifest = jsonl(tmp_path / "manifest.jsonl", [
-        row(image, id="good", blend="cat dog", mask="mask.png"),
-        row("nowhere.png", id="missing"),
-        row("broken.png", id="unreadable"),
-        row(image, id="blend", blend="tiger dog"),
-        row(image, id="mask", mask="small_mask.png"),
-        row(image, id="two", target=None, target_prompts=["a red dog on a white background", "a blue cat on a"
-                                                          " white background"]),
-    ])
+    manifest = jsonl(
+        tmp_path / "manifest.jsonl",
+        [
+            row(image, id="good", blend="cat dog", mask="mask.png"),
+            row("nowhere.png", id="missing"),
+            row("broken.png", id="unreadable"),
+            row(image, id="blend", blend="tiger dog"),
+            row(image, id="mask", mask="small_mask.png"),
+            row(
+                image,
+                id="two",
+                target=None,
+                target_prompts=["a red dog on a white background", "a blue cat on a white background"],
+            ),
+        ],
+    )
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit:
         cli.main(["batch", str(manifest), "--out", str(out), "--model", model, *BATCH])
@@ -414,7 +588,7 @@ def test_resume_recomputes_only_what_is_missing(finished, pie, model, tmp_path, 
     lines = shard.read_text().splitlines(keepends=True)
     shard.write_text("".join(lines[:-1]) + lines[-1][:40])  # the crash cut the last line
     cli.main(["batch", str(pie), "--out", str(out), "--model", model, *BATCH])
-    new = [json.loads(line) for line in shard.read_text().splitlines()[len(lines):]]
+    new = [json.loads(line) for line in shard.read_text().splitlines()[len(lines) :]]
     assert [r["id"] for r in new] == [last["id"]]
     assert output_files(out) == before
     assert "3 of 4 items already done, skipped" in capsys.readouterr().err
@@ -439,13 +613,29 @@ def test_an_interrupted_run_resumed_with_an_edited_row_or_other_threads_never_mi
     capsys.readouterr()
 
     before = output_files(out)
-    line = fails(capsys, ["batch", str(manifest), "--out", str(out), "--model", model, *BATCH[:-4],
-                          "--threads", "2", "--device", "cpu"])
+    line = fails(
+        capsys,
+        [
+            "batch",
+            str(manifest),
+            "--out",
+            str(out),
+            "--model",
+            model,
+            *BATCH[:-4],
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert "other settings (pass --threads 1)" in line and output_files(out) == before
 
     cli.main(["batch", str(manifest), "--out", str(out), "--model", model, *BATCH])
     report = capsys.readouterr().err
-    assert "1 of 4 items already done" in report and "1 item changed since written (row or image: 100000000000)" in report
+    assert (
+        "1 of 4 items already done" in report and "1 item changed since written (row or image: 100000000000)" in report
+    )
     fresh = tmp_path / "fresh"
     cli.main(["batch", str(manifest), "--out", str(fresh), "--model", model, *BATCH])
     assert output_files(out) == output_files(fresh)
@@ -488,10 +678,32 @@ def records_of_shards(out: Path) -> list:
 
 def test_two_processes_equal_one(pie, model, finished, tmp_path, checkout_env):
     out = tmp_path / "two"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "negative_prompt_inversion", "batch", str(pie), "--out", str(out), "--model", model, *BATCH]
-    done = subprocess.run(command, env=checkout_env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "negative_prompt_inversion",
+        "batch",
+        str(pie),
+        "--out",
+        str(out),
+        "--model",
+        model,
+        *BATCH,
+    ]
+    done = subprocess.run(
+        command, env=checkout_env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.glob("results.*.jsonl")) == ["results.0.jsonl", "results.1.jsonl"]
     assert output_files(out) == output_files(finished)
@@ -519,14 +731,22 @@ def test_evaluate_prints_a_table_per_edit_kind_with_a_legend(finished, capsys):
     cli.main(["evaluate", str(finished)])
     printed = capsys.readouterr().out
     table = [line for line in printed.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0] for line in table[1:]] == ["| change_object", "| change_attribute_color",
-                                                            "| change_background", "| all"]
+    assert [line.split(" | ")[0] for line in table[1:]] == [
+        "| change_object",
+        "| change_attribute_color",
+        "| change_background",
+        "| all",
+    ]
     assert [line.split(" | ")[1] for line in table[1:]] == ["2", "1", "1", "4"]
     for column in pie_bench.BACKGROUND_COLUMNS:  # every column is explained under the table
         assert f"\n{column.header}: " in printed
     metrics = json.loads((finished / "metrics.json").read_text())
-    assert metrics["count"] == 4 and set(metrics["by_kind"]) == {"change_object", "change_attribute_color",
-                                                                  "change_background", "all"}
+    assert metrics["count"] == 4 and set(metrics["by_kind"]) == {
+        "change_object",
+        "change_attribute_color",
+        "change_background",
+        "all",
+    }
     means = metrics["by_kind"]["all"]
     assert 0 < means["background_mse"] < 1 and 0 < means["background_ssim"] <= 1 and means["background_psnr"] > 0
 
@@ -590,8 +810,12 @@ def test_one_decoder_for_the_command_line_the_batch_and_the_python_api(pipe, tmp
     for name, path in files.items():
         batch = pie_bench.load_image(path)
         for given in (str(path), path, PIL.Image.open(path)):
-            torch.testing.assert_close(pipe.prepare_images(given, 32, 32, "stretch"),
-                                       pipe.prepare_images(batch, 32, 32, "stretch"), rtol=0, atol=0)
+            torch.testing.assert_close(
+                pipe.prepare_images(given, 32, 32, "stretch"),
+                pipe.prepare_images(batch, 32, 32, "stretch"),
+                rtol=0,
+                atol=0,
+            )
     grey16 = np.asarray(PIL.Image.open(files["grey16"]), dtype=np.float32) / 65535
     torch.testing.assert_close(pie_bench.load_image(files["grey16"]), torch.from_numpy(grey16).expand(3, -1, -1))
     rgba = np.asarray(PIL.Image.open(files["rgba"]), dtype=np.float32) / 255
@@ -653,8 +877,20 @@ def test_the_toy_worlds_score_adds_its_exact_metrics_to_the_products_table(model
 
     write_pie_bench(tmp_path / "toy", 4, res=32)
     out = tmp_path / "out"
-    cli.main(["batch", str(tmp_path / "toy" / "mapping_file.json"), "--out", str(out), "--model", model, "--batch-size",
-              "4", *STEPS, *RUN])
+    cli.main(
+        [
+            "batch",
+            str(tmp_path / "toy" / "mapping_file.json"),
+            "--out",
+            str(out),
+            "--model",
+            model,
+            "--batch-size",
+            "4",
+            *STEPS,
+            *RUN,
+        ]
+    )
     cli.main(["evaluate", str(out)])
     score.main([str(out)])
     printed = capsys.readouterr().out

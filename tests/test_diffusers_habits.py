@@ -63,8 +63,9 @@ def test_target_guidance_null_lets_npi_p2p_targets_take_a_negative_prompt(pipe, 
 
 
 def test_nti_refuses_a_negative_prompt_naming_direct_inversion(pipe):
-    nti = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method="nti",
-                      null_text_inner_steps=1)
+    nti = pipe.invert(
+        scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method="nti", null_text_inner_steps=1
+    )
     with UNetCalls(pipe.unet) as calls, pytest.raises(ValueError, match="inversion_method='direct'"):
         pipe(inversion=nti, prompt=TARGET, attention_control=MasaCtrl(start_step=1), negative_prompt="blurry")
     assert calls.batches == []
@@ -72,15 +73,18 @@ def test_nti_refuses_a_negative_prompt_naming_direct_inversion(pipe):
 
 def test_prompt_embeds_equal_prompt(pipe, inversion):
     embeds = pipe.encode_text([TARGET], "cpu")[0]
-    assert torch.equal(latents(pipe, inversion=inversion, prompt_embeds=embeds),
-                       latents(pipe, inversion=inversion, prompt=TARGET))  # the same text-encoder batch
+    assert torch.equal(
+        latents(pipe, inversion=inversion, prompt_embeds=embeds), latents(pipe, inversion=inversion, prompt=TARGET)
+    )  # the same text-encoder batch
     masactrl = dict(inversion=inversion, attention_control=MasaCtrl(start_step=1))  # E("") joins the batch
-    assert_rounding_close(latents(pipe, prompt_embeds=embeds, **masactrl), latents(pipe, prompt=TARGET, **masactrl),
-                          ops=edit_ops(STEPS))
+    assert_rounding_close(
+        latents(pipe, prompt_embeds=embeds, **masactrl), latents(pipe, prompt=TARGET, **masactrl), ops=edit_ops(STEPS)
+    )
     two = pipe.encode_text([TARGET, "a red dog on a white background"], "cpu")[0]
     together = latents(pipe, inversion=inversion, prompt_embeds=two)
-    assert_rounding_close(together[1:], latents(pipe, inversion=inversion, prompt="a red dog on a white background"),
-                          ops=edit_ops(STEPS))
+    assert_rounding_close(
+        together[1:], latents(pipe, inversion=inversion, prompt="a red dog on a white background"), ops=edit_ops(STEPS)
+    )
 
 
 def test_sdxl_prompt_embeds_come_with_pooled_embeddings(sdxl_pipe):
@@ -88,8 +92,10 @@ def test_sdxl_prompt_embeds_come_with_pooled_embeddings(sdxl_pipe):
     embeds, pooled = sdxl_pipe.encode_text([TARGET], "cpu")
     with pytest.raises(ValueError, match="needs pooled_prompt_embeds"):
         sdxl_pipe(inversion=inversion, prompt_embeds=embeds)
-    assert torch.equal(latents(sdxl_pipe, inversion=inversion, prompt_embeds=embeds, pooled_prompt_embeds=pooled),
-                       latents(sdxl_pipe, inversion=inversion, prompt=TARGET))
+    assert torch.equal(
+        latents(sdxl_pipe, inversion=inversion, prompt_embeds=embeds, pooled_prompt_embeds=pooled),
+        latents(sdxl_pipe, inversion=inversion, prompt=TARGET),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -109,8 +115,10 @@ def test_sdxl_prompt_embeds_come_with_pooled_embeddings(sdxl_pipe):
         (dict(prompt_embeds=torch.zeros(1, 77, 32), prompt=TARGET), "prompt or as prompt_embeds, not both"),
         (dict(prompt_embeds=torch.zeros(1, 7, 32)), r"prompt_embeds must be a floating-point tensor \(n, 77, 32\)"),
         (dict(pooled_prompt_embeds=torch.zeros(1, 24)), "comes with prompt_embeds"),
-        (dict(negative_prompt="blurry", negative_prompt_embeds=torch.zeros(1, 77, 32), inversion_method="direct"),
-         "not both"),
+        (
+            dict(negative_prompt="blurry", negative_prompt_embeds=torch.zeros(1, 77, 32), inversion_method="direct"),
+            "not both",
+        ),
         (dict(negative_prompt=["a", "b"], inversion_method="direct"), "a list of 1 strings"),
         (dict(negative_prompt="blurry"), "target_guidance='null'"),
         (dict(target_guidance="source"), "target_guidance must be one of"),
@@ -125,7 +133,7 @@ def test_refused_arguments_name_the_alternative_before_any_unet_pass(pipe, inver
 
 def test_the_examples_docstring_is_filled_with_todays_arguments():
     doc = NegativePromptInversionPipeline.__call__.__doc__
-    example = doc[doc.index("Examples:"):doc.index("Returns:")]
+    example = doc[doc.index("Examples:") : doc.index("Returns:")]
     assert "```py" in example and "pipe.invert(" in example and "inversion=inversion" in example
     assert "torch_dtype" not in example and "dtype=torch.float16" in example
 
@@ -135,8 +143,14 @@ def test_the_examples_docstring_is_filled_with_todays_arguments():
 
 
 def test_nti_edits_default_to_the_inversions_guidance_and_warn_at_another(pipe):
-    nti = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method="nti", guidance_scale=3.0,
-                      null_text_inner_steps=1)
+    nti = pipe.invert(
+        scene_image(0),
+        SOURCE,
+        num_inference_steps=STEPS,
+        inversion_method="nti",
+        guidance_scale=3.0,
+        null_text_inner_steps=1,
+    )
     with mock.patch.object(npi.logger, "warning") as warning:
         default = latents(pipe, inversion=nti, prompt=TARGET)
         assert warning.call_count == 0
@@ -155,8 +169,16 @@ def test_nti_edits_default_to_the_inversions_guidance_and_warn_at_another(pipe):
     [
         (lambda tensors: None, TypeError, "callback_on_step_end must return a dict"),
         (lambda tensors: [tensors["latents"]], TypeError, "callback_on_step_end must return a dict"),
-        (lambda tensors: {"latents": tensors["latents"][:1]}, ValueError, "callback_on_step_end returned latents of sh"),
-        (lambda tensors: {"latents": tensors["latents"].double()}, ValueError, "callback_on_step_end returned latents"),
+        (
+            lambda tensors: {"latents": tensors["latents"][:1]},
+            ValueError,
+            "callback_on_step_end returned latents of sh",
+        ),
+        (
+            lambda tensors: {"latents": tensors["latents"].double()},
+            ValueError,
+            "callback_on_step_end returned latents",
+        ),
         (lambda tensors: {"latents": "z"}, ValueError, "callback_on_step_end returned latents of type str"),
         (lambda tensors: {"latents": tensors["latents"] * torch.nan}, ValueError, "NaN or inf values at step 0"),
     ],
@@ -164,17 +186,26 @@ def test_nti_edits_default_to_the_inversions_guidance_and_warn_at_another(pipe):
 def test_callback_mistakes_are_named(pipe, inversion, returns, error, message):
     before = dict(pipe.unet.attn_processors)
     with pytest.raises(error, match=message):
-        pipe(inversion=inversion, prompt=TARGET, attention_control="p2p",
-             callback_on_step_end=lambda pipe_, i, t, tensors: returns(tensors))
+        pipe(
+            inversion=inversion,
+            prompt=TARGET,
+            attention_control="p2p",
+            callback_on_step_end=lambda pipe_, i, t, tensors: returns(tensors),
+        )
     assert dict(pipe.unet.attn_processors) == before
 
 
 def test_a_callback_may_return_changed_latents_or_nothing(pipe, inversion):
     plain = latents(pipe, inversion=inversion, prompt=TARGET)
-    assert torch.equal(plain, latents(pipe, inversion=inversion, prompt=TARGET,
-                                      callback_on_step_end=lambda pipe_, i, t, tensors: {}))
-    halved = latents(pipe, inversion=inversion, prompt=TARGET,
-                     callback_on_step_end=lambda pipe_, i, t, tensors: {"latents": tensors["latents"] / 2})
+    assert torch.equal(
+        plain, latents(pipe, inversion=inversion, prompt=TARGET, callback_on_step_end=lambda pipe_, i, t, tensors: {})
+    )
+    halved = latents(
+        pipe,
+        inversion=inversion,
+        prompt=TARGET,
+        callback_on_step_end=lambda pipe_, i, t, tensors: {"latents": tensors["latents"] / 2},
+    )
     assert not torch.equal(plain, halved)
 
 

@@ -25,8 +25,9 @@ CONTROLS = {
     "p2p local blend": dict(attention_control=BLEND, prompt=TARGETS[0]),
     "p2p refine reweight": dict(attention_control=PromptToPrompt(reweight={"big": 2.0}), prompt=TARGETS[1]),
     "masactrl": dict(attention_control=MasaCtrl(start_step=1), prompt=TARGETS[0]),
-    "p2p proximal": dict(attention_control="p2p", proximal_guidance=ProximalGuidance(reconstruction_guidance=True),
-                         prompt=TARGETS),
+    "p2p proximal": dict(
+        attention_control="p2p", proximal_guidance=ProximalGuidance(reconstruction_guidance=True), prompt=TARGETS
+    ),
 }
 
 
@@ -79,8 +80,9 @@ def test_direct_inversion_is_ddim_inversion_and_round_trips_through_a_file(pipe,
     assert loaded.method == "direct" and torch.equal(loaded.latents, inversion.latents)
     # the same trajectory, so an NPI inversion edited as "direct" is Direct Inversion, bit for bit
     edit = dict(prompt=TARGETS[0], attention_control=BLEND)
-    assert torch.equal(latents(pipe, inversion=npi, inversion_method="direct", **edit),
-                       latents(pipe, inversion=loaded, **edit))
+    assert torch.equal(
+        latents(pipe, inversion=npi, inversion_method="direct", **edit), latents(pipe, inversion=loaded, **edit)
+    )
 
 
 def test_constructor_flag_makes_direct_inversions(components):
@@ -92,11 +94,17 @@ def test_constructor_flag_makes_direct_inversions(components):
 
 
 def test_nti_inversions_can_be_edited_as_direct_but_not_the_reverse(pipe, inversion):
-    nti = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method="nti",
-                      null_text_inner_steps=1)
-    assert torch.equal(latents(pipe, inversion=nti, inversion_method="direct", prompt=TARGETS[0]),
-                       latents(pipe, inversion=inversion, prompt=TARGETS[0]))
-    with UNetCalls(pipe.unet) as calls, pytest.raises(ValueError, match="invert the image with inversion_method='nti'"):
+    nti = pipe.invert(
+        scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method="nti", null_text_inner_steps=1
+    )
+    assert torch.equal(
+        latents(pipe, inversion=nti, inversion_method="direct", prompt=TARGETS[0]),
+        latents(pipe, inversion=inversion, prompt=TARGETS[0]),
+    )
+    with (
+        UNetCalls(pipe.unet) as calls,
+        pytest.raises(ValueError, match="invert the image with inversion_method='nti'"),
+    ):
         pipe(inversion=inversion, inversion_method="nti")
     assert calls.batches == []
 
@@ -147,8 +155,11 @@ def test_attention_maps_of_a_reconstruction_are_recorded_on_the_trajectory(pipe,
 def test_rows_equal_npi_p2p_and_targets_are_guided_against_the_null_embedding(pipe, inversion):
     npi = dataclasses.replace(inversion, method="npi")
     runs = {}
-    for name, kwargs in {"direct": dict(inversion=inversion), "npi": dict(inversion=npi),
-                         "npi, null-guided": dict(inversion=npi, target_guidance="null")}.items():
+    for name, kwargs in {
+        "direct": dict(inversion=inversion),
+        "npi": dict(inversion=npi),
+        "npi, null-guided": dict(inversion=npi, target_guidance="null"),
+    }.items():
         with UNetEmbeddings(pipe.unet) as seen, pipe.count_unet_calls() as log:
             latents(pipe, prompt=TARGETS, attention_control="p2p", **kwargs)
         runs[name] = seen.calls
@@ -169,15 +180,21 @@ def test_direct_inversion_is_null_guided_npi_with_a_pinned_source(pipe, inversio
 
     monkeypatch.setattr(npi, "pin_to_trajectory", lambda latents, anchor, pinned: latents)
     unpinned = latents(pipe, inversion=inversion, prompt=TARGETS, attention_control=BLEND)
-    null_guided = latents(pipe, inversion=dataclasses.replace(inversion, method="npi"), prompt=TARGETS,
-                          attention_control=BLEND, target_guidance="null")
+    null_guided = latents(
+        pipe,
+        inversion=dataclasses.replace(inversion, method="npi"),
+        prompt=TARGETS,
+        attention_control=BLEND,
+        target_guidance="null",
+    )
     assert torch.equal(unpinned, null_guided)
 
 
 def test_negative_prompt_steers_direct_inversion_targets(pipe, inversion):
     plain = latents(pipe, inversion=inversion, prompt=TARGETS[0], attention_control=BLEND)
-    assert torch.equal(plain, latents(pipe, inversion=inversion, prompt=TARGETS[0], attention_control=BLEND,
-                                      negative_prompt=""))  # "" is the default
+    assert torch.equal(
+        plain, latents(pipe, inversion=inversion, prompt=TARGETS[0], attention_control=BLEND, negative_prompt="")
+    )  # "" is the default
     steered = latents(pipe, inversion=inversion, prompt=TARGETS[0], attention_control=BLEND, negative_prompt="blurry")
     assert (steered - plain).abs().max() > tolerance(plain, edit_ops(STEPS))
 
@@ -188,8 +205,10 @@ def test_negative_prompt_steers_direct_inversion_targets(pipe, inversion):
 
 def test_batch_equals_single_edits_and_user_processors_are_restored(pipe):
     images, sources = [scene_image(3), scene_image(4)], [SOURCE, "a blue dog on a black background"]
-    targets = [["a red dog on a white background", "a big red dog on a white background"],  # swap, refine
-               ["a blue cat on a black background", "a green cat on a black background"]]
+    targets = [
+        ["a red dog on a white background", "a big red dog on a white background"],  # swap, refine
+        ["a blue cat on a black background", "a green cat on a black background"],
+    ]
     blend = [("cat", "dog"), ("dog", "cat")]
     control = PromptToPrompt(0.6, 0.5, local_blend=LocalBlend(blend))
     user = AttnProcessor()
@@ -198,8 +217,12 @@ def test_batch_equals_single_edits_and_user_processors_are_restored(pipe):
     together = latents(pipe, prompt=targets, inversion=batched, attention_control=control)
     for k in range(2):  # (batched inversions equal single ones: test_pipeline_core)
         for j, target in enumerate(targets[k]):
-            alone = latents(pipe, prompt=target, inversion=batched[k],
-                            attention_control=dataclasses.replace(control, local_blend=LocalBlend(blend[k])))
+            alone = latents(
+                pipe,
+                prompt=target,
+                inversion=batched[k],
+                attention_control=dataclasses.replace(control, local_blend=LocalBlend(blend[k])),
+            )
             assert_rounding_close(together[2 * k + j : 2 * k + j + 1], alone, ops=edit_ops(STEPS))
     assert all(processor is user for processor in pipe.unet.attn_processors.values())
 

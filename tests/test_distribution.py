@@ -87,8 +87,12 @@ def sd_pipeline(components):
 def invert_and_edit(pipe):
     pipe.set_progress_bar_config(disable=True)
     inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
-    output = pipe(prompt=TARGET, inversion=inversion, attention_control=pipe.PromptToPrompt(cross_replace_steps=0.4),
-                  output_type="np")
+    output = pipe(
+        prompt=TARGET,
+        inversion=inversion,
+        attention_control=pipe.PromptToPrompt(cross_replace_steps=0.4),
+        output_type="np",
+    )
     assert output.images.shape == (1, 32, 32, 3)
     assert np.isfinite(output.images).all()
     return output
@@ -134,8 +138,11 @@ def test_published_folder_holds_exactly_what_diffusers_fetches(hub_folder):
         ("from .pkg.sub.leaf import x\n", None, "deeper"),
         ("from .attention_processors.missing import x\n", None, "does not exist"),
         ("from .attention_processors.leaf import x\n", "from .other import y\n", "imports relatively"),
-        ("from .attention_processors.leaf import (\n    x,\n)\nif True: from .attention_processors.leaf2 import y\n",
-         "", "differ"),
+        (
+            "from .attention_processors.leaf import (\n    x,\n)\nif True: from .attention_processors.leaf2 import y\n",
+            "",
+            "differ",
+        ),
     ],
     ids=["from-dot-import", "too-deep", "missing-leaf", "leaf-imports-relatively", "scan-mismatch"],
 )
@@ -173,27 +180,55 @@ def test_model_card_metadata_and_coverage():
     assert data.library_name == "diffusers"
     assert data.pipeline_tag == "image-to-image"
     assert data.license == "apache-2.0"
-    required_tags = {"custom_code", "diffusers", "image-editing", "prompt-to-prompt", "negative-prompt-inversion",
-                     "null-text-inversion"}
+    required_tags = {
+        "custom_code",
+        "diffusers",
+        "image-editing",
+        "prompt-to-prompt",
+        "negative-prompt-inversion",
+        "null-text-inversion",
+    }
     assert required_tags <= set(data.tags)
     assert {"stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1-base"} <= set(
         data.base_model
     )
 
     # Every user-facing argument is documented, so the card cannot silently fall behind the code.
-    components = {"self", "vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker",
-                  "feature_extractor"}
-    for function in (NegativePromptInversionPipeline.__init__, NegativePromptInversionPipeline.invert,
-                     NegativePromptInversionPipeline.__call__):
-        undocumented = [name for name in inspect.signature(function).parameters
-                        if name not in components and f"`{name}`" not in text]
+    components = {
+        "self",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "scheduler",
+        "safety_checker",
+        "feature_extractor",
+    }
+    for function in (
+        NegativePromptInversionPipeline.__init__,
+        NegativePromptInversionPipeline.invert,
+        NegativePromptInversionPipeline.__call__,
+    ):
+        undocumented = [
+            name
+            for name in inspect.signature(function).parameters
+            if name not in components and f"`{name}`" not in text
+        ]
         assert not undocumented, f"model_card.md does not document {function.__name__}({', '.join(undocumented)})"
 
     for snippet in (
-        'custom_pipeline="<user>/negative-prompt-inversion"', "trust_remote_code=True", "snapshot_download(",
-        "custom_pipeline=path", "HF_HUB_OFFLINE=1", "model_info()", "attention_processors/",
-        "pip install negative-prompt-inversion", "from negative_prompt_inversion import", ".from_pipe(",
-        "benchmarks/speed.py", "SDXL",
+        'custom_pipeline="<user>/negative-prompt-inversion"',
+        "trust_remote_code=True",
+        "snapshot_download(",
+        "custom_pipeline=path",
+        "HF_HUB_OFFLINE=1",
+        "model_info()",
+        "attention_processors/",
+        "pip install negative-prompt-inversion",
+        "from negative_prompt_inversion import",
+        ".from_pipe(",
+        "benchmarks/speed.py",
+        "SDXL",
     ):
         assert snippet in text, snippet
     for arxiv_id in ("2305.16807", "2208.01626", "2306.05414"):
@@ -221,8 +256,9 @@ def test_custom_pipeline_published_folder(model_dir, hub_folder):
 
 def test_from_pipe_shares_the_weights(components):
     sd = sd_pipeline(copy.deepcopy(components))
-    pipe = DiffusionPipeline.from_pipe(sd, custom_pipeline=str(PIPELINE_FILE), trust_remote_code=True,
-                                       inversion_method="ddim")
+    pipe = DiffusionPipeline.from_pipe(
+        sd, custom_pipeline=str(PIPELINE_FILE), trust_remote_code=True, inversion_method="ddim"
+    )
     assert type(pipe).__name__ == CLASS_NAME
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert getattr(pipe, name) is getattr(sd, name), name  # needs the type-annotated __init__
@@ -297,7 +333,9 @@ def test_hub_repo_id_with_the_commit_lookup_answered(model_dir, hub_folder, tmp_
     assert type(pipe).__name__ == CLASS_NAME
     assert type(pipe).__module__ == f"diffusers_modules.local.user--npi.{commit}.pipeline"
     processor_module = sys.modules[type(pipe).__module__].ControlledAttnProcessor.__module__
-    assert processor_module == f"diffusers_modules.local.user--npi.{commit}.attention_processors.npi_controlled_attention"
+    assert (
+        processor_module == f"diffusers_modules.local.user--npi.{commit}.attention_processors.npi_controlled_attention"
+    )
     invert_and_edit(pipe)
 
 
@@ -334,8 +372,12 @@ def test_without_trust_remote_code_diffusers_refuses(how, model_dir, hub_folder,
 
 
 def latents_of_edit(pipe, inversion):
-    return pipe(prompt=TARGET, inversion=inversion, attention_control=pipe.PromptToPrompt(cross_replace_steps=0.4),
-                output_type="latent").images
+    return pipe(
+        prompt=TARGET,
+        inversion=inversion,
+        attention_control=pipe.PromptToPrompt(cross_replace_steps=0.4),
+        output_type="latent",
+    ).images
 
 
 @pytest.mark.parametrize("first, second", [("npi", "nti"), ("nti", "npi")])
@@ -370,10 +412,14 @@ def test_inversion_survives_save_pretrained_and_reload(tokenizer_dir, tmp_path):
 
     reloaded = load(tmp_path / "saved", PIPELINE_FILE)
     reloaded.set_progress_bar_config(disable=True)
-    assert torch.equal(latents_of_edit(reloaded, reloaded.load_inversion(tmp_path / "inversion.safetensors")), expected)
+    assert torch.equal(
+        latents_of_edit(reloaded, reloaded.load_inversion(tmp_path / "inversion.safetensors")), expected
+    )
 
 
-@pytest.mark.parametrize("invert_dtype, edit_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "invert_dtype, edit_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+)
 def test_inversion_crosses_float32_and_bfloat16_loads(model_dir, invert_dtype, edit_dtype):
     inverter = load(model_dir, PIPELINE_FILE, dtype=invert_dtype)
     editor = load(model_dir, PIPELINE_FILE, dtype=edit_dtype)
@@ -486,15 +532,28 @@ def run_python(script, cfg, workdir: Path, pythonpath=None):
     """Run ``PRELUDE + script`` in a fresh interpreter (offline, own module cache); return its last JSON line."""
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "HF_MODULES_CACHE")}
     home = workdir / "hf-home"
-    env.update(HF_HOME=str(home), HF_MODULES_CACHE=str(home / "modules"), HF_HUB_OFFLINE="1",
-               OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    env.update(
+        HF_HOME=str(home),
+        HF_MODULES_CACHE=str(home / "modules"),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
-    cfg = {"source": SOURCE, "target": TARGET, "steps": STEPS,
-           **{key: str(value) if isinstance(value, Path) else value for key, value in cfg.items()}}
+    cfg = {
+        "source": SOURCE,
+        "target": TARGET,
+        "steps": STEPS,
+        **{key: str(value) if isinstance(value, Path) else value for key, value in cfg.items()},
+    }
     result = subprocess.run(  # cwd: a folder with none of our modules, as sys.path[0] is the cwd under -c
         [sys.executable, "-c", PRELUDE + script, json.dumps(cfg)],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -503,22 +562,54 @@ def run_python(script, cfg, workdir: Path, pythonpath=None):
 def pip_install_and_import(model_dir: Path, image_file: Path, workdir: Path):
     """``pip install --target`` a copy of the repository; list what landed; import and run it from there."""
     source = workdir / "src"
-    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache", "outputs",
-    ))  # a copy: the build writes build/ and *.egg-info next to its sources
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".hypothesis",
+            ".pytest_cache",
+            "outputs",
+        ),
+    )  # a copy: the build writes build/ and *.egg-info next to its sources
     target = workdir / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "--target", str(target), str(source)],
-        check=True, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     package = target / "negative_prompt_inversion"
     listing = {
-        "top_level": sorted(path.name for path in target.iterdir()
-                            if not path.name.endswith(".dist-info") and path.name != "bin"),  # bin: console scripts
+        "top_level": sorted(
+            path.name for path in target.iterdir() if not path.name.endswith(".dist-info") and path.name != "bin"
+        ),  # bin: console scripts
         "scripts": sorted(path.name for path in (target / "bin").iterdir()) if (target / "bin").is_dir() else [],
-        "installed": sorted(path.relative_to(package).as_posix() for path in package.rglob("*")
-                            if path.suffix in (".py", ".safetensors")),
+        "installed": sorted(
+            path.relative_to(package).as_posix()
+            for path in package.rglob("*")
+            if path.suffix in (".py", ".safetensors")
+        ),
         "package": str(package),
     }
     run_dir = workdir / "run"
@@ -535,8 +626,11 @@ def copied_project(tmp_path_factory):
     for package in (root / "myproj", editing):
         (package / "__init__.py").write_text("")
     shutil.copyfile(PIPELINE_FILE, editing / PIPELINE_FILE.name)
-    shutil.copytree(ROOT / "attention_processors", editing / "attention_processors",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "attention_processors",
+        editing / "attention_processors",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     return editing
 
 
@@ -569,17 +663,27 @@ class Background:
 @pytest.fixture(scope="module", autouse=True)
 def background(request, tmp_path_factory, model_dir, image_file, hub_folder, copied_project, other_pipeline):
     def two_pipelines(order):
-        cfg = {"order": order, "other": other_pipeline, "ours": hub_folder / PIPELINE_FILE.name,
-               "ours_folder": hub_folder, "model_dir": model_dir, "image": image_file}
+        cfg = {
+            "order": order,
+            "other": other_pipeline,
+            "ours": hub_folder / PIPELINE_FILE.name,
+            "ours_folder": hub_folder,
+            "model_dir": model_dir,
+            "image": image_file,
+        }
         return lambda: run_python(TWO_PIPELINES, cfg, tmp_path_factory.mktemp("two-pipelines"))
 
     jobs = {
         "copy_paste_package": lambda: run_python(
-            COPY_PASTE_PACKAGE, {"project_root": copied_project.parents[1], "model_dir": model_dir,
-                                 "image": image_file}, tmp_path_factory.mktemp("copy-paste-package")),
+            COPY_PASTE_PACKAGE,
+            {"project_root": copied_project.parents[1], "model_dir": model_dir, "image": image_file},
+            tmp_path_factory.mktemp("copy-paste-package"),
+        ),
         "copy_paste_top_level": lambda: run_python(
-            COPY_PASTE_TOP_LEVEL, {"folder": copied_project, "model_dir": model_dir, "image": image_file},
-            tmp_path_factory.mktemp("copy-paste-top-level")),
+            COPY_PASTE_TOP_LEVEL,
+            {"folder": copied_project, "model_dir": model_dir, "image": image_file},
+            tmp_path_factory.mktemp("copy-paste-top-level"),
+        ),
         "other-first": two_pipelines(["other", "ours"]),
         "ours-first": two_pipelines(["ours", "other"]),
         "pip": lambda: pip_install_and_import(model_dir, image_file, tmp_path_factory.mktemp("pip")),
@@ -639,12 +743,19 @@ def test_pip_install_ships_one_top_level_package(background):
     result = background.result("pip")
     assert result["top_level"] == ["negative_prompt_inversion"]  # not attention_processors, tests, toy_world, ...
     installed = set(result["installed"])
-    assert {PIPELINE_FILE.name, "__init__.py", "cli.py", "__main__.py", *publish_hub.sibling_files(PIPELINE_FILE)} <= installed
+    assert {
+        PIPELINE_FILE.name,
+        "__init__.py",
+        "cli.py",
+        "__main__.py",
+        *publish_hub.sibling_files(PIPELINE_FILE),
+    } <= installed
     # inside the package: the CLI's default model, its PIE-Bench reader and metrics
     assert {"toy_world/pie_bench.py", "toy_world/model_v2/unet/diffusion_pytorch_model.safetensors"} <= installed
     assert result["scripts"] == ["npi-edit"]
-    assert not any(name.split("/")[0] in ("tests", "benchmarks", "scripts")
-                   or name.endswith("conftest.py") for name in installed), installed
+    assert not any(
+        name.split("/")[0] in ("tests", "benchmarks", "scripts") or name.endswith("conftest.py") for name in installed
+    ), installed
     assert Path(result["file"]).parent == Path(result["package"])
     assert {CLASS_NAME, "InversionResult"} <= set(result["names"])
     assert result["result"] == "negative_prompt_inversion.pipeline_negative_prompt_inversion"

@@ -16,10 +16,12 @@ FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 
 
 def markdown_files():
-    return sorted(path for path in ROOT.rglob("*.md")
-                  if not SKIPPED_DIRS & set(path.relative_to(ROOT).parts[:-1])
-                  and not any(part.startswith(".") or part.endswith(".egg-info")
-                              for part in path.relative_to(ROOT).parts))
+    return sorted(
+        path
+        for path in ROOT.rglob("*.md")
+        if not SKIPPED_DIRS & set(path.relative_to(ROOT).parts[:-1])
+        and not any(part.startswith(".") or part.endswith(".egg-info") for part in path.relative_to(ROOT).parts)
+    )
 
 
 def prose(path: Path) -> str:
@@ -65,8 +67,10 @@ def test_relative_links_and_repository_paths_resolve():
 def test_the_checker_finds_broken_links_and_paths(tmp_path, monkeypatch):
     (tmp_path / "other.md").write_text("# A heading, with `code`\n")
     page = tmp_path / "page.md"
-    page.write_text("[ok](other.md#a-heading-with-code) [gone](missing.md) [anchor](other.md#nope) "
-                    "[web](https://example.org/x) ![img](other.md)\n`benchmarks/not_there.py` `tests/conftest.py`\n"
-                    "```\n[in a fence](missing_too.md) `tests/not_either.py`\n```\n")
+    page.write_text(
+        "[ok](other.md#a-heading-with-code) [gone](missing.md) [anchor](other.md#nope) "
+        "[web](https://example.org/x) ![img](other.md)\n`benchmarks/not_there.py` `tests/conftest.py`\n"
+        "```\n[in a fence](missing_too.md) `tests/not_either.py`\n```\n"
+    )
     assert broken_links(page) == ["missing.md", "other.md#nope (no such heading)"]
     assert broken_code_paths(page) == ["benchmarks/not_there.py"]

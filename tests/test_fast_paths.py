@@ -27,23 +27,38 @@ SOURCE = "a red cat on a white background"
 # Calls of one structure (P2P word swap + local blend, one target) with every per-call value changed, then other
 # structures, then the first again.
 CALLS = [
-    dict(prompt="a red dog on a white background",
-         attention_control=PromptToPrompt(0.6, 0.5, local_blend=LocalBlend(("cat", "dog")))),
-    dict(prompt="a blue cat on a black background",
-         attention_control=PromptToPrompt((0.2, 0.8), 0.3, reweight={"blue": 2.0},
-                                          local_blend=LocalBlend(("cat", "cat"), threshold=0.5))),
-    dict(prompt="a big red cat on a white background",
-         attention_control=PromptToPrompt(cross_replace_steps={"default_": 0.5, "big": 0.2})),
+    dict(
+        prompt="a red dog on a white background",
+        attention_control=PromptToPrompt(0.6, 0.5, local_blend=LocalBlend(("cat", "dog"))),
+    ),
+    dict(
+        prompt="a blue cat on a black background",
+        attention_control=PromptToPrompt(
+            (0.2, 0.8), 0.3, reweight={"blue": 2.0}, local_blend=LocalBlend(("cat", "cat"), threshold=0.5)
+        ),
+    ),
+    dict(
+        prompt="a big red cat on a white background",
+        attention_control=PromptToPrompt(cross_replace_steps={"default_": 0.5, "big": 0.2}),
+    ),
     dict(prompt="a red dog on a white background", attention_control=MasaCtrl(start_step=2)),
     dict(prompt="a red tiger on a white background", attention_control=MasaCtrl(start_step=4)),
     dict(prompt="a red tiger on a white background", attention_control=MasaCtrl(start_layer=0)),
     dict(prompt="a red dog on a white background", proximal_guidance="soft"),
-    dict(prompt="a red dog on a white background",
-         attention_control=PromptToPrompt(0.6, 0.5, local_blend=LocalBlend(("cat", "dog")))),
+    dict(
+        prompt="a red dog on a white background",
+        attention_control=PromptToPrompt(0.6, 0.5, local_blend=LocalBlend(("cat", "dog"))),
+    ),
     # Direct Inversion: P2P's and MasaCtrl's structures (the pin is outside the UNet), with a pinned source
-    dict(prompt="a red dog on a white background", inversion_method="direct", proximal_guidance="soft",
-         attention_control=PromptToPrompt(0.5, 0.6, local_blend=LocalBlend(("cat", "dog"), threshold=0.4))),
-    dict(prompt="a red tiger on a white background", inversion_method="direct", attention_control=MasaCtrl(start_step=2)),
+    dict(
+        prompt="a red dog on a white background",
+        inversion_method="direct",
+        proximal_guidance="soft",
+        attention_control=PromptToPrompt(0.5, 0.6, local_blend=LocalBlend(("cat", "dog"), threshold=0.4)),
+    ),
+    dict(
+        prompt="a red tiger on a white background", inversion_method="direct", attention_control=MasaCtrl(start_step=2)
+    ),
 ]
 DIRECT = CALLS[-2:]
 
@@ -97,7 +112,8 @@ def test_regional_compilation_stays_inside_the_graph_runner(pipe, reference):
     names = {"BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D"}
     blocks = [module for module in pipe.unet.modules() if type(module).__name__ in names]
     assert set(runner.regions) == set(blocks) and {"BasicTransformerBlock", "ResnetBlock2D"} <= {
-        type(block).__name__ for block in blocks}
+        type(block).__name__ for block in blocks
+    }
     torch.testing.assert_close(edit(pipe, inversion, CALLS[0]), expected[0], rtol=0, atol=0)
     with runner._compiled_regions():
         assert all(block._compiled_call_impl is runner.regions[block] for block in blocks)
@@ -113,6 +129,7 @@ def test_fp8_needs_a_cuda_gpu(pipe):
 
 # --------------------------------------------------------------------------------------------------------------
 # On a GPU: graph replay and torch.compile against the eager path
+
 
 @pytest.fixture()
 def gpu_pipes(tokenizer_dir):
@@ -149,8 +166,10 @@ def test_graphs_match_eager_on_cuda(gpu_pipes, compile):
 def test_direct_inversion_graphs_match_eager_and_pin_the_source_exactly_on_cuda(gpu_pipes, compile):
     eager, fast = gpu_pipes(), gpu_pipes()
     fast.enable_cuda_graphs(compile=compile)
-    inversions = [pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method="direct")
-                  for pipe in (eager, fast)]
+    inversions = [
+        pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method="direct")
+        for pipe in (eager, fast)
+    ]
     calls = [DIRECT[0], DIRECT[0]] if compile else DIRECT + DIRECT[:1]  # the repeat replays the captured graphs
     for call in calls:
         want, got = (edit(pipe, inv, call) for pipe, inv in zip((eager, fast), inversions))
@@ -214,16 +233,19 @@ def test_fp8_unet_stays_close_to_bfloat16_and_runs_under_regional_graphs(tokeniz
     """Every linear layer of the tiny UNet (widths multiples of 16) becomes FP8, once; its output stays within FP8's
     rounding of bfloat16's, and graphed, regionally compiled FP8 edits match eager FP8 edits."""
     pytest.importorskip("torchao")
-    reference, quantized = (NegativePromptInversionPipeline(**tiny_components(tokenizer_dir)).to("cuda", torch.bfloat16)
-                            for _ in range(2))
+    reference, quantized = (
+        NegativePromptInversionPipeline(**tiny_components(tokenizer_dir)).to("cuda", torch.bfloat16) for _ in range(2)
+    )
     quantized.set_progress_bar_config(disable=True)
     linear = [module for module in quantized.unet.modules() if isinstance(module, torch.nn.Linear)]
     assert quantized.enable_fp8() == len(linear)
     assert quantized.enable_fp8() == len(linear)  # nothing is quantised twice
     generator = torch.Generator("cuda").manual_seed(0)
-    inputs = dict(sample=torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.bfloat16, generator=generator),
-                  timestep=torch.tensor(500, device="cuda"),
-                  encoder_hidden_states=torch.randn(2, 77, 32, device="cuda", dtype=torch.bfloat16, generator=generator))
+    inputs = dict(
+        sample=torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.bfloat16, generator=generator),
+        timestep=torch.tensor(500, device="cuda"),
+        encoder_hidden_states=torch.randn(2, 77, 32, device="cuda", dtype=torch.bfloat16, generator=generator),
+    )
     with torch.no_grad():
         want, got = (pipe.unet(**inputs).sample for pipe in (reference, quantized))
     # float8_e4m3fn keeps 3 mantissa bits: each product's operands round by up to 2^-4 relative; a wrong scale or

@@ -51,7 +51,11 @@ class ModelCalls:
         self.calls = []
         self.handles = [
             module.register_forward_pre_hook(lambda *_, name=name: self.calls.append(name))
-            for name, module in (("unet", pipe.unet), ("vae encoder", pipe.vae.encoder), ("vae decoder", pipe.vae.decoder))
+            for name, module in (
+                ("unet", pipe.unet),
+                ("vae encoder", pipe.vae.encoder),
+                ("vae decoder", pipe.vae.decoder),
+            )
         ]
 
     def __enter__(self):
@@ -94,15 +98,23 @@ def test_bad_invert_input_fails_before_any_model_pass(pipe, call, message):
     [
         (dict(guidance_scale=1e30), "guidance_scale must lie in"),
         (dict(guidance_rescale=1.5), r"guidance_rescale must lie in \[0, 1\]"),
-        (dict(attention_control=PromptToPrompt(cross_replace_steps="abc")), r"cross_replace_steps must lie in \[0, 1\]"),
+        (
+            dict(attention_control=PromptToPrompt(cross_replace_steps="abc")),
+            r"cross_replace_steps must lie in \[0, 1\]",
+        ),
         (dict(attention_control=PromptToPrompt(cross_replace_steps=(0.1, "x"))), r"cross_replace_steps must lie in"),
-        (dict(attention_control=PromptToPrompt(cross_replace_steps={"blue": "x"})), r"cross_replace_steps must lie in"),
+        (
+            dict(attention_control=PromptToPrompt(cross_replace_steps={"blue": "x"})),
+            r"cross_replace_steps must lie in",
+        ),
         (dict(attention_control=PromptToPrompt(self_replace_steps=True)), r"self_replace_steps must lie in \[0, 1\]"),
         (dict(attention_control=PromptToPrompt(reweight={"blue": math.nan})), "reweight factor of 'blue' must lie in"),
         (dict(proximal_guidance=ProximalGuidance(step_size=math.nan)), r"step_size must lie in \[0, 1\]"),
         (dict(proximal_guidance=ProximalGuidance(below_timestep="late")), "below_timestep must be"),
-        (dict(attention_control=PromptToPrompt(local_blend=LocalBlend(("circle", "circle"), threshold="high"))),
-         r"threshold must lie in \[0, 1\]"),
+        (
+            dict(attention_control=PromptToPrompt(local_blend=LocalBlend(("circle", "circle"), threshold="high"))),
+            r"threshold must lie in \[0, 1\]",
+        ),
         (dict(proximal_guidance=ProximalGuidance(mask_dilation=1.5)), "mask_dilation must be an integer"),
         (dict(attention_control=MasaCtrl(start_step=math.nan)), "start_step must be an integer"),
         (dict(attention_control=object()), "attention_control must be one of"),
@@ -152,8 +164,11 @@ def test_an_edited_word_past_the_token_limit_is_refused(pipe, argument):
     source = " ".join(["red"] + ["a"] * 80 + ["cat"])
     target = " ".join(["blue"] + ["a"] * 80 + ["cat"])
     inversion = pipe.invert(scene_image(0), source, num_inference_steps=1)
-    p2p = PromptToPrompt(local_blend=LocalBlend(("cat", "cat"))) if argument == "blend_words" else PromptToPrompt(
-        reweight={"cat": 2.0})
+    p2p = (
+        PromptToPrompt(local_blend=LocalBlend(("cat", "cat")))
+        if argument == "blend_words"
+        else PromptToPrompt(reweight={"cat": 2.0})
+    )
     with ModelCalls(pipe) as seen, pytest.raises(ValueError, match="'cat' lies past the text encoder's 77 tokens"):
         pipe(prompt=target, inversion=inversion, attention_control=p2p)
     assert seen.calls == []
@@ -191,8 +206,12 @@ def test_unsupported_integer_arrays_are_refused(pipe):
 def test_one_image_takes_its_blend_words_in_either_form(pipe, inversion):
     """``(source_words, target_words)`` and a list of one such pair per image (what a batch tool writes) agree."""
     edits = [
-        pipe(prompt="a red square on a white background", inversion=inversion, output_type="latent",
-             attention_control=PromptToPrompt(local_blend=LocalBlend(words))).images
+        pipe(
+            prompt="a red square on a white background",
+            inversion=inversion,
+            output_type="latent",
+            attention_control=PromptToPrompt(local_blend=LocalBlend(words)),
+        ).images
         for words in (("circle", "square"), [("circle", "square")])
     ]
     assert torch.equal(*edits)
@@ -221,12 +240,18 @@ def test_concurrent_calls_are_serialised_and_equal_serial_calls(pipe, inversion,
                 inside[me].set()
                 inside[other].wait(timeout=1.0)  # serialised, the other never gets in while we are here
             return tensors
+
         return callback
 
     results = {}
-    thread_a = threading.Thread(target=lambda: results.update(a=pipe(**p2p, callback_on_step_end=meet("a", "b")).images))
+    thread_a = threading.Thread(
+        target=lambda: results.update(a=pipe(**p2p, callback_on_step_end=meet("a", "b")).images)
+    )
     thread_b = threading.Thread(
-        target=lambda: (inside["a"].wait(), results.update(b=pipe_b(**masactrl, callback_on_step_end=meet("b", "a")).images))
+        target=lambda: (
+            inside["a"].wait(),
+            results.update(b=pipe_b(**masactrl, callback_on_step_end=meet("b", "a")).images),
+        )
     )
     thread_a.start(), thread_b.start()
     thread_a.join(), thread_b.join()
@@ -241,8 +266,11 @@ def test_concurrent_calls_are_serialised_and_equal_serial_calls(pipe, inversion,
 
 def test_tiny_autoencoder_inverts_and_edits(pipe):
     pipe.vae = AutoencoderTiny(
-        encoder_block_out_channels=(32, 32), decoder_block_out_channels=(32, 32), num_encoder_blocks=(1, 1),
-        num_decoder_blocks=(1, 1), latent_channels=4,
+        encoder_block_out_channels=(32, 32),
+        decoder_block_out_channels=(32, 32),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
     ).eval()
     image = pipe.prepare_images(scene_image(0), 32, 32, "crop")
     inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
@@ -274,6 +302,11 @@ def test_loading_the_file_names_no_missing_package(tmp_path):
     """diffusers scans a custom pipeline's absolute imports and asks to ``pip install`` any it cannot import, so
     scan it from a folder where the project is not importable, as a user's notebook would."""
     script = "from diffusers.utils.dynamic_modules_utils import check_imports; import sys; check_imports(sys.argv[1])"
-    result = subprocess.run([sys.executable, "-c", script, str(ROOT / "pipeline_negative_prompt_inversion.py")],
-                            cwd=tmp_path, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT / "pipeline_negative_prompt_inversion.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "might require" not in result.stderr + result.stdout

@@ -6,8 +6,14 @@ import ast
 from conftest import ROOT
 
 
-PRODUCT = ["__init__.py", "__main__.py", "cli.py", "pie_bench.py", "pipeline_negative_prompt_inversion.py",
-           *(f"attention_processors/{path.name}" for path in (ROOT / "attention_processors").glob("*.py"))]
+PRODUCT = [
+    "__init__.py",
+    "__main__.py",
+    "cli.py",
+    "pie_bench.py",
+    "pipeline_negative_prompt_inversion.py",
+    *(f"attention_processors/{path.name}" for path in (ROOT / "attention_processors").glob("*.py")),
+]
 
 
 def _imported_modules(tree: ast.AST):

@@ -27,32 +27,55 @@ CASES = {
     "npi_plain_edit": dict(inv="npi", prompt="a blue cat on a white background"),
     "ddim_plain_edit": dict(inv="ddim", prompt="a blue cat on a white background"),
     "npi_p2p_swap_blend_two_targets": dict(
-        inv="npi", prompt=["a blue cat on a white background", "a red dog on a white background"],
+        inv="npi",
+        prompt=["a blue cat on a white background", "a red dog on a white background"],
         attention_control=PromptToPrompt(0.5, 0.75, local_blend=LocalBlend(["cat", ["cat"], ["dog"]], 0.3, 0.25)),
     ),
     "nti_p2p_refine_reweight": dict(
-        inv="nti", prompt="a big red cat on a white background",
+        inv="nti",
+        prompt="a big red cat on a white background",
         attention_control=PromptToPrompt({"default_": 0.5, "big": (0.0, 0.25)}, (0.25, 0.75), reweight={"big": 2.0}),
     ),
-    "ddim_p2p_replace_maps": dict(inv="ddim", prompt="a red dog on a white background",
-                                  attention_control=PromptToPrompt(edit_type="replace"), return_attention_maps=True),
-    "npi_masactrl": dict(inv="npi", prompt="a red cat sitting on a white background",
-                         attention_control=MasaCtrl(start_step=1)),
-    "npi_masactrl_layer": dict(inv="npi", prompt="a red dog on a white background",
-                               attention_control=MasaCtrl(start_step=0, start_layer=1), return_attention_maps=True),
-    "batch_p2p_blend": dict(inv="two", prompt=["a blue cat on a white background"] * 2,
-                            attention_control=PromptToPrompt(local_blend=LocalBlend([("cat", "cat"), ("dog", "cat")]))),
-    "proxnpi_soft": dict(inv="npi", prompt="a blue cat on a white background", proximal_guidance="soft",
-                         return_edit_mask=True),
-    "proxnpi_hard_p2p": dict(
-        inv="npi", prompt="a blue dog on a white background", attention_control="p2p",
-        proximal_guidance=ProximalGuidance("hard", quantile=0.5, reconstruction_guidance=True, step_size=0.5,
-                                           below_timestep=800, mask_dilation=0),
+    "ddim_p2p_replace_maps": dict(
+        inv="ddim",
+        prompt="a red dog on a white background",
+        attention_control=PromptToPrompt(edit_type="replace"),
+        return_attention_maps=True,
     ),
-    "proxnpi_fixed_threshold": dict(inv="nti", prompt="a blue cat on a white background",
-                                    proximal_guidance=ProximalGuidance(threshold=0.01)),
-    "prox_masactrl": dict(inv="npi", prompt="a red cat sitting on a white background",
-                          attention_control=MasaCtrl(start_step=1), proximal_guidance="soft"),
+    "npi_masactrl": dict(
+        inv="npi", prompt="a red cat sitting on a white background", attention_control=MasaCtrl(start_step=1)
+    ),
+    "npi_masactrl_layer": dict(
+        inv="npi",
+        prompt="a red dog on a white background",
+        attention_control=MasaCtrl(start_step=0, start_layer=1),
+        return_attention_maps=True,
+    ),
+    "batch_p2p_blend": dict(
+        inv="two",
+        prompt=["a blue cat on a white background"] * 2,
+        attention_control=PromptToPrompt(local_blend=LocalBlend([("cat", "cat"), ("dog", "cat")])),
+    ),
+    "proxnpi_soft": dict(
+        inv="npi", prompt="a blue cat on a white background", proximal_guidance="soft", return_edit_mask=True
+    ),
+    "proxnpi_hard_p2p": dict(
+        inv="npi",
+        prompt="a blue dog on a white background",
+        attention_control="p2p",
+        proximal_guidance=ProximalGuidance(
+            "hard", quantile=0.5, reconstruction_guidance=True, step_size=0.5, below_timestep=800, mask_dilation=0
+        ),
+    ),
+    "proxnpi_fixed_threshold": dict(
+        inv="nti", prompt="a blue cat on a white background", proximal_guidance=ProximalGuidance(threshold=0.01)
+    ),
+    "prox_masactrl": dict(
+        inv="npi",
+        prompt="a red cat sitting on a white background",
+        attention_control=MasaCtrl(start_step=1),
+        proximal_guidance="soft",
+    ),
 }
 
 
@@ -66,12 +89,14 @@ def pinned_run(tokenizer_dir):
     default_level = pipe._map_level
     pipe._map_level = lambda layers, level=None: default_level(layers, 1 if level is None else level)
     inversions = {
-        method: pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method=method,
-                            null_text_inner_steps=2)
+        method: pipe.invert(
+            scene_image(0), SOURCE, num_inference_steps=STEPS, inversion_method=method, null_text_inner_steps=2
+        )
         for method in ("npi", "nti", "ddim")
     }
-    inversions["two"] = pipe.invert([scene_image(0), scene_image(1)], [SOURCE, "a blue dog on a white background"],
-                                    num_inference_steps=STEPS)
+    inversions["two"] = pipe.invert(
+        [scene_image(0), scene_image(1)], [SOURCE, "a blue dog on a white background"], num_inference_steps=STEPS
+    )
     return pipe, inversions
 
 
@@ -82,8 +107,7 @@ def outputs(pipe, inversions, case: dict) -> dict[str, torch.Tensor]:
     if result.attention_maps is not None:
         found[".attention_maps"] = torch.stack(result.attention_maps)
     if result.edit_masks is not None:
-        found[".edit_masks"] = torch.stack([torch.from_numpy(np.array(mask))
-                                            for mask in result.edit_masks])
+        found[".edit_masks"] = torch.stack([torch.from_numpy(np.array(mask)) for mask in result.edit_masks])
     return found
 
 

@@ -115,7 +115,11 @@ def _capture(store):
 
 def test_nti_without_inner_steps_is_ddim_with_cfg(pipe):
     nti = pipe.invert(
-        scene_image(1), SOURCE, num_inference_steps=STEPS, inversion_method="nti", null_text_inner_steps=0,
+        scene_image(1),
+        SOURCE,
+        num_inference_steps=STEPS,
+        inversion_method="nti",
+        null_text_inner_steps=0,
         null_text_init="null",
     )
     ddim = dataclasses.replace(nti, method="ddim", null_embeds=None, null_text_losses=None)
@@ -125,8 +129,12 @@ def test_nti_without_inner_steps_is_ddim_with_cfg(pipe):
 
 def test_nti_loss_decreases_within_a_step(pipe):
     nti = pipe.invert(
-        scene_image(2), SOURCE, num_inference_steps=STEPS, inversion_method="nti",
-        null_text_inner_steps=5, null_text_early_stop=0.0,
+        scene_image(2),
+        SOURCE,
+        num_inference_steps=STEPS,
+        inversion_method="nti",
+        null_text_inner_steps=5,
+        null_text_early_stop=0.0,
     )
     losses = nti.null_text_losses[0, 0]
     assert torch.isfinite(losses).all() and losses[-1] < losses[0]
@@ -168,7 +176,9 @@ def test_nti_batch_equals_single(pipe):
     # as a full step; in float64 that noise is negligible and the per-image optimisation must agree.
     pipe.to(torch.float64)
     images = [scene_image(5), scene_image(6)]
-    kwargs = dict(num_inference_steps=2, inversion_method="nti", null_text_inner_steps=3)  # step 2 starts from step 1's
+    kwargs = dict(
+        num_inference_steps=2, inversion_method="nti", null_text_inner_steps=3
+    )  # step 2 starts from step 1's
     batched = pipe.invert(images, [SOURCE, SOURCE], **kwargs)
     single = pipe.invert(images[1], SOURCE, **kwargs)
     # float32 copies of float64 optimisations: one rounding per Adam update (a flipped sign step is lr = 1e-2)
@@ -357,7 +367,10 @@ def test_resize_policy(pipe):
         (lambda p, im: p.invert("not an image", SOURCE), "image must be a PIL image"),
         (lambda p, im: p.invert(im, SOURCE, num_inference_steps=0), "num_inference_steps must be a positive integer"),
         (lambda p, im: p.invert(im, SOURCE, num_inference_steps=-3), "num_inference_steps must be a positive integer"),
-        (lambda p, im: p.invert(im, SOURCE, inversion_method="nti", guidance_scale=0.5), "guidance_scale must be >= 1"),
+        (
+            lambda p, im: p.invert(im, SOURCE, inversion_method="nti", guidance_scale=0.5),
+            "guidance_scale must be >= 1",
+        ),
         (lambda p, im: p.invert(im, SOURCE, inversion_method="magic"), "inversion_method must be one of"),
         (lambda p, im: p.invert(im * 3.0, SOURCE), r"values must lie in \[0, 1\]"),
     ],

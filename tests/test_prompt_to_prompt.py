@@ -141,7 +141,9 @@ def explicit_self_replace(self, query, key, value, attn_mask, scale):
 )
 def test_fused_paths_match_explicit_reference(pipe, inversion, monkeypatch, target, kwargs):
     control = dataclasses.replace(EDIT, **kwargs)
-    fused = latents(pipe, prompt=[target, "a red dog on a white background"], inversion=inversion, attention_control=control)
+    fused = latents(
+        pipe, prompt=[target, "a red dog on a white background"], inversion=inversion, attention_control=control
+    )
     # Patch the classes the pipeline uses (its leaves load under the pipeline module's name when it is imported
     # top-level, so `attention_processors.…` here are other class objects), and count that the explicit paths ran.
     ran = {"cross": 0, "self": 0}
@@ -150,12 +152,14 @@ def test_fused_paths_match_explicit_reference(pipe, inversion, monkeypatch, targ
         def call(*args):
             ran[name] += 1
             return explicit(*args)
+
         return call
 
     monkeypatch.setattr(npi.CrossAttentionControl, "__call__", counted("cross", explicit_cross))
     monkeypatch.setattr(npi.MutualSelfAttention, "__call__", counted("self", explicit_self_replace))
-    explicit = latents(pipe, prompt=[target, "a red dog on a white background"], inversion=inversion,
-                       attention_control=control)
+    explicit = latents(
+        pipe, prompt=[target, "a red dog on a white background"], inversion=inversion, attention_control=control
+    )
     assert ran["cross"] > 0 and ran["self"] > 0
     assert_rounding_close(fused, explicit, ops=edit_ops(STEPS))  # another attention kernel: other roundings
 
@@ -170,13 +174,21 @@ def test_same_prompt_edit_reproduces_reconstruction(pipe, method):
         scene_image(1), SOURCE, num_inference_steps=STEPS, inversion_method=method, null_text_inner_steps=2
     )
     reconstruction = latents(pipe, inversion=inv)
-    edit = latents(pipe, prompt=SOURCE, inversion=inv,
-                   attention_control=dataclasses.replace(EDIT, local_blend=LocalBlend(("cat", "cat"))))
+    edit = latents(
+        pipe,
+        prompt=SOURCE,
+        inversion=inv,
+        attention_control=dataclasses.replace(EDIT, local_blend=LocalBlend(("cat", "cat"))),
+    )
     assert_rounding_close(edit, reconstruction, ops=edit_ops(STEPS))
 
 
 def test_npi_batch_is_one_plus_two_k_rows_and_targets_are_independent(pipe, inversion):
-    targets = ["a blue cat on a white background", "a big red cat on a white background", "a red dog on a black background"]
+    targets = [
+        "a blue cat on a white background",
+        "a big red cat on a white background",
+        "a red dog on a black background",
+    ]
     with UNetCalls(pipe.unet) as calls:
         together = latents(pipe, prompt=targets, inversion=inversion, attention_control=EDIT)
     assert calls.batches == [1 + 2 * len(targets)] * STEPS
@@ -194,14 +206,23 @@ def test_works_with_nti_and_ddim_rows(pipe):
 
 def test_non_square_latents_with_local_blend(pipe):
     inv = pipe.invert(scene_image(0, size=48), SOURCE, num_inference_steps=3, height=24, width=40)
-    out = pipe(prompt="a red dog on a white background", inversion=inv,
-               attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"))), output_type="np",
-               return_attention_maps=True)
+    out = pipe(
+        prompt="a red dog on a white background",
+        inversion=inv,
+        attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"))),
+        output_type="np",
+        return_attention_maps=True,
+    )
     assert out.images.shape == (1, 24, 40, 3)
     assert out.attention_maps[0].shape[:2] == (12, 20)  # the finest: no level has 16 tokens on the short side
     reference_level = PromptToPrompt(local_blend=LocalBlend(("cat", "dog"), map_level=1))
-    out = pipe(prompt="a red dog on a white background", inversion=inv, attention_control=reference_level,
-               output_type="latent", return_attention_maps=True)
+    out = pipe(
+        prompt="a red dog on a white background",
+        inversion=inv,
+        attention_control=reference_level,
+        output_type="latent",
+        return_attention_maps=True,
+    )
     assert out.attention_maps[0].shape[:2] == (6, 10)
 
 
@@ -211,8 +232,9 @@ def test_half_precision_pipelines_run(tokenizer_dir, dtype):
     pipe.set_progress_bar_config(disable=True)
     inv = pipe.invert(scene_image(0), SOURCE, num_inference_steps=2)
     control = dataclasses.replace(EDIT, reweight={"dog": 2.0}, local_blend=LocalBlend(("cat", "dog")))
-    out = pipe(prompt="a red dog on a white background", inversion=inv, attention_control=control,
-               output_type="np").images
+    out = pipe(
+        prompt="a red dog on a white background", inversion=inv, attention_control=control, output_type="np"
+    ).images
     assert np.isfinite(out).all()
 
 
@@ -223,8 +245,12 @@ def test_processors_restored_after_an_exception_inside_a_step(pipe, inversion):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        pipe(prompt="a blue cat on a white background", inversion=inversion, callback_on_step_end=fail,
-             attention_control=EDIT)
+        pipe(
+            prompt="a blue cat on a white background",
+            inversion=inversion,
+            callback_on_step_end=fail,
+            attention_control=EDIT,
+        )
     assert dict(pipe.unet.attn_processors) == before
     latents(pipe, prompt="a blue cat on a white background", inversion=inversion, attention_control=EDIT)  # usable
 
@@ -232,31 +258,61 @@ def test_processors_restored_after_an_exception_inside_a_step(pipe, inversion):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompt="a blue cat", attention_control=PromptToPrompt(edit_type="replace")),
-         "edit_type='replace' needs equal word counts"),
-        (dict(prompt="a blue cat on a white background",
-              attention_control=PromptToPrompt(local_blend=LocalBlend(("dog", "cat")))),
-         "LocalBlend.words: 'dog' is not a word of the source prompt"),
-        (dict(prompt="a blue cat on a white background", attention_control=PromptToPrompt(reweight={"dog": 2.0})),
-         "PromptToPrompt.reweight: 'dog' is not a word of the target prompt"),
-        (dict(prompt="a blue cat on a white background", attention_control=PromptToPrompt(cross_replace_steps=1.5)),
-         r"PromptToPrompt.cross_replace_steps must lie in \[0, 1\]"),
-        (dict(prompt="a blue cat on a white background",
-              attention_control=PromptToPrompt(self_replace_steps=(0.5, 0.2))),
-         r"PromptToPrompt.self_replace_steps must lie in \[0, 1\]"),
-        (dict(prompt="a blue cat on a white background",
-              attention_control=PromptToPrompt(cross_replace_steps={"dog": 0.3})),
-         "PromptToPrompt.cross_replace_steps: 'dog' is not a word of any target"),
-        (dict(prompt=[], attention_control=PromptToPrompt(cross_replace_steps=0.4)),
-         "prompt must be a string or a non-empty list"),
-        (dict(prompt="a blue cat", attention_control=PromptToPrompt(edit_type="swap")),
-         "PromptToPrompt.edit_type must be one of"),
-        (dict(prompt="a red dog on a white background",
-              attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"), map_level=7))),
-         "LocalBlend.map_level must be an integer in"),
-        (dict(prompt="a red dog on a white background",
-              attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"), map_level=True))),
-         "LocalBlend.map_level must be an integer in"),
+        (
+            dict(prompt="a blue cat", attention_control=PromptToPrompt(edit_type="replace")),
+            "edit_type='replace' needs equal word counts",
+        ),
+        (
+            dict(
+                prompt="a blue cat on a white background",
+                attention_control=PromptToPrompt(local_blend=LocalBlend(("dog", "cat"))),
+            ),
+            "LocalBlend.words: 'dog' is not a word of the source prompt",
+        ),
+        (
+            dict(prompt="a blue cat on a white background", attention_control=PromptToPrompt(reweight={"dog": 2.0})),
+            "PromptToPrompt.reweight: 'dog' is not a word of the target prompt",
+        ),
+        (
+            dict(prompt="a blue cat on a white background", attention_control=PromptToPrompt(cross_replace_steps=1.5)),
+            r"PromptToPrompt.cross_replace_steps must lie in \[0, 1\]",
+        ),
+        (
+            dict(
+                prompt="a blue cat on a white background",
+                attention_control=PromptToPrompt(self_replace_steps=(0.5, 0.2)),
+            ),
+            r"PromptToPrompt.self_replace_steps must lie in \[0, 1\]",
+        ),
+        (
+            dict(
+                prompt="a blue cat on a white background",
+                attention_control=PromptToPrompt(cross_replace_steps={"dog": 0.3}),
+            ),
+            "PromptToPrompt.cross_replace_steps: 'dog' is not a word of any target",
+        ),
+        (
+            dict(prompt=[], attention_control=PromptToPrompt(cross_replace_steps=0.4)),
+            "prompt must be a string or a non-empty list",
+        ),
+        (
+            dict(prompt="a blue cat", attention_control=PromptToPrompt(edit_type="swap")),
+            "PromptToPrompt.edit_type must be one of",
+        ),
+        (
+            dict(
+                prompt="a red dog on a white background",
+                attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"), map_level=7)),
+            ),
+            "LocalBlend.map_level must be an integer in",
+        ),
+        (
+            dict(
+                prompt="a red dog on a white background",
+                attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"), map_level=True)),
+            ),
+            "LocalBlend.map_level must be an integer in",
+        ),
     ],
 )
 def test_bad_input_is_rejected_and_pipeline_stays_usable(pipe, inversion, kwargs, message):
@@ -267,8 +323,12 @@ def test_bad_input_is_rejected_and_pipeline_stays_usable(pipe, inversion, kwargs
 
 
 def test_attention_heat_map_grid(pipe, inversion):
-    out = pipe(prompt="a red dog on a white background", inversion=inversion, return_attention_maps=True,
-               attention_control=EDIT)
+    out = pipe(
+        prompt="a red dog on a white background",
+        inversion=inversion,
+        return_attention_maps=True,
+        attention_control=EDIT,
+    )
     grid = pipe.attention_heat_maps(out.attention_maps[0], "a red dog on a white background", image=out.images[0])
     assert grid.size == (8 * 96, 2 * (96 + 14))  # 9 tokens: BOS, 7 words, EOS
     maps = out.attention_maps[0]

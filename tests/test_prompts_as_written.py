@@ -118,8 +118,9 @@ def test_several_words_match_consecutive_words_and_punctuation_alone_matches_not
 
 def test_the_toy_worlds_tokenizer_reads_words_alike(tmp_path):
     toy = save_tokenizer(str(tmp_path))
-    plain, punctuated = ("a red circle on a blue background", "a green circle on a blue background"), (
-        "a red circle, on a blue background.", "A Green Circle,\non a blue  background."
+    plain, punctuated = (
+        ("a red circle on a blue background", "a green circle on a blue background"),
+        ("a red circle, on a blue background.", "A Green Circle,\non a blue  background."),
     )
     assert p2p.word_token_indices(punctuated[1], toy) == [[1], [2], [3], [5], [6], [7], [8]]
     assert p2p.find_word(punctuated[1], "green!", toy) == [2]
@@ -200,7 +201,8 @@ def test_word_windows_of_punctuated_prompts_are_the_same_windows(tok):
 def blend_weights(blend: LocalBlend, source: str, target: str, tok) -> torch.Tensor:
     """``LocalBlend``'s per-branch token weights for one image and one target (text side only)."""
     branches = [
-        npi.Branch(0, source, source, True, "source", False), npi.Branch(0, source, target, False, "source", True)
+        npi.Branch(0, source, source, True, "source", False),
+        npi.Branch(0, source, target, False, "source", True),
     ]
     plan = npi.EditPlan(branches, None, [], STEPS, torch.zeros((), dtype=torch.long), None, tok, torch.device("cpu"))
     return blend.prepare(plan).weights
@@ -223,14 +225,22 @@ def test_blend_words_of_punctuated_prompts_weigh_the_same_tokens(tok):
 @pytest.mark.parametrize(
     "control, message",
     [
-        (PromptToPrompt(local_blend=LocalBlend(("dog", "dog"))),
-         r"LocalBlend.words: 'dog' is not a word of the source prompt 'a photo of a cat, on the grass'"),
-        (PromptToPrompt(local_blend=LocalBlend(("cat", ","))),
-         r"LocalBlend.words: ',' is not a word of the target prompt 'a photo of a dog, on the grass'"),
-        (PromptToPrompt(reweight={"cat": 2.0}),
-         r"PromptToPrompt.reweight: 'cat' is not a word of the target prompt 'a photo of a dog, on the grass'"),
-        (PromptToPrompt(cross_replace_steps={"default_": 0.4, "tiger": 0.2}),
-         r"PromptToPrompt.cross_replace_steps: 'tiger' is not a word of any target prompt \['a photo of a dog, on"),
+        (
+            PromptToPrompt(local_blend=LocalBlend(("dog", "dog"))),
+            r"LocalBlend.words: 'dog' is not a word of the source prompt 'a photo of a cat, on the grass'",
+        ),
+        (
+            PromptToPrompt(local_blend=LocalBlend(("cat", ","))),
+            r"LocalBlend.words: ',' is not a word of the target prompt 'a photo of a dog, on the grass'",
+        ),
+        (
+            PromptToPrompt(reweight={"cat": 2.0}),
+            r"PromptToPrompt.reweight: 'cat' is not a word of the target prompt 'a photo of a dog, on the grass'",
+        ),
+        (
+            PromptToPrompt(cross_replace_steps={"default_": 0.4, "tiger": 0.2}),
+            r"PromptToPrompt.cross_replace_steps: 'tiger' is not a word of any target prompt \['a photo of a dog, on",
+        ),
     ],
 )
 def test_a_missing_word_names_the_argument_the_word_and_the_prompt_before_any_unet_pass(
@@ -249,17 +259,22 @@ def test_a_missing_word_names_the_argument_the_word_and_the_prompt_before_any_un
 def edits_as_written_and_canonical(pipe, inversion):
     """One edit with the prompt and its words typed loosely, and the same edit typed canonically."""
     written = PromptToPrompt(
-        cross_replace_steps={"default_": 0.8, "Dog!": (0.0, 0.4)}, reweight={"(DOG)": 2.0},
+        cross_replace_steps={"default_": 0.8, "Dog!": (0.0, 0.4)},
+        reweight={"(DOG)": 2.0},
         local_blend=LocalBlend((("Cat,",), ("dog.",)), start=0.0),
     )
     canonical = PromptToPrompt(
-        cross_replace_steps={"default_": 0.8, "dog": (0.0, 0.4)}, reweight={"dog": 2.0}, edit_type="replace",
+        cross_replace_steps={"default_": 0.8, "dog": (0.0, 0.4)},
+        reweight={"dog": 2.0},
+        edit_type="replace",
         local_blend=LocalBlend((("cat",), ("dog",)), start=0.0),
     )
     target = inversion.source_prompts[0].replace("cat", "dog")
     loose = "  " + target.replace("a photo", "A  Photo").replace("dog", "Dog").replace(" on", "\non\t") + "\n"
-    out = [pipe(prompt=prompt, inversion=inversion, attention_control=control, output_type="latent").images
-           for prompt, control in ((loose, written), (target, canonical))]
+    out = [
+        pipe(prompt=prompt, inversion=inversion, attention_control=control, output_type="latent").images
+        for prompt, control in ((loose, written), (target, canonical))
+    ]
     return out
 
 

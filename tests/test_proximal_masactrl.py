@@ -70,8 +70,9 @@ def test_per_target_quantile_2q_minus_1_matches_the_references_batch_quantile_un
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_everything_zeroed_is_exactly_the_ddim_reconstruction(pipe, inversion, mode):
-    edit = latents(pipe, prompt=TARGET, inversion=inversion,
-                   proximal_guidance=ProximalGuidance(mode, quantile=1.0, **NO_GUIDANCE))
+    edit = latents(
+        pipe, prompt=TARGET, inversion=inversion, proximal_guidance=ProximalGuidance(mode, quantile=1.0, **NO_GUIDANCE)
+    )
     reconstruction = latents(pipe, inversion=dataclasses.replace(inversion, method="ddim"), guidance_scale=1.0)
     # d is zeroed exactly, so ε = ε_u: the paths differ only in the UNet's batch size (2 rows vs 1), never amplified
     assert_rounding_close(edit, reconstruction, ops=edit_ops(STEPS, guidance_scale=1.0))
@@ -79,14 +80,20 @@ def test_everything_zeroed_is_exactly_the_ddim_reconstruction(pipe, inversion, m
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_nothing_zeroed_is_exactly_plain_npi(pipe, inversion, mode):
-    edit = latents(pipe, prompt=TARGET, inversion=inversion,
-                   proximal_guidance=ProximalGuidance(mode, threshold=0.0, **NO_GUIDANCE))
+    edit = latents(
+        pipe,
+        prompt=TARGET,
+        inversion=inversion,
+        proximal_guidance=ProximalGuidance(mode, threshold=0.0, **NO_GUIDANCE),
+    )
     plain = latents(pipe, prompt=TARGET, inversion=inversion)
     assert torch.equal(edit, plain)
 
 
 @pytest.mark.parametrize(
-    "extra", [{}, {"attention_control": PromptToPrompt(0.5, local_blend=LocalBlend(("cat", "cat")))}], ids=["plain", "p2p"]
+    "extra",
+    [{}, {"attention_control": PromptToPrompt(0.5, local_blend=LocalBlend(("cat", "cat")))}],
+    ids=["plain", "p2p"],
 )
 def test_inversion_guidance_with_step_one_pins_the_unedited_region(pipe, shared_inversion, extra):
     steps = 5  # local blend starts at step int(0.2 · 5) = 1: step 0 shows inversion guidance on its own
@@ -97,9 +104,15 @@ def test_inversion_guidance_with_step_one_pins_the_unedited_region(pipe, shared_
         seen.append((i, int(t), tensors["latents"][-1:].clone(), tensors["edit_mask"].clone()))
         return tensors
 
-    pipe(prompt=TARGET, inversion=inversion, proximal_guidance=ProximalGuidance("soft", step_size=1.0, below_timestep=1000),
-         callback_on_step_end=capture, callback_on_step_end_tensor_inputs=["latents", "edit_mask"],
-         output_type="latent", **extra)
+    pipe(
+        prompt=TARGET,
+        inversion=inversion,
+        proximal_guidance=ProximalGuidance("soft", step_size=1.0, below_timestep=1000),
+        callback_on_step_end=capture,
+        callback_on_step_end_tensor_inputs=["latents", "edit_mask"],
+        output_type="latent",
+        **extra,
+    )
     guided = 0
     for i, t, z, mask in seen:
         if extra and i >= int(0.2 * steps):
@@ -139,8 +152,13 @@ def edit_and_masks(pipe, prompt, **kwargs):
             masks.append(tensors["edit_mask"])
         return tensors
 
-    out = latents(pipe, prompt=prompt, callback_on_step_end=capture,
-                  callback_on_step_end_tensor_inputs=["latents", "edit_mask"], **kwargs)
+    out = latents(
+        pipe,
+        prompt=prompt,
+        callback_on_step_end=capture,
+        callback_on_step_end_tensor_inputs=["latents", "edit_mask"],
+        **kwargs,
+    )
     return out, masks
 
 
@@ -150,8 +168,10 @@ BATCH_MODES = {
     "fixed": dict(proximal_guidance=ProximalGuidance("hard", threshold=0.003)),
     "p2p-soft": dict(proximal_guidance="soft", attention_control=PromptToPrompt(cross_replace_steps=0.4)),
     "p2p-hard": dict(proximal_guidance="hard", attention_control=PromptToPrompt(cross_replace_steps=0.4)),
-    "p2p-fixed": dict(proximal_guidance=ProximalGuidance("soft", threshold=0.003),
-                      attention_control=PromptToPrompt(cross_replace_steps=0.4)),
+    "p2p-fixed": dict(
+        proximal_guidance=ProximalGuidance("soft", threshold=0.003),
+        attention_control=PromptToPrompt(cross_replace_steps=0.4),
+    ),
     "masactrl": dict(attention_control=MasaCtrl(start_step=1)),
     "prox-masactrl": dict(attention_control=MasaCtrl(start_step=1), proximal_guidance="soft"),
 }
@@ -176,8 +196,11 @@ def test_float32_batch_edits_equal_single_ones_and_masks_never_flip(pipe, invers
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_a_target_equal_to_its_source_is_never_in_the_edit_mask(pipe, inversion, mode, kwargs):
     # Its d is 0 in exact arithmetic; in a P2P batch it is rounding noise, which must not reach the mask.
-    kwargs = dict(inversion=inversion, proximal_guidance=ProximalGuidance(mode, **kwargs),
-                  attention_control=PromptToPrompt(cross_replace_steps=0.4))
+    kwargs = dict(
+        inversion=inversion,
+        proximal_guidance=ProximalGuidance(mode, **kwargs),
+        attention_control=PromptToPrompt(cross_replace_steps=0.4),
+    )
     for prompt in (SOURCE, [TARGET, "a red dog on a white background", SOURCE]):
         _, masks = edit_and_masks(pipe, prompt, **kwargs)
         assert all(not mask[-1].any() for mask in masks)
@@ -190,14 +213,20 @@ def test_proximal_flag_in_config_is_the_default(components, inversion):
     prox.set_progress_bar_config(disable=True)
     plain = NegativePromptInversionPipeline(**components)
     plain.set_progress_bar_config(disable=True)
-    assert torch.equal(latents(prox, prompt=TARGET, inversion=inversion),
-                       latents(plain, prompt=TARGET, inversion=inversion, proximal_guidance="soft"))
-    assert torch.equal(latents(prox, prompt=TARGET, inversion=inversion, proximal_guidance=False),
-                       latents(plain, prompt=TARGET, inversion=inversion))
+    assert torch.equal(
+        latents(prox, prompt=TARGET, inversion=inversion),
+        latents(plain, prompt=TARGET, inversion=inversion, proximal_guidance="soft"),
+    )
+    assert torch.equal(
+        latents(prox, prompt=TARGET, inversion=inversion, proximal_guidance=False),
+        latents(plain, prompt=TARGET, inversion=inversion),
+    )
 
 
 def test_masactrl_same_prompt_reproduces_reconstruction(pipe, inversion):
-    edit = latents(pipe, prompt=SOURCE, inversion=inversion, attention_control=MasaCtrl(start_step=0), guidance_scale=1.0)
+    edit = latents(
+        pipe, prompt=SOURCE, inversion=inversion, attention_control=MasaCtrl(start_step=0), guidance_scale=1.0
+    )
     assert_rounding_close(edit, latents(pipe, inversion=inversion), ops=edit_ops(STEPS, guidance_scale=1.0))
 
 
@@ -237,7 +266,9 @@ def test_prox_masactrl_rows_and_batch_independence(pipe):
         together = latents(pipe, prompt=targets, **kwargs)
     assert calls.batches == [1 + 2 * len(targets)] * steps  # NPI source: one pass; targets: null + prompt
     for k, target in enumerate(targets):
-        assert_rounding_close(together[k : k + 1], latents(pipe, prompt=target, **kwargs), ops=edit_ops(steps, unet_ops=1))
+        assert_rounding_close(
+            together[k : k + 1], latents(pipe, prompt=target, **kwargs), ops=edit_ops(steps, unet_ops=1)
+        )
 
 
 @pytest.mark.parametrize(

@@ -77,10 +77,12 @@ def test_embeddings_are_both_penultimate_states_and_the_second_pooled_projection
     pipe, prompts = sdxl_pipe, [SOURCE, TARGET]
     embeds, pooled = pipe.encode_text(prompts, "cpu")
     assert embeds.shape == (2, 77, 32 + 48) and pooled.shape == (2, 24)
-    first = pipe.text_encoder(pipe.tokenizer(prompts, padding="max_length", return_tensors="pt").input_ids,
-                              output_hidden_states=True)
-    second = pipe.text_encoder_2(pipe.tokenizer_2(prompts, padding="max_length", return_tensors="pt").input_ids,
-                                 output_hidden_states=True)
+    first = pipe.text_encoder(
+        pipe.tokenizer(prompts, padding="max_length", return_tensors="pt").input_ids, output_hidden_states=True
+    )
+    second = pipe.text_encoder_2(
+        pipe.tokenizer_2(prompts, padding="max_length", return_tensors="pt").input_ids, output_hidden_states=True
+    )
     assert torch.equal(embeds, torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1))
     assert torch.equal(pooled, second.text_embeds)
     assert pipe.tokenizer_2("a cat", padding="max_length").input_ids[-1] == 0  # pads with "!", as SDXL's
@@ -104,7 +106,12 @@ def test_layers_masactrl_choice_and_local_blend_level_are_resolution_relative(sd
     assert sdxl_pipe._map_level(sdxl_pipe.attention_layers((128, 128))) == (1024, (32, 32))  # ¼: 1024 px
     plan = npi.EditPlan(
         [npi.Branch(0, SOURCE, SOURCE, True, "source", False), npi.Branch(0, SOURCE, TARGET, False, "empty", True)],
-        npi.RowLayout((1, 2), (1, 0)), layers, STEPS, torch.zeros((), dtype=torch.long), None, sdxl_pipe.tokenizer,
+        npi.RowLayout((1, 2), (1, 0)),
+        layers,
+        STEPS,
+        torch.zeros((), dtype=torch.long),
+        None,
+        sdxl_pipe.tokenizer,
         torch.device("cpu"),
     )
     rules, _ = MasaCtrl().prepare(plan)
@@ -131,8 +138,9 @@ def test_constructor_pairs_the_unet_with_its_text_encoders(sdxl_components, comp
     with pytest.raises(ValueError, match="text_encoder_2"):
         NegativePromptInversionPipeline(**sdxl)
     with pytest.raises(ValueError, match="addition_embed_type"):
-        NegativePromptInversionPipeline(**components, text_encoder_2=sdxl_components["text_encoder_2"],
-                                        tokenizer_2=sdxl_components["tokenizer_2"])
+        NegativePromptInversionPipeline(
+            **components, text_encoder_2=sdxl_components["text_encoder_2"], tokenizer_2=sdxl_components["tokenizer_2"]
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,8 +155,9 @@ def test_npi_reconstruction_equals_ddim_reconstruction_at_guidance_one(sdxl_pipe
 
 def test_nti_optimises_the_sequence_and_keeps_the_pooled_null_of_its_initialisation(sdxl_pipe, inversion):
     image, kwargs = scene_image(0, SIZE), {"num_inference_steps": STEPS, "inversion_method": "nti"}
-    nti = sdxl_pipe.invert(image, SOURCE, null_text_inner_steps=5, null_text_early_stop=0.0, null_text_init="null",
-                           **kwargs)
+    nti = sdxl_pipe.invert(
+        image, SOURCE, null_text_inner_steps=5, null_text_early_stop=0.0, null_text_init="null", **kwargs
+    )
     losses = nti.null_text_losses[0, 0]
     assert torch.isfinite(losses).all() and losses[-1] < losses[0]
     assert nti.null_embeds.shape == (1, STEPS, 77, 80) and nti.null_embeds.dtype == torch.float32
@@ -156,8 +165,9 @@ def test_nti_optimises_the_sequence_and_keeps_the_pooled_null_of_its_initialisat
     # From the prompt without inner steps NTI is NPI: same rows, same embeddings, pooled included
     start = sdxl_pipe.invert(image, SOURCE, null_text_inner_steps=0, **kwargs)
     assert torch.equal(start.null_pooled_embeds, start.pooled_prompt_embeds)
-    assert torch.equal(latents(sdxl_pipe, prompt=TARGET, inversion=start),
-                       latents(sdxl_pipe, prompt=TARGET, inversion=inversion))
+    assert torch.equal(
+        latents(sdxl_pipe, prompt=TARGET, inversion=start), latents(sdxl_pipe, prompt=TARGET, inversion=inversion)
+    )
 
 
 @pytest.mark.parametrize("force_zeros", [True, False])
@@ -178,9 +188,14 @@ def test_the_null_embedding_follows_force_zeros_for_empty_prompt(sdxl_components
 
 
 def test_p2p_fused_paths_match_the_explicit_reference(sdxl_pipe, inversion, monkeypatch):
-    control = dataclasses.replace(P2P, reweight=[{"big": 2.0}, {}], local_blend=LocalBlend([["cat"], ["cat"], ["dog"]]))
-    kwargs = {"prompt": ["a big red cat on a white background", TARGET], "inversion": inversion,
-              "attention_control": control}
+    control = dataclasses.replace(
+        P2P, reweight=[{"big": 2.0}, {}], local_blend=LocalBlend([["cat"], ["cat"], ["dog"]])
+    )
+    kwargs = {
+        "prompt": ["a big red cat on a white background", TARGET],
+        "inversion": inversion,
+        "attention_control": control,
+    }
     fused = latents(sdxl_pipe, **kwargs)
     monkeypatch.setattr(npi.CrossAttentionControl, "__call__", explicit_cross)
     monkeypatch.setattr(npi.MutualSelfAttention, "__call__", explicit_self_replace)
@@ -201,19 +216,29 @@ def test_batched_inversion_and_edits_equal_single_ones(sdxl_pipe):
 
 def test_same_prompt_edits_reproduce_the_reconstruction(sdxl_pipe, inversion):
     reconstruction = latents(sdxl_pipe, inversion=inversion)
-    p2p = latents(sdxl_pipe, prompt=SOURCE, inversion=inversion,
-                  attention_control=dataclasses.replace(P2P, local_blend=LocalBlend(("cat", "cat"))))
+    p2p = latents(
+        sdxl_pipe,
+        prompt=SOURCE,
+        inversion=inversion,
+        attention_control=dataclasses.replace(P2P, local_blend=LocalBlend(("cat", "cat"))),
+    )
     assert_rounding_close(p2p, reconstruction, ops=edit_ops(STEPS, unet_ops=SDXL_UNET_OPS))
-    masactrl = latents(sdxl_pipe, prompt=SOURCE, inversion=inversion, attention_control=MasaCtrl(start_step=0),
-                       guidance_scale=1.0)
+    masactrl = latents(
+        sdxl_pipe, prompt=SOURCE, inversion=inversion, attention_control=MasaCtrl(start_step=0), guidance_scale=1.0
+    )
     assert_rounding_close(masactrl, reconstruction, ops=edit_ops(STEPS, guidance_scale=1.0, unet_ops=SDXL_UNET_OPS))
 
 
 def test_masactrl_and_proximal_guidance_edit(sdxl_pipe, inversion):
     reconstruction = latents(sdxl_pipe, inversion=inversion)
-    out = sdxl_pipe(prompt="a red cat sitting on a white background", inversion=inversion,
-                    attention_control=MasaCtrl(start_step=1), proximal_guidance="soft", return_edit_mask=True,
-                    output_type="pt")
+    out = sdxl_pipe(
+        prompt="a red cat sitting on a white background",
+        inversion=inversion,
+        attention_control=MasaCtrl(start_step=1),
+        proximal_guidance="soft",
+        return_edit_mask=True,
+        output_type="pt",
+    )
     assert torch.isfinite(out.images).all() and out.edit_masks[0].size == (SIZE, SIZE)
     # With nothing thresholded away and no pulls, proximal guidance is plain NPI guidance, exactly
     kept = ProximalGuidance(threshold=0.0, inversion_guidance=False, reconstruction_guidance=False)
@@ -244,13 +269,17 @@ def test_cuda_graph_runner_passes_the_added_conditioning(sdxl_pipe, inversion):
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_graphs_match_eager_on_cuda(sdxl_components, monkeypatch, compile):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 picks would differ by ~1e-3 (test_fast_paths)
+    monkeypatch.setattr(
+        torch.backends.cudnn, "allow_tf32", False
+    )  # TF32 picks would differ by ~1e-3 (test_fast_paths)
     eager, fast = (NegativePromptInversionPipeline(**copy.deepcopy(sdxl_components)).to("cuda") for _ in range(2))
     fast.enable_cuda_graphs(compile=compile)
     inversions = [pipe.invert(scene_image(0, SIZE), SOURCE, num_inference_steps=STEPS) for pipe in (eager, fast)]
     for prompt in (TARGET, "a blue cat on a white background", TARGET):  # new pooled embeddings replay the graph
-        want, got = (latents(pipe, prompt=prompt, inversion=inv, attention_control=P2P)
-                     for pipe, inv in zip((eager, fast), inversions))
+        want, got = (
+            latents(pipe, prompt=prompt, inversion=inv, attention_control=P2P)
+            for pipe, inv in zip((eager, fast), inversions)
+        )
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert fast._cuda_graphs.graphs
 
@@ -279,22 +308,26 @@ def test_float16_vae_runs_in_float32_when_its_config_says_so(sdxl_components, fo
 
 
 def test_sdxl_inversions_round_trip_through_a_file(sdxl_pipe, tmp_path):
-    nti = sdxl_pipe.invert(scene_image(0, SIZE), SOURCE, num_inference_steps=STEPS, inversion_method="nti",
-                           null_text_inner_steps=1)
+    nti = sdxl_pipe.invert(
+        scene_image(0, SIZE), SOURCE, num_inference_steps=STEPS, inversion_method="nti", null_text_inner_steps=1
+    )
     nti.save(tmp_path / "nti.safetensors")
     loaded = sdxl_pipe.load_inversion(tmp_path / "nti.safetensors")
     for name in ("latents", "prompt_embeds", "pooled_prompt_embeds", "null_embeds", "null_pooled_embeds"):
         assert torch.equal(getattr(loaded, name), getattr(nti, name)), name
-    assert torch.equal(latents(sdxl_pipe, prompt=TARGET, inversion=loaded),
-                       latents(sdxl_pipe, prompt=TARGET, inversion=nti))
+    assert torch.equal(
+        latents(sdxl_pipe, prompt=TARGET, inversion=loaded), latents(sdxl_pipe, prompt=TARGET, inversion=nti)
+    )
 
 
 def test_an_inversion_belongs_to_its_architecture(sdxl_pipe, inversion, pipe, tmp_path):
     sd_inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
     assert pipe.model_signature()["config"] != sdxl_pipe.model_signature()["config"]
     path = tmp_path / "inversion.safetensors"
-    for owner, stranger, made, made_by in ((pipe, sdxl_pipe, sd_inversion, "SD 1.x/2.x"),
-                                           (sdxl_pipe, pipe, inversion, "SDXL")):
+    for owner, stranger, made, made_by in (
+        (pipe, sdxl_pipe, sd_inversion, "SD 1.x/2.x"),
+        (sdxl_pipe, pipe, inversion, "SDXL"),
+    ):
         made.save(path)
         for attempt, argument in ((stranger.load_inversion, path), (functools.partial(stranger, TARGET), made)):
             with UNetCalls(stranger.unet) as calls, pytest.raises(ValueError, match=f"made by an {made_by} pipeline"):
@@ -304,8 +337,9 @@ def test_an_inversion_belongs_to_its_architecture(sdxl_pipe, inversion, pipe, tm
 
 
 def test_an_inversion_without_its_pooled_null_is_invalid(sdxl_pipe):
-    nti = sdxl_pipe.invert(scene_image(0, SIZE), SOURCE, num_inference_steps=2, inversion_method="nti",
-                           null_text_inner_steps=0)
+    nti = sdxl_pipe.invert(
+        scene_image(0, SIZE), SOURCE, num_inference_steps=2, inversion_method="nti", null_text_inner_steps=0
+    )
     with pytest.raises(npi.InvalidInversionError, match="null_pooled_embeds"):
         sdxl_pipe(inversion=dataclasses.replace(nti, null_pooled_embeds=None))
 
@@ -316,24 +350,27 @@ def test_from_pipe_of_a_stable_diffusion_xl_pipeline(sdxl_components, inversion)
     pipe.set_progress_bar_config(disable=True)
     assert all(getattr(pipe, name) is getattr(sdxl, name) for name in ("unet", "text_encoder_2", "tokenizer_2"))
     assert pipe.config.force_zeros_for_empty_prompt is False  # the SDXL pipeline's setting carries over
-    assert torch.equal(latents(pipe, prompt=TARGET, inversion=inversion, attention_control=P2P),
-                       latents(NegativePromptInversionPipeline(**sdxl_components), prompt=TARGET,
-                               inversion=inversion, attention_control=P2P))
+    assert torch.equal(
+        latents(pipe, prompt=TARGET, inversion=inversion, attention_control=P2P),
+        latents(
+            NegativePromptInversionPipeline(**sdxl_components),
+            prompt=TARGET,
+            inversion=inversion,
+            attention_control=P2P,
+        ),
+    )
 
 
 def test_an_sdxl_model_folder_loads_as_a_custom_pipeline(sdxl_components, inversion, tmp_path):
     from diffusers import DiffusionPipeline
 
     StableDiffusionXLPipeline(**sdxl_components, add_watermarker=False).save_pretrained(tmp_path / "sdxl")
-    loaded = DiffusionPipeline.from_pretrained(
-        tmp_path / "sdxl", custom_pipeline=npi.__file__, trust_remote_code=True
-    )
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "sdxl", custom_pipeline=npi.__file__, trust_remote_code=True)
     assert type(loaded).__name__ == "NegativePromptInversionPipeline" and loaded.is_sdxl
     assert loaded.config.force_zeros_for_empty_prompt is True
     loaded.set_progress_bar_config(disable=True)
     want = latents(NegativePromptInversionPipeline(**sdxl_components), prompt=TARGET, inversion=inversion)
     assert torch.equal(latents(loaded, prompt=TARGET, inversion=inversion), want)
-
 
 
 def test_command_line_edits_with_an_sdxl_folder(sdxl_components, tmp_path):
@@ -344,10 +381,34 @@ def test_command_line_edits_with_an_sdxl_folder(sdxl_components, tmp_path):
     common = ["--model", str(tmp_path / "sdxl"), "--device", "cpu"]
     threads = torch.get_num_threads()
     try:
-        cli.main(["invert", str(tmp_path / "cat.png"), "--prompt", SOURCE, "--out", str(tmp_path / "inv.safetensors"),
-                  "--steps", str(STEPS), *common])
-        cli.main(["edit", str(tmp_path / "inv.safetensors"), "--prompt", TARGET, "--p2p", "--blend", "cat", "dog",
-                  "--out", str(tmp_path / "dog.png"), *common])
+        cli.main(
+            [
+                "invert",
+                str(tmp_path / "cat.png"),
+                "--prompt",
+                SOURCE,
+                "--out",
+                str(tmp_path / "inv.safetensors"),
+                "--steps",
+                str(STEPS),
+                *common,
+            ]
+        )
+        cli.main(
+            [
+                "edit",
+                str(tmp_path / "inv.safetensors"),
+                "--prompt",
+                TARGET,
+                "--p2p",
+                "--blend",
+                "cat",
+                "dog",
+                "--out",
+                str(tmp_path / "dog.png"),
+                *common,
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     pipe = NegativePromptInversionPipeline(**sdxl_components)

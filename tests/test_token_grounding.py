@@ -73,10 +73,16 @@ def test_pixel_loss_is_the_cross_entropy_of_each_cell_against_the_region():
 def tiny_unet():
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64, 64),
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32, 64, 64),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        attention_head_dim=(2, 2, 4, 4), cross_attention_dim=32, norm_num_groups=16,
+        attention_head_dim=(2, 2, 4, 4),
+        cross_attention_dim=32,
+        norm_num_groups=16,
     ).eval()
 
 
@@ -111,8 +117,11 @@ def test_encoded_batches_carry_each_scenes_regions_and_slots():
     source = batches()
     rendered = [source.next(), source.next()]
     fingerprint = lambda images: images.mean(dim=(2, 3))  # noqa: E731  (stands in for the VAE)
-    truth = {tuple(f.tolist()): (i, r, s) for images, ids, regions, slots in rendered
-             for f, i, r, s in zip(fingerprint(images), ids, regions, slots)}
+    truth = {
+        tuple(f.tolist()): (i, r, s)
+        for images, ids, regions, slots in rendered
+        for f, i, r, s in zip(fingerprint(images), ids, regions, slots)
+    }
     assert rendered[0][2].shape == (4, scenes.MAX_OBJECTS + 1, 16, 16)
     data = EncodedBatches(batches(), fingerprint, reuse=2)
     for _ in range(4):
@@ -136,10 +145,32 @@ def test_training_with_token_grounding_runs_and_logs_both_losses(toy_model_dir, 
 
     monkeypatch.setattr(train, "_T0", time.time())  # --minutes counts from process start: here, from now
     out = tmp_path / "grounded"
-    train.main(["--resume", str(toy_model_dir), "--out", str(out), "--device", "cpu",
-                "--minutes", "2", "--max-steps", "2", "--batch-size", "2", "--eval-samples", "0",
-                "--vae-eval-images", "2", "--grounding-weight", "0.5", "--pixel-grounding-weight", "0.01",
-                "--log-seconds", "0"])
+    train.main(
+        [
+            "--resume",
+            str(toy_model_dir),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--minutes",
+            "2",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-samples",
+            "0",
+            "--vae-eval-images",
+            "2",
+            "--grounding-weight",
+            "0.5",
+            "--pixel-grounding-weight",
+            "0.01",
+            "--log-seconds",
+            "0",
+        ]
+    )
     unet = json.loads((out / "training_log.json").read_text())["unet"]
     assert unet["steps"] == 2 and 0 < unet["final_grounding_loss"] < 1 and unet["final_loss"] > 0
     assert unet["final_pixel_grounding_loss"] > 0

@@ -42,8 +42,13 @@ def test_nti_tracks_the_trajectory_at_least_as_well_as_npi(trained_pipe, trained
     steps = 10
     track = {}
     for method in ("npi", "nti"):
-        inversion = pipe.invert(pair.source_image, pair.source_caption, num_inference_steps=steps,
-                                inversion_method=method, null_text_init="null")
+        inversion = pipe.invert(
+            pair.source_image,
+            pair.source_caption,
+            num_inference_steps=steps,
+            inversion_method=method,
+            null_text_init="null",
+        )
         seen = []
 
         def capture(pipe, i, t, tensors):

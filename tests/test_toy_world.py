@@ -3,6 +3,7 @@ word tokenizer, the vectorised training batches and the attribute judge.
 
 The end-to-end CPU training run (~20-30 s) is marked ``slow`` (``pytest -m slow``).
 """
+
 import dataclasses
 import os
 import subprocess
@@ -93,7 +94,7 @@ def _check_edit(scene, kind, seed):
     if kind == "pattern":
         assert abs(len(src) - len(tgt)) == 1
         longer, shorter, (pos,) = (tgt, src, e.target_positions) if e.target_words else (src, tgt, e.source_positions)
-        assert longer[:pos] + longer[pos + 1:] == shorter
+        assert longer[:pos] + longer[pos + 1 :] == shorter
         assert longer[pos] in ("striped", "dotted") and (e.target_words or e.source_words) == (longer[pos],)
     else:
         diff = [i for i, (a, b) in enumerate(zip(src, tgt)) if a != b]
@@ -137,8 +138,9 @@ def test_edit_is_deterministic():
 
 def test_pattern_edit_removes_when_all_patterned():
     scene = scenes.sample_scene(0)
-    scene = scenes.Scene(tuple(dataclasses.replace(o, pattern="dotted") for o in scene.objects),
-                         scene.background, scene.texture_seed)
+    scene = scenes.Scene(
+        tuple(dataclasses.replace(o, pattern="dotted") for o in scene.objects), scene.background, scene.texture_seed
+    )
     e = _check_edit(scene, "pattern", 0)
     assert e.source_words == ("dotted",) and e.target_words == ()
 
@@ -259,10 +261,11 @@ def test_encoded_batches_hand_out_each_scene_reuse_times_with_its_caption(reuse)
     for (z, ids), (images, want_ids) in zip(handed[:2], rendered):
         assert torch.equal(z, encode(images)) and torch.equal(ids, want_ids)
     scenes = lambda part: sorted(  # noqa: E731
-        (tuple(z_row.tolist()), tuple(id_row.tolist())) for z, ids in part for z_row, id_row in zip(z, ids))
+        (tuple(z_row.tolist()), tuple(id_row.tolist())) for z, ids in part for z_row, id_row in zip(z, ids)
+    )
     for k in range(1, reuse):  # every later pass: the same scenes, each with its own caption, in another order
-        assert scenes(handed[2 * k: 2 * k + 2]) == scenes(handed[:2])
-        assert not all(torch.equal(a[0], b[0]) for a, b in zip(handed[2 * k: 2 * k + 2], handed[:2]))
+        assert scenes(handed[2 * k : 2 * k + 2]) == scenes(handed[:2])
+        assert not all(torch.equal(a[0], b[0]) for a, b in zip(handed[2 * k : 2 * k + 2], handed[:2]))
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--latent-reuse", "0"])
 
@@ -287,9 +290,23 @@ def test_micro_training_run(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "toy"
-    subprocess.run([sys.executable, "-m", "toy_world.train", "--out", str(out), "--minutes", "0.3",
-                    "--device", "cpu", "--batch-size", "8"], check=True,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toy_world.train",
+            "--out",
+            str(out),
+            "--minutes",
+            "0.3",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "8",
+        ],
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     # The brief's budget was 22 MB; the committed VAE config (48, 96, 96) makes it ~23.6 MB.
     assert size < 24e6

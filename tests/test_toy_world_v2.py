@@ -93,7 +93,7 @@ def test_v2_model_geometry_is_sd_like():
 
 def test_rle_round_trip_and_known_code():
     mask = np.zeros((3, 4), dtype=bool)
-    mask[0, 1:3] = True   # flat 1, 2
+    mask[0, 1:3] = True  # flat 1, 2
     mask[1, 3] = mask[2, 0] = True  # flat 7, 8: one run across the row end
     assert pie_format.encode_mask(mask) == [1, 2, 7, 2]
     rng = np.random.default_rng(0)
@@ -125,8 +125,15 @@ def folder(tmp_path_factory):
 def test_mapping_file_has_pie_bench_schema(folder):
     path, mapping = folder
     assert json.loads((path / "mapping_file.json").read_text()) == mapping
-    fields = {"image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
-              "blended_word", "mask"}
+    fields = {
+        "image_path",
+        "original_prompt",
+        "editing_prompt",
+        "editing_instruction",
+        "editing_type_id",
+        "blended_word",
+        "mask",
+    }
     pairs = evaluate.make_pairs(4, seed=1, res=64)
     for (key, entry), edit in zip(mapping.items(), pairs):
         assert set(entry) == fields
@@ -170,8 +177,13 @@ def test_compact_json_keeps_six_significant_digits_at_every_depth():
     import json
     import math
 
-    value = {"psnr": 29.673115558624268, "mse": 0.0011149876, "rows": [{"ok": True, "n": 3, "x": (1 / 3,)}],
-             "nan": float("nan"), "kind": "colour"}
+    value = {
+        "psnr": 29.673115558624268,
+        "mse": 0.0011149876,
+        "rows": [{"ok": True, "n": 3, "x": (1 / 3,)}],
+        "nan": float("nan"),
+        "kind": "colour",
+    }
     back = json.loads(evaluate.compact_json(value))
     assert back["psnr"] == 29.6731 and back["mse"] == 0.00111499
     assert back["rows"] == [{"ok": True, "n": 3, "x": [0.333333]}]
@@ -200,7 +212,9 @@ def test_edits_inside_the_mask_do_not_change_background_metrics():
 def test_background_psnr_is_the_reference_whole_image_kind():
     """Reference PSNR (masked pixels zeroed, whole-image mean) = background-only PSNR + 10 log10(1/fraction)."""
     source = _image(2)
-    edited = (source + 3 * U8 * torch.sign(torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(3)))).clamp(0, 1)
+    edited = (source + 3 * U8 * torch.sign(torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(3)))).clamp(
+        0, 1
+    )
     mask = torch.zeros(32, 32, dtype=torch.bool)
     mask[:12] = True
     m = pie_format.background_metrics(source, edited, mask)
@@ -244,12 +258,25 @@ def test_pipeline_p2p_matches_the_independent_reference(toy_model_dir):
     inv = pipe.invert(edit.source_image[None], edit.source_caption, num_inference_steps=steps)
     with torch.no_grad():
         p2p = PromptToPrompt(0.4, 0.6, local_blend=LocalBlend(words, threshold=threshold))
-        out = pipe(prompt=edit.target_caption, inversion=inv, num_inference_steps=steps, attention_control=p2p,
-                   return_attention_maps=True, output_type="latent")
+        out = pipe(
+            prompt=edit.target_caption,
+            inversion=inv,
+            num_inference_steps=steps,
+            attention_control=p2p,
+            return_attention_maps=True,
+            output_type="latent",
+        )
         ref = ReferenceP2P(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
         level = out.attention_maps[0].shape[:2]
-        r = ref.edit(pipe.encode_images(edit.source_image[None] * 2 - 1), edit.source_caption, edit.target_caption,
-                     words, steps=steps, blend_size=level, blend_threshold=threshold)
+        r = ref.edit(
+            pipe.encode_images(edit.source_image[None] * 2 - 1),
+            edit.source_caption,
+            edit.target_caption,
+            words,
+            steps=steps,
+            blend_size=level,
+            blend_threshold=threshold,
+        )
     # Same arithmetic in another order (fused vs explicit attention): float32 rounding, amplified by the
     # 2·steps UNet passes; latents have unit scale.
     assert (out.images[0] - r.latents[1]).abs().max() < 1e-3

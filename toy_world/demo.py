@@ -18,7 +18,9 @@ from . import evaluate
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo.png", help="where to write the grid image")
-    parser.add_argument("--scenes", type=int, default=4, help="one scene per edit kind (colour, shape, background, pattern)")
+    parser.add_argument(
+        "--scenes", type=int, default=4, help="one scene per edit kind (colour, shape, background, pattern)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--methods", nargs="+", default=list(evaluate.METHODS), choices=list(evaluate.METHODS))

@@ -61,8 +61,9 @@ def make_pairs(count: int, seed: int = 0, res: int = MODEL_RES) -> list[scenes.E
     """A fixed, seeded set of (scene, edit) pairs cycling through the edit kinds, rendered at ``res`` px
     (the same scenes and edits at every resolution)."""
     return [
-        scenes.make_edit(scenes.sample_scene(seed * 1_000_003 + i), scenes.EDIT_KINDS[i % len(scenes.EDIT_KINDS)], i,
-                         res=res)
+        scenes.make_edit(
+            scenes.sample_scene(seed * 1_000_003 + i), scenes.EDIT_KINDS[i % len(scenes.EDIT_KINDS)], i, res=res
+        )
         for i in range(count)
     ]
 
@@ -79,6 +80,7 @@ def blend_words(edit: scenes.Edit) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def compact_json(value) -> str:
     """Benchmark records as JSON with floats cut to 6 significant digits and no indentation: a 200-pair run's
     per-item records are a third of their full-precision size, and every figure a table shows survives."""
+
     def cut(v):
         if isinstance(v, float):
             return float(f"{v:.6g}")
@@ -108,7 +110,10 @@ def objects_kept(image: torch.Tensor, edit: scenes.Edit) -> bool:
     must neither lose, move nor duplicate objects. The shape an edit changes is `attribute_ok`'s to judge."""
     verdict = judge_module.judge(judge_size(image), edit.target_scene)
     return all(
-        v.found and v.duplicates == 0 and v.in_place and (v.shape_ok or (edit.kind == "shape" and k == edit.object_index))
+        v.found
+        and v.duplicates == 0
+        and v.in_place
+        and (v.shape_ok or (edit.kind == "shape" and k == edit.object_index))
         for k, v in enumerate(verdict.objects)
     )
 
@@ -142,8 +147,13 @@ def evaluate(pipe, pairs, methods=tuple(METHODS), steps: int = 50, batch_size: i
         if needs_nti:
             inversions["nti"] = _timed(
                 device,
-                lambda: pipe.invert(list(sources), captions, num_inference_steps=steps, inversion_method="nti",
-                                    guidance_scale=guidance_scale),
+                lambda: pipe.invert(
+                    list(sources),
+                    captions,
+                    num_inference_steps=steps,
+                    inversion_method="nti",
+                    guidance_scale=guidance_scale,
+                ),
             )
         for name, method in (("ddim+cfg", "ddim"), ("npi", "npi"), ("nti", "nti")):
             if method in inversions:
@@ -158,8 +168,13 @@ def evaluate(pipe, pairs, methods=tuple(METHODS), steps: int = 50, batch_size: i
                 kwargs["attention_control"] = pipe.PromptToPrompt(**p2p, local_blend=pipe.LocalBlend(words))
             edited, edit_time = _timed(
                 device,
-                lambda: pipe(prompt=[e.target_caption for e in batch], inversion=inversion,
-                             guidance_scale=guidance_scale, output_type="pt", **kwargs).images.cpu(),
+                lambda: pipe(
+                    prompt=[e.target_caption for e in batch],
+                    inversion=inversion,
+                    guidance_scale=guidance_scale,
+                    output_type="pt",
+                    **kwargs,
+                ).images.cpu(),
             )
             seconds = (inversion_time + edit_time) / len(batch)
             for edit, image in zip(batch, edited):
@@ -187,7 +202,9 @@ def summarise(result) -> dict:
     summary = {"reconstruction_psnr": {k: mean(v) for k, v in result["reconstruction_psnr"].items() if v}}
     methods = {}
     for name, rows in result["records"].items():
-        entry = {key: mean([float(r[key]) for r in rows]) for key in ("edit_psnr", "edit_ssim", "unedited_psnr", "seconds")}
+        entry = {
+            key: mean([float(r[key]) for r in rows]) for key in ("edit_psnr", "edit_ssim", "unedited_psnr", "seconds")
+        }
         entry["attribute_accuracy"] = mean([float(r["attribute_ok"]) for r in rows])
         entry["by_kind"] = {
             kind: {
@@ -255,14 +272,26 @@ def model_quality(pipe, count: int = 100, steps: int = 50, seed: int = 1, res: i
     ddim = pipe(inversion=dataclasses.replace(inversion, method="ddim"), guidance_scale=1.0, output_type="pt").images
 
     text_to_image = StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        scheduler=DDIMScheduler.from_config(pipe.scheduler.config), safety_checker=None, feature_extractor=None,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     text_to_image.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    samples = text_to_image(captions, height=res, width=res, num_inference_steps=steps, guidance_scale=7.5,
-                            generator=generator, output_type="pt").images.cpu()
+    samples = text_to_image(
+        captions,
+        height=res,
+        width=res,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=generator,
+        output_type="pt",
+    ).images.cpu()
     verdicts = [judge_module.judge(judge_size(sample), spec) for sample, spec in zip(samples, specs)]
     objects = [v for verdict in verdicts for v in verdict.objects]
     return {

@@ -12,6 +12,7 @@ the pixel loss that makes a word's map cover its whole region rather than its ri
 computes its probabilities explicitly and appends its ``token_loss`` to ``losses`` (and its ``pixel_loss`` to
 ``pixel_losses`` when the dict has that list).
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,15 @@ class GroundingAttnProcessor:
     def __init__(self):
         self.fused = AttnProcessor2_0()
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 grounding: dict | None = None):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        grounding: dict | None = None,
+    ):
         if grounding is None or encoder_hidden_states is None:
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if attn.norm_cross or attn.group_norm is not None or attn.spatial_norm is not None or hidden_states.ndim != 3:

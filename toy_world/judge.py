@@ -24,6 +24,7 @@ array or PIL image) and a ``Scene`` or caption; ``evaluate(images, specs)`` give
 accuracies over many. Captions with repeated colours
 are not supported (the generator never produces them).
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,12 +39,12 @@ from . import scenes as S
 from .scenes import H, W
 
 
-MIN_AREA = 30            # px; smaller components count as "object missing"
-MIN_CORE = 15            # px after a 1-px erosion: a duplicate (the smallest object keeps 36, a rim none)
-MAX_OFFSET = 0.5         # sizes; an object whose centroid moved further is not where the scene has it
-MIN_IOU = 0.7            # template IoU below this = no recognisable shape (clean renders >= 0.88)
+MIN_AREA = 30  # px; smaller components count as "object missing"
+MIN_CORE = 15  # px after a 1-px erosion: a duplicate (the smallest object keeps 36, a rim none)
+MAX_OFFSET = 0.5  # sizes; an object whose centroid moved further is not where the scene has it
+MIN_IOU = 0.7  # template IoU below this = no recognisable shape (clean renders >= 0.88)
 MIN_BACKGROUND_FRAC = 0.3
-INK_MIN_FRAC = 0.05      # interior ink fraction below which an object is plain
+INK_MIN_FRAC = 0.05  # interior ink fraction below which an object is plain
 STRIPE_CONTINUITY = 0.6  # clean renders: dots <= 0.4, stripes ~1.0
 
 
@@ -52,16 +53,16 @@ class ObjectVerdict:
     colour: str
     shape: str
     pattern: str
-    found: bool              # a component of the right colour with >= MIN_AREA px
-    duplicates: int          # further components of that colour with >= MIN_CORE px after a 1-px erosion
-    in_place: bool | None    # the component's centroid within MAX_OFFSET sizes of the centre (None: a caption)
+    found: bool  # a component of the right colour with >= MIN_AREA px
+    duplicates: int  # further components of that colour with >= MIN_CORE px after a 1-px erosion
+    in_place: bool | None  # the component's centroid within MAX_OFFSET sizes of the centre (None: a caption)
     predicted_shape: str | None  # None: not found, or no template fits (IoU < MIN_IOU)
-    iou: float               # template IoU of the predicted shape
+    iou: float  # template IoU of the predicted shape
     predicted_pattern: str | None
     area: int
     shape_ok: bool
     pattern_ok: bool
-    ok: bool                 # found and shape_ok (and pattern_ok if checked)
+    ok: bool  # found and shape_ok (and pattern_ok if checked)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Verdict:
     objects: list[ObjectVerdict]
     background_ok: bool
     background_frac: float
-    ok: bool                 # all objects ok and background ok
+    ok: bool  # all objects ok and background ok
 
 
 def _as_image(image) -> torch.Tensor:
@@ -87,7 +88,7 @@ def classify_pixels(image: torch.Tensor, ink_colours=range(len(S.COLOURS))) -> t
     ``ink_colours`` (indices): returns (colour index [H,W], is_ink [H,W])."""
     ink_colours = torch.as_tensor(list(ink_colours), dtype=torch.long)
     protos = torch.cat([S.PALETTE, S.PATTERN_SHADE[ink_colours]])
-    d = ((image[None] - protos[:, :, None, None]) ** 2).sum(1)      # [P, H, W]
+    d = ((image[None] - protos[:, :, None, None]) ** 2).sum(1)  # [P, H, W]
     idx = d.argmin(0)
     n = len(S.COLOURS)
     colour = torch.where(idx < n, idx, ink_colours[(idx - n).clamp(min=0)])
@@ -123,8 +124,11 @@ def _shape_calibration() -> dict[str, tuple[float, float, float]]:
     for shape in S.SHAPES:
         m = S.shape_alpha(shape, size) > 0.5
         ys, xs = torch.nonzero(m, as_tuple=True)
-        out[shape] = (m.sum().item() / size**2, (xs.float().mean().item() + 0.5 - W / 2) / size,
-                      (ys.float().mean().item() + 0.5 - H / 2) / size)
+        out[shape] = (
+            m.sum().item() / size**2,
+            (xs.float().mean().item() + 0.5 - W / 2) / size,
+            (ys.float().mean().item() + 0.5 - H / 2) / size,
+        )
     return out
 
 
@@ -207,8 +211,23 @@ def judge(image, spec, check_pattern: bool = False) -> Verdict:
         pred_pattern = _classify_pattern(comp, ink) if found else None
         shape_ok, pattern_ok = pred_shape == shape, pred_pattern == pattern
         ok = found and shape_ok and (pattern_ok or not check_pattern)
-        verdicts.append(ObjectVerdict(colour, shape, pattern, found, duplicates, in_place, pred_shape, iou,
-                                      pred_pattern, area, shape_ok, pattern_ok, ok))
+        verdicts.append(
+            ObjectVerdict(
+                colour,
+                shape,
+                pattern,
+                found,
+                duplicates,
+                in_place,
+                pred_shape,
+                iou,
+                pred_pattern,
+                area,
+                shape_ok,
+                pattern_ok,
+                ok,
+            )
+        )
     bg_frac = (colour_idx == S.COLOURS.index(background)).float().mean().item()
     bg_ok = bg_frac >= MIN_BACKGROUND_FRAC
     return Verdict(verdicts, bg_ok, bg_frac, bg_ok and all(v.ok for v in verdicts))
@@ -218,7 +237,9 @@ def evaluate(images, specs, check_pattern: bool = False) -> dict:
     """Judge many images: scene / object / background accuracies and the verdicts."""
     verdicts = [judge(im, sp, check_pattern) for im, sp in zip(images, specs)]
     objs = [o for v in verdicts for o in v.objects]
-    return dict(scene_accuracy=sum(v.ok for v in verdicts) / max(1, len(verdicts)),
-                object_accuracy=sum(o.ok for o in objs) / max(1, len(objs)),
-                background_accuracy=sum(v.background_ok for v in verdicts) / max(1, len(verdicts)),
-                verdicts=verdicts)
+    return dict(
+        scene_accuracy=sum(v.ok for v in verdicts) / max(1, len(verdicts)),
+        object_accuracy=sum(o.ok for o in objs) / max(1, len(objs)),
+        background_accuracy=sum(v.background_ok for v in verdicts) / max(1, len(verdicts)),
+        verdicts=verdicts,
+    )

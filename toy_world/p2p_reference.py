@@ -28,9 +28,9 @@ class Controller:
     only the conditional half is read or controlled (P2P controls the text-conditioned pass)."""
 
     steps: int
-    cross_until: int       # replace target cross-attention by the source's in steps [0, cross_until)
-    self_until: int        # replace target self-attention maps in steps [0, self_until) ...
-    self_max_length: int   # ... in layers whose query length is at most this
+    cross_until: int  # replace target cross-attention by the source's in steps [0, cross_until)
+    self_until: int  # replace target self-attention maps in steps [0, self_until) ...
+    self_max_length: int  # ... in layers whose query length is at most this
     step: int = 0
     maps: dict = field(default_factory=dict)  # (h, w) -> [2, h*w, tokens] sums over heads, layers, steps
 
@@ -97,8 +97,13 @@ class ReferenceP2P:
 
     @torch.no_grad()
     def embed(self, prompts):
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     def timesteps(self, steps: int) -> torch.Tensor:
@@ -123,9 +128,20 @@ class ReferenceP2P:
         return z
 
     @torch.no_grad()
-    def edit(self, latent0, source: str, target: str, blend_words=None, steps: int = 50, guidance: float = 7.5,
-             cross_replace: float = 0.4, self_replace: float = 0.6, blend_threshold: float = 0.3,
-             blend_start: float = 0.2, blend_size=None) -> Result:
+    def edit(
+        self,
+        latent0,
+        source: str,
+        target: str,
+        blend_words=None,
+        steps: int = 50,
+        guidance: float = 7.5,
+        cross_replace: float = 0.4,
+        self_replace: float = 0.6,
+        blend_threshold: float = 0.3,
+        blend_start: float = 0.2,
+        blend_size=None,
+    ) -> Result:
         latent_len = latent0.shape[-2] * latent0.shape[-1]
         ctl = Controller(steps, int(cross_replace * (steps + 1)), int(self_replace * steps), latent_len // 4)
         saved = self.unet.attn_processors
@@ -160,6 +176,6 @@ class ReferenceP2P:
             self.unet.set_attn_processor(saved)
         maps = {}
         for length, m in ctl.maps.items():
-            side = int(round(length ** 0.5))
+            side = int(round(length**0.5))
             maps[(side, length // side)] = m.unflatten(1, (side, length // side))
         return Result(z, maps, torch.stack(masks) if masks else None)

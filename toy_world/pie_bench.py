@@ -53,8 +53,11 @@ def instruction(edit: scenes.Edit) -> str:
     if edit.kind == "pattern":
         new = edit.target_scene.objects[edit.object_index]
         return f"Make the {name} {new.pattern}" if new.pattern else f"Make the {name} plain"
-    return f"Change the {name} to {edit.target_words[0]}" if edit.kind == "colour" else \
-        f"Turn the {name} into a {edit.target_words[0]}"
+    return (
+        f"Change the {name} to {edit.target_words[0]}"
+        if edit.kind == "colour"
+        else f"Turn the {name} into a {edit.target_words[0]}"
+    )
 
 
 # -------------------------------------------------------------------------------------------- the folder
@@ -154,16 +157,19 @@ def read_truth(folder) -> dict:
 
     truth = json.loads(truth_file.read_text())
     edits = make_pairs(truth["count"], truth["seed"], res=truth["res"])
-    return {key: {"edit": edits[pair["index"]], "target_image": load_image(folder / "toy_world_truth" / f"{key}.png")}
-            for key, pair in truth["pairs"].items()}
+    return {
+        key: {"edit": edits[pair["index"]], "target_image": load_image(folder / "toy_world_truth" / f"{key}.png")}
+        for key, pair in truth["pairs"].items()
+    }
 
 
 def read_pie_bench(folder, types=None, limit: int | None = None) -> list[PieItem]:
     """Load a PIE-Bench folder (the real one or a toy-world one), in the mapping file's order, with the toy world's
     ground truth where the folder has it. ``types``: keep only these editing_type_id values."""
     folder = Path(folder)
-    items = [item for item in read_manifest(folder / "mapping_file.json")
-             if types is None or item.editing_type in types][:limit]
+    items = [
+        item for item in read_manifest(folder / "mapping_file.json") if types is None or item.editing_type in types
+    ][:limit]
     truth = read_truth(folder)
     loaded = []
     for item in items:

@@ -41,6 +41,7 @@ Public API (all deterministic given a seed / generator; pure torch + numpy):
   ``spec_token_ids``, ``spec_token_slots`` and ``scene_regions`` (which region each word names: the
   training's token grounding), ``shape_alpha``
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,41 +56,45 @@ from . import tokenizer as _tok
 from .vocabulary import COLOURS, FILLER_WORDS, PATTERNS, SHAPES, WORDS  # noqa: F401  (the caption words)
 
 
-H = W = 64     # v1 image size, and the frame of scene units at every resolution
-RES_V2 = 128    # toy world v2 renders the same scenes at 128 px (32 x 32 latent at VAE factor 4)
+H = W = 64  # v1 image size, and the frame of scene units at every resolution
+RES_V2 = 128  # toy world v2 renders the same scenes at 128 px (32 x 32 latent at VAE factor 4)
 MAX_OBJECTS = 3
 
-PALETTE = torch.tensor([
-    [0.90, 0.12, 0.12],  # red
-    [0.15, 0.72, 0.20],  # green
-    [0.15, 0.25, 0.90],  # blue
-    [0.95, 0.88, 0.15],  # yellow
-    [0.58, 0.20, 0.78],  # purple
-    [1.00, 0.55, 0.05],  # orange
-    [0.95, 0.95, 0.95],  # white
-    [0.08, 0.08, 0.08],  # black
-])
+PALETTE = torch.tensor(
+    [
+        [0.90, 0.12, 0.12],  # red
+        [0.15, 0.72, 0.20],  # green
+        [0.15, 0.25, 0.90],  # blue
+        [0.95, 0.88, 0.15],  # yellow
+        [0.58, 0.20, 0.78],  # purple
+        [1.00, 0.55, 0.05],  # orange
+        [0.95, 0.95, 0.95],  # white
+        [0.08, 0.08, 0.08],  # black
+    ]
+)
 # Pattern ink: a lighter tint for most colours, a darker shade for the light ones,
 # chosen so that no tint is confusable with another palette colour (see judge.py).
-PATTERN_SHADE = torch.tensor([
-    [0.98, 0.60, 0.60],  # red -> pink
-    [0.60, 0.92, 0.62],  # green -> mint
-    [0.60, 0.68, 1.00],  # blue -> light blue
-    [0.60, 0.50, 0.02],  # yellow -> olive
-    [0.85, 0.65, 0.95],  # purple -> lilac
-    [0.62, 0.30, 0.02],  # orange -> brown
-    [0.62, 0.62, 0.62],  # white -> grey
-    [0.40, 0.40, 0.40],  # black -> dark grey
-])
+PATTERN_SHADE = torch.tensor(
+    [
+        [0.98, 0.60, 0.60],  # red -> pink
+        [0.60, 0.92, 0.62],  # green -> mint
+        [0.60, 0.68, 1.00],  # blue -> light blue
+        [0.60, 0.50, 0.02],  # yellow -> olive
+        [0.85, 0.65, 0.95],  # purple -> lilac
+        [0.62, 0.30, 0.02],  # orange -> brown
+        [0.62, 0.62, 0.62],  # white -> grey
+        [0.40, 0.40, 0.40],  # black -> dark grey
+    ]
+)
 
-SIZE_RANGE = (14.0, 22.0)      # object size s (px); shapes below are scaled by s
-EXTENT = 0.62                  # every shape fits in a disc of radius ~EXTENT * s
+SIZE_RANGE = (14.0, 22.0)  # object size s (px); shapes below are scaled by s
+EXTENT = 0.62  # every shape fits in a disc of radius ~EXTENT * s
 PATTERN_PROB = 0.25
 NUM_OBJECT_PROBS = (0.25, 0.35, 0.40)  # P(1), P(2), P(3) objects
-TEXTURE_LOWFREQ_AMP = 0.05     # std of the smooth per-channel background noise
-TEXTURE_LOWFREQ_GRID = 5       # control points per side of that noise
-TEXTURE_GRAIN_AMP = 0.012      # std of the per-pixel luminance grain
-STRIPE_PERIOD = 6.0            # px, diagonal stripes of half-period width
+TEXTURE_LOWFREQ_AMP = 0.05  # std of the smooth per-channel background noise
+TEXTURE_LOWFREQ_GRID = 5  # control points per side of that noise
+TEXTURE_GRAIN_AMP = 0.012  # std of the per-pixel luminance grain
+STRIPE_PERIOD = 6.0  # px, diagonal stripes of half-period width
 DOT_SPACING, DOT_RADIUS = 6.0, 1.7
 PLACEMENT_CANDIDATES = 256
 
@@ -104,7 +109,7 @@ class Obj:
     shape: str
     colour: str
     pattern: str  # "" (plain), "striped" or "dotted"
-    cx: float     # centre, pixel units (pixel i covers [i, i + 1))
+    cx: float  # centre, pixel units (pixel i covers [i, i + 1))
     cy: float
     size: float
 
@@ -187,15 +192,16 @@ def sample_specs(n: int, generator: torch.Generator, device="cpu") -> dict:
     present = torch.arange(K, device=dev)[None] < num[:, None]
     # A random permutation per scene keeps all colours (background too) distinct.
     perm = torch.rand(n, len(COLOURS), generator=g, device=dev).argsort(dim=1)
-    background, colour = perm[:, 0], perm[:, 1:1 + K]
+    background, colour = perm[:, 0], perm[:, 1 : 1 + K]
     shape = torch.randint(0, len(SHAPES), (n, K), generator=g, device=dev)
     patterned = torch.rand(n, K, generator=g, device=dev) < PATTERN_PROB
     pattern = torch.where(patterned, 1 + torch.randint(0, 2, (n, K), generator=g, device=dev), 0)
     lo_s, hi_s = SIZE_RANGE
     size = lo_s + (hi_s - lo_s) * torch.rand(n, K, generator=g, device=dev)
     centre = _place(size, present, g)
-    return dict(present=present, shape=shape, colour=colour, pattern=pattern,
-                size=size, centre=centre, background=background)
+    return dict(
+        present=present, shape=shape, colour=colour, pattern=pattern, size=size, centre=centre, background=background
+    )
 
 
 def _place(size, present, g):
@@ -204,7 +210,7 @@ def _place(size, present, g):
     or the least-overlapping one if none is (rare)."""
     n, K = size.shape
     T = PLACEMENT_CANDIDATES
-    r = EXTENT * size                                       # [n, K]
+    r = EXTENT * size  # [n, K]
     lo = r + 1.0
     u = torch.rand(n, T, K, 2, generator=g, device=size.device)
     cand = lo[:, None, :, None] + u * (W - 2 * lo)[:, None, :, None]
@@ -214,7 +220,7 @@ def _place(size, present, g):
             d = (cand[:, :, i] - cand[:, :, j]).norm(dim=-1) - (r[:, i] + r[:, j])[:, None]
             both = (present[:, i] & present[:, j])[:, None]
             slack = torch.minimum(slack, torch.where(both, d, torch.inf))
-    best = slack.clamp(max=0.0).argmax(dim=1)               # first valid candidate
+    best = slack.clamp(max=0.0).argmax(dim=1)  # first valid candidate
     return cand[torch.arange(n, device=size.device), best]  # [n, K, 2]
 
 
@@ -285,7 +291,7 @@ def _pattern_cover(dx, dy, px_per_unit: float = 1.0):
     """Coverage of stripe and dot ink, anchored at the object centre so that a shape
     swap keeps the pattern in place: [2, ...] (striped, dotted). Offsets in scene
     units; the ink edge is anti-aliased over one output pixel."""
-    u = (dx + dy) * (0.5 ** 0.5)
+    u = (dx + dy) * (0.5**0.5)
     P = STRIPE_PERIOD
     stripe = (torch.remainder(u + P / 2, P) - P / 2).abs() - P / 4
     S = DOT_SPACING
@@ -321,13 +327,15 @@ def render_specs(specs: dict, texture: torch.Tensor) -> tuple[torch.Tensor, torc
     for k in range(specs["shape"].shape[1]):
         cx, cy = specs["centre"][:, k, 0, None, None], specs["centre"][:, k, 1, None, None]
         s = specs["size"][:, k, None, None]
-        dx, dy = torch.broadcast_tensors(xx - cx, yy - cy)              # [n, H, W]
+        dx, dy = torch.broadcast_tensors(xx - cx, yy - cy)  # [n, H, W]
         sdf = _shape_sdfs(dx, dy, s).gather(0, specs["shape"][None, :, k, None, None].expand(1, *dx.shape))[0]
         if res != W:
             sdf = sdf * px_per_unit
         a = (0.5 - sdf).clamp(0.0, 1.0) * specs["present"][:, k, None, None]
         pat = specs["pattern"][:, k]
-        cover = _pattern_cover(dx, dy, px_per_unit).gather(0, (pat - 1).clamp(min=0)[None, :, None, None].expand(1, *dx.shape))[0]
+        cover = _pattern_cover(dx, dy, px_per_unit).gather(
+            0, (pat - 1).clamp(min=0)[None, :, None, None].expand(1, *dx.shape)
+        )[0]
         cover = cover * (pat > 0)[:, None, None]
         base, ink = palette[specs["colour"][:, k]], shades[specs["colour"][:, k]]
         col = base[:, :, None, None] + (ink - base)[:, :, None, None] * cover[:, None]
@@ -357,8 +365,16 @@ def _scene_from_specs(specs: dict, i: int, texture_seed: int = -1) -> Scene:
         if not bool(specs["present"][i, k]):
             continue
         cx, cy = (float(v) for v in specs["centre"][i, k].cpu())
-        objs.append(Obj(SHAPES[int(specs["shape"][i, k])], COLOURS[int(specs["colour"][i, k])],
-                        PATTERNS[int(specs["pattern"][i, k])], cx, cy, float(specs["size"][i, k])))
+        objs.append(
+            Obj(
+                SHAPES[int(specs["shape"][i, k])],
+                COLOURS[int(specs["colour"][i, k])],
+                PATTERNS[int(specs["pattern"][i, k])],
+                cx,
+                cy,
+                float(specs["size"][i, k]),
+            )
+        )
     return Scene(tuple(objs), COLOURS[int(specs["background"][i])], texture_seed)
 
 
@@ -380,8 +396,14 @@ def render(scene: Scene, res: int = H) -> dict:
     img, alphas = render_specs(_specs_from_scene(scene), texture)
     alphas = alphas[0]
     bg_alpha = scene_regions(alphas[None])[0, -1]
-    return dict(image=img[0], caption=scene.caption, alphas=alphas, masks=alphas > 0,
-                background_alpha=bg_alpha, background_mask=bg_alpha > 0)
+    return dict(
+        image=img[0],
+        caption=scene.caption,
+        alphas=alphas,
+        masks=alphas > 0,
+        background_alpha=bg_alpha,
+        background_mask=bg_alpha > 0,
+    )
 
 
 def shape_alpha(shape: str, size: float, cx: float = W / 2, cy: float = H / 2) -> torch.Tensor:
@@ -398,16 +420,16 @@ def shape_alpha(shape: str, size: float, cx: float = W / 2, cy: float = H / 2) -
 @dataclass
 class Edit:
     kind: str
-    object_index: int | None          # None for background edits
+    object_index: int | None  # None for background edits
     source_scene: Scene
     target_scene: Scene
     source_caption: str
     target_caption: str
-    source_image: torch.Tensor        # [3,H,W] in [0,1]
-    target_image: torch.Tensor        # ground truth of the edit
-    mask: torch.Tensor                # bool [H,W]: the only pixels allowed to change
-    source_words: tuple[str, ...]     # words replaced/removed (prompt-to-prompt blend words)
-    target_words: tuple[str, ...]     # words inserted
+    source_image: torch.Tensor  # [3,H,W] in [0,1]
+    target_image: torch.Tensor  # ground truth of the edit
+    mask: torch.Tensor  # bool [H,W]: the only pixels allowed to change
+    source_words: tuple[str, ...]  # words replaced/removed (prompt-to-prompt blend words)
+    target_words: tuple[str, ...]  # words inserted
     source_positions: tuple[int, ...]  # their indices in source_caption.split()
     target_positions: tuple[int, ...]  # ... and in target_caption.split()
 
@@ -454,8 +476,9 @@ def make_edit(scene: Scene, kind: str, seed: int, res: int = H) -> Edit:
         raise ValueError(f"unknown edit kind {kind!r}; expected one of {EDIT_KINDS}")
     src, tgt = render(scene, res), render(target, res)
     mask = src["background_mask"] if k is None else (src["masks"][k] | tgt["masks"][k])
-    return Edit(kind, k, scene, target, scene.caption, target.caption, src["image"], tgt["image"],
-                mask, src_w, tgt_w, sp, tp)
+    return Edit(
+        kind, k, scene, target, scene.caption, target.caption, src["image"], tgt["image"], mask, src_w, tgt_w, sp, tp
+    )
 
 
 # ------------------------------------------------------------------- training batches
@@ -464,8 +487,14 @@ def make_edit(scene: Scene, kind: str, seed: int, res: int = H) -> Edit:
 def _token_tables(device):
     ids, (bos, eos) = _tok.word_ids(), _tok.special_ids()
     lut = lambda names: torch.tensor([ids[w] if w else -1 for w in names], device=device)  # noqa: E731
-    return dict(colour=lut(COLOURS), shape=lut(SHAPES), pattern=lut(PATTERNS),
-                **{w: ids[w] for w in FILLER_WORDS}, bos=bos, eos=eos)
+    return dict(
+        colour=lut(COLOURS),
+        shape=lut(SHAPES),
+        pattern=lut(PATTERNS),
+        **{w: ids[w] for w in FILLER_WORDS},
+        bos=bos,
+        eos=eos,
+    )
 
 
 def _caption_columns(specs: dict, t: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -478,8 +507,13 @@ def _caption_columns(specs: dict, t: dict) -> tuple[torch.Tensor, torch.Tensor, 
     cols, keep, slots = [], [], []
     for k in range(K):
         p = specs["present"][:, k]
-        cols += [full(t["and"]), full(t["a"]), t["pattern"][specs["pattern"][:, k]],
-                 t["colour"][specs["colour"][:, k]], t["shape"][specs["shape"][:, k]]]
+        cols += [
+            full(t["and"]),
+            full(t["a"]),
+            t["pattern"][specs["pattern"][:, k]],
+            t["colour"][specs["colour"][:, k]],
+            t["shape"][specs["shape"][:, k]],
+        ]
         keep += [p & (k > 0), p, p & (specs["pattern"][:, k] > 0), p, p]
         slots += [full(-1), full(-1), full(k), full(k), full(k)]
     cols += [full(t["on"]), full(t["a"]), t["colour"][specs["background"]], full(t["background"])]
@@ -534,8 +568,14 @@ def tokenize(captions, max_length: int = _tok.MAX_LENGTH) -> torch.Tensor:
     return out
 
 
-def render_batch(n: int, generator: torch.Generator | None = None, device="cpu",
-                 return_captions: bool = False, res: int = H, return_regions: bool = False):
+def render_batch(
+    n: int,
+    generator: torch.Generator | None = None,
+    device="cpu",
+    return_captions: bool = False,
+    res: int = H,
+    return_regions: bool = False,
+):
     """Sample and render ``n`` scenes with tensor ops on ``device``.
 
     Returns ``images`` float32 [n,3,res,res] in **[0, 1]** (map to [-1, 1] for the VAE)

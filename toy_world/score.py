@@ -24,14 +24,30 @@ from .pie_bench import read_truth, toy_metrics
 
 
 TOY_COLUMNS = (
-    Column("edit_psnr", "edit PSNR", "PSNR (dB) of the edit against the toy world's true edited image; higher ="
-           " closer"),
-    Column("unedited_psnr_exact", "unedited PSNR", "PSNR (dB) against the source over the pixels the true edit"
-           " leaves unchanged (the exact region, no border)"),
-    Column("attribute_ok", "attribute %", "edits whose edited object (or background) has the target's colour,"
-           " shape and pattern, by the toy world's judge", 100, 1),
-    Column("objects_kept", "objects kept %", "edits that keep every object of the scene exactly once, in its colour"
-           " and shape, at its place (nothing lost, nothing duplicated)", 100, 1),
+    Column(
+        "edit_psnr", "edit PSNR", "PSNR (dB) of the edit against the toy world's true edited image; higher = closer"
+    ),
+    Column(
+        "unedited_psnr_exact",
+        "unedited PSNR",
+        "PSNR (dB) against the source over the pixels the true edit leaves unchanged (the exact region, no border)",
+    ),
+    Column(
+        "attribute_ok",
+        "attribute %",
+        "edits whose edited object (or background) has the target's colour,"
+        " shape and pattern, by the toy world's judge",
+        100,
+        1,
+    ),
+    Column(
+        "objects_kept",
+        "objects kept %",
+        "edits that keep every object of the scene exactly once, in its colour"
+        " and shape, at its place (nothing lost, nothing duplicated)",
+        100,
+        1,
+    ),
 )
 
 
@@ -43,7 +59,9 @@ def score(folder) -> dict:
     if manifest and not truth:
         raise cli.UsageError(f"DIR: its manifest {manifest} has no toy-world truth beside it (toy_world_truth.json)")
     return cli.evaluate_folder(
-        folder, columns=BACKGROUND_COLUMNS + TOY_COLUMNS, extra=lambda item, edited: toy_metrics(edited, truth[item.id]),
+        folder,
+        columns=BACKGROUND_COLUMNS + TOY_COLUMNS,
+        extra=lambda item, edited: toy_metrics(edited, truth[item.id]),
         metrics_file="toy_metrics.json",
     )
 

@@ -23,6 +23,7 @@ single-character fallback entries.
   folder, returns the loaded ``CLIPTokenizer``). Only ``save_tokenizer`` imports
   transformers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,9 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -123,8 +126,18 @@ def _write_folder(folder, vocab: dict[str, int], merges: list[tuple[str, str]]) 
     with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
         json.dump(specials, f, indent=2)
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(tokenizer_class="CLIPTokenizer", model_max_length=MAX_LENGTH,
-                       do_lower_case=True, errors="replace", add_prefix_space=False, **specials), f, indent=2)
+        json.dump(
+            dict(
+                tokenizer_class="CLIPTokenizer",
+                model_max_length=MAX_LENGTH,
+                do_lower_case=True,
+                errors="replace",
+                add_prefix_space=False,
+                **specials,
+            ),
+            f,
+            indent=2,
+        )
 
 
 def write_word_tokenizer(folder, words, split_words: dict[str, tuple[str, ...]] = {}, strict: bool = True) -> Path:

@@ -86,6 +86,7 @@ Runs are seeded (model init, data, noise), but because training stops on wall
 clock the step count, and hence the weights, depends on the machine; pass
 ``--max-steps``/``--max-vae-steps`` for step-exact runs.
 """
+
 from __future__ import annotations
 
 import time
@@ -114,93 +115,151 @@ from . import judge, scenes, tokenizer  # noqa: E402
 from .grounding import GroundingAttnProcessor  # noqa: E402
 
 
-TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                   max_position_embeddings=77)
+TEXT_CONFIG = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77
+)
 UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
     block_out_channels=(64, 128, 160),
-    down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+    down_block_types=("CrossAttnDownBlock2D",) * 3,
+    up_block_types=("CrossAttnUpBlock2D",) * 3,
     attention_head_dim=(2, 4, 5),  # diffusers' legacy name for *heads* per level: 32-dim heads
-    cross_attention_dim=TEXT_CONFIG["hidden_size"], norm_num_groups=32,
+    cross_attention_dim=TEXT_CONFIG["hidden_size"],
+    norm_num_groups=32,
 )
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    sample_size=64,
+    layers_per_block=1,
     block_out_channels=(48, 96, 96),  # 3 levels = 2 downsamples: 64 px -> 16x16
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
     norm_num_groups=8,  # 4-8 channels per group: fitted faster than per-channel norm in CPU trials
 )
 # Toy world v2: SD-like geometry. The same scenes rendered at 128 px, a factor-4 VAE
 # (32 x 32 latents; objects span 7-11 latent cells), and a UNet with SD 1.5's four
 # levels and block types: cross-attention at 32, 16 and 8 (encoder and decoder), a
 # plain ResNet level at 4. Sized so the fp16 folder stays under 40 MB.
-TEXT_CONFIG_V2 = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                      max_position_embeddings=77)
+TEXT_CONFIG_V2 = dict(
+    hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77
+)
 UNET_CONFIG_V2 = dict(
-    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
     block_out_channels=(64, 128, 192, 192),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     attention_head_dim=(2, 4, 6, 6),  # heads per level: 32-dim heads
-    cross_attention_dim=TEXT_CONFIG_V2["hidden_size"], norm_num_groups=32,
+    cross_attention_dim=TEXT_CONFIG_V2["hidden_size"],
+    norm_num_groups=32,
 )
 VAE_CONFIG_V2 = dict(VAE_CONFIG, sample_size=scenes.RES_V2)  # same factor-4 VAE, fine-tuned at 128 px
 WORLDS = {
     "v1": dict(res=scenes.H, unet=UNET_CONFIG, vae=VAE_CONFIG, text=TEXT_CONFIG),
     "v2": dict(res=scenes.RES_V2, unet=UNET_CONFIG_V2, vae=VAE_CONFIG_V2, text=TEXT_CONFIG_V2),
 }
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                        beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                        steps_offset=1, prediction_type="epsilon")
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
 VAE_EVAL_SEED, SAMPLE_EVAL_SEED = 1_000_003, 2_000_003  # fixed: comparable across runs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="output pipeline folder (replaced)")
-    p.add_argument("--world", choices=sorted(WORLDS), default="v1",
-                   help="v1: 64 px, 16x16 latents; v2: 128 px, 32x32 latents, SD's four "
-                        "UNet levels (toy_world/model_v2)")
+    p.add_argument(
+        "--world",
+        choices=sorted(WORLDS),
+        default="v1",
+        help="v1: 64 px, 16x16 latents; v2: 128 px, 32x32 latents, SD's four UNet levels (toy_world/model_v2)",
+    )
     p.add_argument("--minutes", type=float, default=8.5, help="total wall-clock budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--vae-fraction", type=float, default=0.2, help="share of training time for the VAE")
     p.add_argument("--vae-batch-size", type=int, default=None, help="default: half of --batch-size")
-    p.add_argument("--vae-target-psnr", type=float, default=None,
-                   help="end stage 1 early once the running training PSNR (dB) exceeds this")
+    p.add_argument(
+        "--vae-target-psnr",
+        type=float,
+        default=None,
+        help="end stage 1 early once the running training PSNR (dB) exceeds this",
+    )
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--lr", type=float, default=3e-4, help="UNet + text encoder peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 200, or 50 with --resume")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR loss weighting (0 = plain MSE)")
-    p.add_argument("--offset-noise", type=float, default=0.0,
-                   help="std of a per-channel constant added to the training noise (Guttenberg 2023), so the noisy "
-                        "latent's mean stops telling the UNet the image's overall colour (0 = off)")
+    p.add_argument(
+        "--offset-noise",
+        type=float,
+        default=0.0,
+        help="std of a per-channel constant added to the training noise (Guttenberg 2023), so the noisy "
+        "latent's mean stops telling the UNet the image's overall colour (0 = off)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="also stop stage 2 after this many steps")
     p.add_argument("--max-vae-steps", type=int, default=None, help="also stop stage 1 after this many steps")
     p.add_argument("--vae-from", default=None, help="reuse the VAE of this pipeline folder, skip stage 1")
-    p.add_argument("--vae-finetune", action="store_true",
-                   help="with --vae-from: run stage 1 on the loaded VAE instead of skipping it (e.g. the v1 "
-                        "VAE fine-tuned on v2's 128 px renders; it is fully convolutional)")
-    p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue stage 2 from the UNet, text encoder and (frozen) VAE of a folder written "
-                        "by this script; skips stage 1")
+    p.add_argument(
+        "--vae-finetune",
+        action="store_true",
+        help="with --vae-from: run stage 1 on the loaded VAE instead of skipping it (e.g. the v1 "
+        "VAE fine-tuned on v2's 128 px renders; it is fully convolutional)",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue stage 2 from the UNet, text encoder and (frozen) VAE of a folder written "
+        "by this script; skips stage 1",
+    )
     p.add_argument("--checkpoint-minutes", type=float, default=2.0)
     p.add_argument("--log-seconds", type=float, default=10.0)
     p.add_argument("--render-chunk", type=int, default=4, help="batches rendered per render_batch call")
-    p.add_argument("--latent-reuse", type=int, default=1,
-                   help="stage 2: train on each encoded scene this many times (fresh noise each time; saves VAE work)")
+    p.add_argument(
+        "--latent-reuse",
+        type=int,
+        default=1,
+        help="stage 2: train on each encoded scene this many times (fresh noise each time; saves VAE work)",
+    )
     p.add_argument("--eval-samples", type=int, default=64, help="judge this many samples at the end if time allows")
-    p.add_argument("--vae-eval-images", type=int, default=None,
-                   help="held-out images for PSNR (2x for the latent std); default 256 on CUDA, 16 on CPU")
-    p.add_argument("--grounding-weight", type=float, default=0.0,
-                   help="weight of the token-grounding loss (toy_world.grounding: each object word's cross-attention "
-                        "inside its object; 0 = off)")
-    p.add_argument("--pixel-grounding-weight", type=float, default=0.0,
-                   help="weight of TokenCompose's pixel loss (toy_world.grounding.pixel_loss: each grounded word's "
-                        "attention over the whole of its region; 0 = off)")
+    p.add_argument(
+        "--vae-eval-images",
+        type=int,
+        default=None,
+        help="held-out images for PSNR (2x for the latent std); default 256 on CUDA, 16 on CPU",
+    )
+    p.add_argument(
+        "--grounding-weight",
+        type=float,
+        default=0.0,
+        help="weight of the token-grounding loss (toy_world.grounding: each object word's cross-attention "
+        "inside its object; 0 = off)",
+    )
+    p.add_argument(
+        "--pixel-grounding-weight",
+        type=float,
+        default=0.0,
+        help="weight of TokenCompose's pixel loss (toy_world.grounding.pixel_loss: each grounded word's "
+        "attention over the whole of its region; 0 = off)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--channels-last", action="store_true")
     args = p.parse_args(argv)
@@ -240,8 +299,9 @@ class Batches:
 
     def next(self):
         if not self.queue:
-            rendered = scenes.render_batch(self.batch * self.chunk, self.g, self.device, res=self.res,
-                                           return_regions=self.region_size is not None)
+            rendered = scenes.render_batch(
+                self.batch * self.chunk, self.g, self.device, res=self.res, return_regions=self.region_size is not None
+            )
             if self.region_size is not None:
                 images, ids, regions, slots = rendered
                 rendered = (images, ids, F.adaptive_avg_pool2d(regions, self.region_size), slots)
@@ -265,8 +325,11 @@ class EncodedBatches:
             latents = torch.cat([self.encode(images) for images, *_ in rendered])
             parts = [latents] + [torch.cat(part) for part in list(zip(*rendered))[1:]]  # ids[, regions, slots]
             for index in range(self.reuse):
-                order = (torch.arange(len(latents), device=latents.device) if index == 0 else
-                         torch.randperm(len(latents), device=latents.device, generator=self.scenes.g))
+                order = (
+                    torch.arange(len(latents), device=latents.device)
+                    if index == 0
+                    else torch.randperm(len(latents), device=latents.device, generator=self.scenes.g)
+                )
                 self.queue += list(zip(*(part[order].split(self.scenes.batch) for part in parts)))
             self.queue.reverse()  # pop() hands them out in order
         return self.queue.pop()
@@ -347,15 +410,21 @@ def init_vae(vae):
     sampled latents are mostly noise and reconstruction stalls until the encoder
     learns to shrink it. (KL weight 1e-6 barely pulls it back.)"""
     with torch.no_grad():
-        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
+        vae.quant_conv.bias[vae.config.latent_channels :] = -8.0
     return vae
 
 
 def train_vae(vae, args, device, deadline: float) -> dict:
-    data = Batches(args.vae_batch_size or max(1, args.batch_size // 2), device,
-                   torch.Generator(device).manual_seed(args.seed * 2 + 1), args.render_chunk, WORLDS[args.world]["res"])
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0,
-                            fused=device.type == "cuda")
+    data = Batches(
+        args.vae_batch_size or max(1, args.batch_size // 2),
+        device,
+        torch.Generator(device).manual_seed(args.seed * 2 + 1),
+        args.render_chunk,
+        WORLDS[args.world]["res"],
+    )
+    opt = torch.optim.AdamW(
+        vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.type == "cuda"
+    )
     start = time.time()
     step, recent, last_log = 0, [], start
     vae.train()
@@ -368,7 +437,7 @@ def train_vae(vae, args, device, deadline: float) -> dict:
         l1 = (rec - x).abs().mean()
         # Edges and texture grain carry little energy; an image-gradient L1 term keeps
         # them sharp without a perceptual network.
-        grad = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
+        grad = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
         kl = post.kl().float().mean()
         loss = l2 + l1 + 0.5 * grad + 1e-6 * kl
         frac = (time.time() - start) / max(1e-6, deadline - start)
@@ -385,8 +454,10 @@ def train_vae(vae, args, device, deadline: float) -> dict:
         if time.time() - last_log > args.log_seconds:
             last_log = time.time()
             m = [sum(v) / len(v) for v in zip(*recent)]
-            log(f"vae step {step} {step / (last_log - start):.2f} it/s mse {m[0]:.5f} (~{psnr(m[0]):.1f} dB) "
-                f"l1 {m[1]:.4f} kl {m[2]:.1f}")
+            log(
+                f"vae step {step} {step / (last_log - start):.2f} it/s mse {m[0]:.5f} (~{psnr(m[0]):.1f} dB) "
+                f"l1 {m[1]:.4f} kl {m[2]:.1f}"
+            )
             if args.vae_target_psnr and psnr(m[0]) > args.vae_target_psnr:
                 break
     vae.eval().requires_grad_(False)
@@ -407,9 +478,16 @@ def export(out: str, vae, unet, text_encoder, tok, record: dict, tokenizer_from:
             p.data = p.data.half()
         return m
 
-    pipe = StableDiffusionPipeline(vae=half(vae), text_encoder=half(text_encoder), tokenizer=tok, unet=half(unet),
-                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=half(vae),
+        text_encoder=half(text_encoder),
+        tokenizer=tok,
+        unet=half(unet),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(tmp, safe_serialization=True)
     if tokenizer_from:
         shutil.rmtree(os.path.join(tmp, "tokenizer"))
@@ -435,8 +513,9 @@ def write_record(folder: str, record: dict):
     record = dict(record, total_seconds=time.time() - _T0)
     res = record.get("resume") or {}
     if "previous_cumulative_device_seconds" in res:  # whole-process seconds of the chain, this run included
-        record["resume"] = dict(res, cumulative_device_seconds=res["previous_cumulative_device_seconds"]
-                                + record["total_seconds"])
+        record["resume"] = dict(
+            res, cumulative_device_seconds=res["previous_cumulative_device_seconds"] + record["total_seconds"]
+        )
     with open(os.path.join(folder, "training_log.json"), "w") as f:
         json.dump(record, f, indent=2)
 
@@ -458,15 +537,32 @@ def sample_eval(out: str, vae, unet, text_encoder, tok, device, n: int, res: int
     """Generate ``n`` seeded captions (CFG 5, 25 DDIM steps) and judge them (the judge
     is calibrated on 64 px renders: larger samples are area-downsampled to 64 px,
     which is how a 64 px render relates to a larger one)."""
-    _, _, captions = scenes.render_batch(n, torch.Generator().manual_seed(SAMPLE_EVAL_SEED), "cpu",
-                                         return_captions=True)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False).to(device)
+    _, _, captions = scenes.render_batch(
+        n, torch.Generator().manual_seed(SAMPLE_EVAL_SEED), "cpu", return_captions=True
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     with autocast(device):
-        images = pipe(captions, num_inference_steps=25, guidance_scale=5.0, output_type="pt",
-                      generator=torch.Generator(device).manual_seed(SAMPLE_EVAL_SEED)).images.float().cpu()
+        images = (
+            pipe(
+                captions,
+                num_inference_steps=25,
+                guidance_scale=5.0,
+                output_type="pt",
+                generator=torch.Generator(device).manual_seed(SAMPLE_EVAL_SEED),
+            )
+            .images.float()
+            .cpu()
+        )
     small = F.interpolate(images, size=(scenes.H, scenes.W), mode="area") if res != scenes.H else images
     scores = judge.evaluate(small, captions)
     k = min(16, n)
@@ -504,16 +600,24 @@ def load_resume(folder: str, device):
         prev_res = prev.get("resume") or {}
         steps = (prev.get("unet") or {}).get("steps")
         if steps is not None:
-            info.update(previous_log=log_path, previous_status=prev.get("status"),
-                        previous_device_name=prev.get("device_name"), previous_unet_steps=steps,
-                        previous_unet_seconds=prev["unet"].get("seconds", 0.0),
-                        previous_total_seconds=prev.get("total_seconds", 0.0))
+            info.update(
+                previous_log=log_path,
+                previous_status=prev.get("status"),
+                previous_device_name=prev.get("device_name"),
+                previous_unet_steps=steps,
+                previous_unet_seconds=prev["unet"].get("seconds", 0.0),
+                previous_total_seconds=prev.get("total_seconds", 0.0),
+            )
             # a resumed folder carries its own chain totals
-            info.update(previous_cumulative_unet_steps=prev_res.get("cumulative_unet_steps", steps),
-                        previous_cumulative_unet_seconds=prev_res.get("cumulative_unet_seconds",
-                                                                      info["previous_unet_seconds"]),
-                        previous_cumulative_device_seconds=prev_res.get("cumulative_device_seconds",
-                                                                        info["previous_total_seconds"]))
+            info.update(
+                previous_cumulative_unet_steps=prev_res.get("cumulative_unet_steps", steps),
+                previous_cumulative_unet_seconds=prev_res.get(
+                    "cumulative_unet_seconds", info["previous_unet_seconds"]
+                ),
+                previous_cumulative_device_seconds=prev_res.get(
+                    "cumulative_device_seconds", info["previous_total_seconds"]
+                ),
+            )
     return unet.to(device), text_encoder.to(device), vae.to(device), tok, tok_dir, info
 
 
@@ -524,7 +628,11 @@ def main(argv=None):
     budget = args.minutes * 60
     hard_deadline = _T0 + budget
     train_end = hard_deadline - min(30.0, 0.15 * budget)
-    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.exists(os.path.join(args.out, "model_index.json")):
+    if (
+        os.path.isdir(args.out)
+        and os.listdir(args.out)
+        and not os.path.exists(os.path.join(args.out, "model_index.json"))
+    ):
         sys.exit(f"refusing to replace {args.out}: not empty and not a pipeline folder")
     torch.manual_seed(args.seed)
     if device.type == "cuda":
@@ -540,28 +648,47 @@ def main(argv=None):
     else:
         tok = tokenizer.save_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"))
         bos, eos = tokenizer.special_ids()
-        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=bos, eos_token_id=eos,
-                                                    pad_token_id=eos, **world["text"])).to(device)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(vocab_size=len(tok), bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **world["text"])
+        ).to(device)
         unet = UNet2DConditionModel(**world["unet"]).to(device)
-        vae = (AutoencoderKL.from_pretrained(os.path.join(args.vae_from, "vae"), torch_dtype=torch.float32)
-               if args.vae_from else init_vae(AutoencoderKL(**world["vae"]))).to(device)
+        vae = (
+            AutoencoderKL.from_pretrained(os.path.join(args.vae_from, "vae"), torch_dtype=torch.float32)
+            if args.vae_from
+            else init_vae(AutoencoderKL(**world["vae"]))
+        ).to(device)
         if args.vae_from:
             vae.register_to_config(sample_size=world["res"])  # the size pipelines default to
     counts = dict(unet=n_params(unet), vae=n_params(vae), text_encoder=n_params(text_encoder))
     log(f"device {device} ({device_name}); parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
-    record = dict(command=" ".join([sys.executable, "-m", "toy_world.train"] + sys.argv[1:]), args=vars(args),
-                  seed=args.seed, device=str(device), device_name=device_name, parameters=counts,
-                  versions=dict(torch=torch.__version__, diffusers=diffusers.__version__,
-                                transformers=transformers.__version__),
-                  world=args.world, resolution=world["res"], unet_config=world["unet"], vae_config=world["vae"],
-                  text_config=world["text"], status="running")
+    record = dict(
+        command=" ".join([sys.executable, "-m", "toy_world.train"] + sys.argv[1:]),
+        args=vars(args),
+        seed=args.seed,
+        device=str(device),
+        device_name=device_name,
+        parameters=counts,
+        versions=dict(torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__),
+        world=args.world,
+        resolution=world["res"],
+        unet_config=world["unet"],
+        vae_config=world["vae"],
+        text_config=world["text"],
+        status="running",
+    )
     if resume:
         # The EMA starts at the loaded (EMA) weights; its decay ramp continues from the
         # previous step count, or is at full decay when that is unknown.
         ema_offset = resume.get("previous_cumulative_unet_steps", 10**9)
         record["resume"] = dict(resume, ema_step_offset=ema_offset)
-        log(f"resuming from {args.resume}: " + (f"{resume['previous_cumulative_unet_steps']} UNet steps so far"
-                                                if resume["previous_log"] else "no training_log.json"))
+        log(
+            f"resuming from {args.resume}: "
+            + (
+                f"{resume['previous_cumulative_unet_steps']} UNet steps so far"
+                if resume["previous_log"]
+                else "no training_log.json"
+            )
+        )
 
     # ---- stage 1: VAE
     n_eval = args.vae_eval_images or (256 if device.type == "cuda" else 16)
@@ -595,8 +722,14 @@ def main(argv=None):
     ema = EMA([unet, text_encoder], args.ema_decay)
     alphas = DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.to(device)
     empty_ids = scenes.tokenize([""]).to(device)
-    scenes_for_unet = Batches(args.batch_size, device, torch.Generator(device).manual_seed(args.seed * 2 + 2),
-                              args.render_chunk, res, region_size=unet.config.sample_size if grounded else None)
+    scenes_for_unet = Batches(
+        args.batch_size,
+        device,
+        torch.Generator(device).manual_seed(args.seed * 2 + 2),
+        args.render_chunk,
+        res,
+        region_size=unet.config.sample_size if grounded else None,
+    )
     data = EncodedBatches(scenes_for_unet, lambda images: encode_scenes(vae, images, device) * sf, args.latent_reuse)
     start = last_log = last_ckpt = time.time()
     step, recent, recent_grounding, recent_pixel = 0, [], [], []
@@ -651,25 +784,38 @@ def main(argv=None):
         now = time.time()
         if now - last_log > args.log_seconds:
             last_log = now
-            log(f"unet step {step} {step / (now - start):.2f} it/s loss {sum(recent) / len(recent):.4f} "
+            log(
+                f"unet step {step} {step / (now - start):.2f} it/s loss {sum(recent) / len(recent):.4f} "
                 + (f"(token grounding {sum(recent_grounding) / len(recent_grounding):.4f}) " if grounded else "")
                 + (f"(pixel grounding {sum(recent_pixel) / len(recent_pixel):.4f}) " if recent_pixel else "")
-                + f"lr {opt.param_groups[0]['lr']:.2e}")
+                + f"lr {opt.param_groups[0]['lr']:.2e}"
+            )
         if now - last_ckpt > args.checkpoint_minutes * 60 and train_end - now > 20:
             last_ckpt = now
             record["unet"] = dict(seconds=now - start, steps=step, final_loss=sum(recent) / len(recent))
             add_cumulative(record)
-            export(args.out, vae, *ema.copies([unet, text_encoder]), tok, dict(record, status="checkpoint"),
-                   tokenizer_from=tok_from)
+            export(
+                args.out,
+                vae,
+                *ema.copies([unet, text_encoder]),
+                tok,
+                dict(record, status="checkpoint"),
+                tokenizer_from=tok_from,
+            )
             log(f"checkpoint written to {args.out}")
 
     seconds = time.time() - start
-    record["unet"] = dict(seconds=seconds, steps=step, steps_per_s=step / max(seconds, 1e-9),
-                          final_loss=sum(recent) / len(recent) if recent else float("nan"),
-                          batch_size=args.batch_size)
+    record["unet"] = dict(
+        seconds=seconds,
+        steps=step,
+        steps_per_s=step / max(seconds, 1e-9),
+        final_loss=sum(recent) / len(recent) if recent else float("nan"),
+        batch_size=args.batch_size,
+    )
     if grounded:
-        record["unet"]["final_grounding_loss"] = (sum(recent_grounding) / len(recent_grounding) if recent_grounding
-                                                  else float("nan"))
+        record["unet"]["final_grounding_loss"] = (
+            sum(recent_grounding) / len(recent_grounding) if recent_grounding else float("nan")
+        )
     if recent_pixel:
         record["unet"]["final_pixel_grounding_loss"] = sum(recent_pixel) / len(recent_pixel)
     record["status"] = "final"
@@ -680,8 +826,10 @@ def main(argv=None):
     log(f"saved {args.out} ({folder_bytes(args.out) / 1e6:.2f} MB); unet {record['unet']}")
     if args.eval_samples > 0 and hard_deadline - time.time() > 15:
         record["sample_eval"] = sample_eval(args.out, vae, ema_unet, ema_text, tok, device, args.eval_samples, res)
-        log(f"sample eval: {record['sample_eval']['scene_accuracy']:.3f} scenes, "
-            f"{record['sample_eval']['object_accuracy']:.3f} objects judged correct")
+        log(
+            f"sample eval: {record['sample_eval']['scene_accuracy']:.3f} scenes, "
+            f"{record['sample_eval']['object_accuracy']:.3f} objects judged correct"
+        )
     record["folder_bytes"] = folder_bytes(args.out)
     write_record(args.out, record)
     log(f"done: {args.out} is {record['folder_bytes'] / 1e6:.2f} MB")
