@@ -36,7 +36,7 @@ import unicodedata
 from pathlib import Path
 
 
-# The embedded toy model, shipped inside this package (the one place the product refers to the toy world).
+# The embedded toy model of a checkout (the one place the product refers to the toy world; not in the wheel).
 MODEL_DIR = Path(__file__).resolve().parent / "toy_world" / "model_v2"
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -80,7 +80,12 @@ def add_model_options(parser, inversion: bool) -> None:
         help="a local diffusers folder (or a Hub id, with network); default: the embedded toy model",
     )
     if inversion:
-        group.add_argument("--method", choices=INVERSION_METHODS, default="npi", help="inversion method")
+        group.add_argument(
+            "--method",
+            choices=INVERSION_METHODS,
+            default="direct",
+            help="inversion method (default: direct, Direct Inversion)",
+        )
         group.add_argument("--steps", type=_number(int, 1), default=50, help="DDIM steps")
     group.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype")
     group.add_argument(
@@ -254,6 +259,11 @@ def check_technique_flags(args, editing: bool) -> None:
 def check_model_folder(args) -> None:
     """``--model`` is a diffusers folder or a Hub id; ``--steps`` fits a local folder's noise schedule."""
     model = Path(args.model)
+    if args.model == str(MODEL_DIR) and not model.is_dir():
+        raise UsageError(
+            "--model: give a diffusers folder (SD 1.x/2.x or SDXL); the embedded toy model, the default,"
+            " ships with a checkout of the repository, not with the installed package"
+        )
     if not model.is_dir():
         if model.is_absolute() or args.model.startswith(".") or args.model.count("/") != 1 or model.exists():
             raise UsageError(f"--model: no diffusers folder {args.model} (and not a Hub id 'owner/name')")

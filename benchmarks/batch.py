@@ -188,7 +188,9 @@ class BatchBenchmark:
         )
         workdir = Path(tempfile.mkdtemp(prefix=f"npi-batch-{self.state.process_index}-"))
         self.components = build_components(args.model, self.device, self.dtype, workdir)
-        self.pipe = NegativePromptInversionPipeline(**self.components, safety_checker=None, feature_extractor=None)
+        self.pipe = NegativePromptInversionPipeline(  # the rows time NPI, as they are labelled
+            **self.components, safety_checker=None, feature_extractor=None, inversion_method="npi"
+        )
         self.pipe.set_progress_bar_config(disable=True)
         self.mode = None
         self.log("models built")

@@ -917,7 +917,9 @@ class Benchmark:
             torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         )
         log(f"built models in {self.meta['build_s']:.1f}s: {self.meta['params_m']} M params")
-        self.pipe = NegativePromptInversionPipeline(**self.components, safety_checker=None, feature_extractor=None)
+        self.pipe = NegativePromptInversionPipeline(  # the rows time NPI, as they are labelled
+            **self.components, safety_checker=None, feature_extractor=None, inversion_method="npi"
+        )
         self.pipe.set_progress_bar_config(disable=True)
         self.default_processors = dict(self.components["unet"].attn_processors)
         self.work, self.peak, self.attention = prepare_run(self.pipe, args, self.device, self.dtype, self.meta, log)

@@ -89,7 +89,7 @@ def main(argv=None):
         words = evaluate.blend_words(edit)
         bw = (words[0][0], words[1][0])
         src = edit.source_image
-        inv = pipe.invert(src[None], edit.source_caption, num_inference_steps=args.steps)
+        inv = pipe.invert(src[None], edit.source_caption, num_inference_steps=args.steps, inversion_method="npi")
         with torch.no_grad():
 
             def run(control, **kw):

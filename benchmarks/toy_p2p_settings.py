@@ -125,7 +125,10 @@ def main(argv=None):
     pairs = [e for e in evaluate.make_pairs(args.pairs, seed=args.seed, res=args.res) if e.kind in args.kinds]
     with torch.no_grad():
         inversion = pipe.invert(
-            [e.source_image for e in pairs], [e.source_caption for e in pairs], num_inference_steps=args.steps
+            [e.source_image for e in pairs],
+            [e.source_caption for e in pairs],
+            num_inference_steps=args.steps,
+            inversion_method="npi",
         )
     results, examples = {}, {}
     for name, setting in settings.items():

@@ -25,6 +25,9 @@ from transformers import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The tiny models' kernels are too small to split across threads: a core per worker runs the suite faster.
+    torch.set_num_threads(1)
 
 from negative_prompt_inversion.pipeline_negative_prompt_inversion import NegativePromptInversionPipeline  # noqa: E402
 from toy_world.tokenizer import write_word_tokenizer  # noqa: E402
@@ -216,9 +219,15 @@ def sdxl_components(tokenizer_dir):
     return tiny_sdxl_components(tokenizer_dir)
 
 
+# The fixtures' pipelines invert with NPI: most identities tested are NPI's (its reconstruction equals DDIM's at
+# guidance 1, costs one UNet pass per step), and NPI inversions edit as any method. Direct Inversion, the default,
+# has its own tests (test_direct_inversion.py), which ask for it by name.
+NPI = {"inversion_method": "npi"}
+
+
 @pytest.fixture()
 def sdxl_pipe(sdxl_components):
-    pipeline = NegativePromptInversionPipeline(**copy.deepcopy(sdxl_components))
+    pipeline = NegativePromptInversionPipeline(**copy.deepcopy(sdxl_components), **NPI)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -226,7 +235,7 @@ def sdxl_pipe(sdxl_components):
 @pytest.fixture()
 def pipe(components):
     """A fresh pipeline per test over copies of the shared components, so dtype changes never leak."""
-    pipeline = NegativePromptInversionPipeline(**copy.deepcopy(components))
+    pipeline = NegativePromptInversionPipeline(**copy.deepcopy(components), **NPI)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -242,7 +251,7 @@ def shared_inversion(request):
         key = (prompt, steps, size, sdxl)
         if key not in made:
             components = request.getfixturevalue("sdxl_components" if sdxl else "components")
-            pipeline = NegativePromptInversionPipeline(**copy.deepcopy(components))
+            pipeline = NegativePromptInversionPipeline(**copy.deepcopy(components), **NPI)
             pipeline.set_progress_bar_config(disable=True)
             made[key] = pipeline.invert(scene_image(0, size), prompt, num_inference_steps=steps)
         return copy.deepcopy(made[key])
@@ -294,6 +303,12 @@ def tolerance(reference: torch.Tensor, ops: float) -> float:
 def edit_ops(steps: int, guidance_scale: float = 7.5, unet_ops: float = UNET_OPS) -> float:
     """Budget of a denoising run: every step's UNet rounding, amplified by ε_u + w·(ε_c − ε_u) by up to |1 − w| + w."""
     return unet_ops * (abs(1 - guidance_scale) + guidance_scale) * steps
+
+
+def inversion_ops(steps: int, unet_ops: float = UNET_OPS) -> float:
+    """Budget of an inversion: the rounding of step k's UNet pass is carried into every later step's input and passes
+    through those steps' UNets again (a denoiser's gain is about one), so the k-th of n steps counts n − k + 1 times."""
+    return unet_ops * steps * (steps + 1) / 2
 
 
 def assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor, ops: float):

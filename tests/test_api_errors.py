@@ -48,7 +48,7 @@ AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # permissions do not sto
 def inversion(components):
     """One inversion for the module (tests never change it in place), made by a copy of the components that every
     test's ``pipe`` copies too."""
-    pipe = NegativePromptInversionPipeline(**copy.deepcopy(components))
+    pipe = NegativePromptInversionPipeline(**copy.deepcopy(components), inversion_method="npi")
     pipe.set_progress_bar_config(disable=True)
     return pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
 
@@ -636,7 +636,7 @@ def test_to_cuda_without_cuda_is_refused_naming_the_device(pipe):
     assert pipe.device.type == "cpu"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_a_missing_cuda_index_is_refused_and_an_inversion_crosses_devices(pipe, inversion):
     missing = f"cuda:{torch.cuda.device_count()}"
     with pytest.raises(ValueError, match=f"device '{missing}' does not exist"):

@@ -281,9 +281,9 @@ MISTAKES = {
         ["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors", "--method", "nti", "--guidance", "0.5"],
         "--guidance: guidance_scale must be >= 1",
     ),
-    "guidance an npi inversion ignores": (
+    "guidance the default inversion ignores": (
         ["invert", "{image}", "--prompt", "p", "--out", "{dir}/i.safetensors", "--guidance", "5"],
-        "--guidance: npi inverts at guidance 1",
+        "--guidance: direct inverts at guidance 1",
     ),
     "cross-replace 1.5": (
         ["batch", "{pie}", "--out", "{dir}/o", "--p2p", "--cross-replace", "1.5"],
@@ -721,7 +721,9 @@ def test_batch_size_changes_outputs_only_by_rounding(pie, model, finished, tmp_p
         assert (a - b).abs().max() <= 256 * eps * a.abs().max()  # 3 steps of float32 rounding, with margin
         for name in record["outputs"]["edits"]:
             x, y = (np.asarray(PIL.Image.open(folder / name), dtype=np.int16) for folder in (finished, out))
-            assert np.abs(x - y).max() <= 1 and (x != y).mean() < 0.01  # a rounding flip of the 8-bit output
+            # Rounding flips of the 8-bit output: values within the float difference of a half-level boundary. The
+            # targets' guidance (w = 7.5) amplifies that difference |1 − w| + w = 14 times, so a few percent flip.
+            assert np.abs(x - y).max() <= 1 and (x != y).mean() < 0.05
 
 
 # ================================================================================================ evaluate

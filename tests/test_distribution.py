@@ -254,6 +254,14 @@ def test_custom_pipeline_published_folder(model_dir, hub_folder):
     invert_and_edit(pipe)
 
 
+def test_custom_pipeline_checkout_folder(model_dir):
+    """The README's quick start: the checkout itself is a custom-pipeline folder (its pipeline.py links to the file)."""
+    pipe = load(model_dir, ROOT)
+    assert type(pipe).__name__ == CLASS_NAME
+    assert (ROOT / "pipeline.py").resolve() == PIPELINE_FILE.resolve()
+    invert_and_edit(pipe)
+
+
 def test_from_pipe_shares_the_weights(components):
     sd = sd_pipeline(copy.deepcopy(components))
     pipe = DiffusionPipeline.from_pipe(
@@ -264,9 +272,9 @@ def test_from_pipe_shares_the_weights(components):
         assert getattr(pipe, name) is getattr(sd, name), name  # needs the type-annotated __init__
     assert pipe.config.inversion_method == "ddim"
 
-    direct = NegativePromptInversionPipeline.from_pipe(sd)  # the pip / copy-paste form
-    assert direct.unet is sd.unet and direct.config.inversion_method == "npi"
-    invert_and_edit(direct)
+    plain = NegativePromptInversionPipeline.from_pipe(sd)  # the pip / copy-paste form, with the default method
+    assert plain.unet is sd.unet and plain.config.inversion_method == "direct"
+    invert_and_edit(plain)
 
 
 def test_from_pipe_with_custom_pipeline_runs(components):
@@ -750,8 +758,8 @@ def test_pip_install_ships_one_top_level_package(background):
         "__main__.py",
         *publish_hub.sibling_files(PIPELINE_FILE),
     } <= installed
-    # inside the package: the CLI's default model, its PIE-Bench reader and metrics
-    assert {"toy_world/pie_bench.py", "toy_world/model_v2/unet/diffusion_pytorch_model.safetensors"} <= installed
+    # the product alone: its PIE-Bench module, never the research harness or the checkout's toy model
+    assert "pie_bench.py" in installed and not any(name.startswith("toy_world/") for name in installed), installed
     assert result["scripts"] == ["npi-edit"]
     assert not any(
         name.split("/")[0] in ("tests", "benchmarks", "scripts") or name.endswith("conftest.py") for name in installed

@@ -81,7 +81,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def pinned_run(tokenizer_dir):
-    pipe = NegativePromptInversionPipeline(**tiny_components(tokenizer_dir, heads=8))  # the pinned configuration
+    # the pinned configuration: NPI, the default when the outputs were pinned
+    pipe = NegativePromptInversionPipeline(**tiny_components(tokenizer_dir, heads=8), inversion_method="npi")
     pipe.set_progress_bar_config(disable=True)
     # The pins were made when local blend and the returned maps read the 8×8 maps of this 16×16 latent (level 1).
     # The default is now the 16×16 maps on latents this small (`LocalBlend.map_level`), so the pinned level is

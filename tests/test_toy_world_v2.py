@@ -255,7 +255,7 @@ def test_pipeline_p2p_matches_the_independent_reference(toy_model_dir):
     words = (edit.source_words[0], edit.target_words[0])
     steps = 5
     threshold = 0.8  # above the default 0.3, so that this model's blend mask is partial and its shape is tested
-    inv = pipe.invert(edit.source_image[None], edit.source_caption, num_inference_steps=steps)
+    inv = pipe.invert(edit.source_image[None], edit.source_caption, num_inference_steps=steps, inversion_method="npi")
     with torch.no_grad():
         p2p = PromptToPrompt(0.4, 0.6, local_blend=LocalBlend(words, threshold=threshold))
         out = pipe(

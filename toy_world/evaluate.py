@@ -44,15 +44,16 @@ METHODS = {
     "proxnpi+p2p": ("npi", {"proximal_guidance": "soft"}, P2P),
     "masactrl": ("npi", {"attention_control": "masactrl"}, None),
     "proxmasactrl": ("npi", {"attention_control": "masactrl", "proximal_guidance": "soft"}, None),
+    "di+p2p": ("direct", {}, P2P),
+    "di+masactrl": ("direct", {"attention_control": "masactrl"}, None),
 }
 
 
 def load_pipeline(model_dir=MODEL_DIR, device="cpu", dtype=torch.float32):
-    """The product's pipeline over the toy model, every component in ``dtype`` (cast after loading: each library
-    loads weights in its own default dtype, transformers in the stored one)."""
+    """The product's pipeline over the toy model, every component in ``dtype`` (the weights are stored in float16)."""
     from negative_prompt_inversion import NegativePromptInversionPipeline
 
-    pipe = NegativePromptInversionPipeline.from_pretrained(str(model_dir)).to(device=device, dtype=dtype)
+    pipe = NegativePromptInversionPipeline.from_pretrained(str(model_dir), dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -142,8 +143,13 @@ def evaluate(pipe, pairs, methods=tuple(METHODS), steps: int = 50, batch_size: i
         batch = pairs[start : start + batch_size]
         sources = torch.stack([edit.source_image for edit in batch])
         captions = [edit.source_caption for edit in batch]
-        npi, npi_time = _timed(device, lambda: pipe.invert(list(sources), captions, num_inference_steps=steps))
-        inversions = {"npi": (npi, npi_time), "ddim": (dataclasses.replace(npi, method="ddim"), npi_time)}
+        npi, npi_time = _timed(
+            device, lambda: pipe.invert(list(sources), captions, num_inference_steps=steps, inversion_method="npi")
+        )
+        # DDIM and Direct Inversion edit the same guidance-1 trajectory as NPI
+        inversions = {
+            method: (dataclasses.replace(npi, method=method), npi_time) for method in ("npi", "ddim", "direct")
+        }
         if needs_nti:
             inversions["nti"] = _timed(
                 device,
@@ -234,24 +240,30 @@ def markdown_table(summary) -> str:
     return "\n".join(lines)
 
 
-def example_grid(pairs, result, count: int = 8, scale: int = 2):
-    """Palette image grid: one row per example, columns input, ground truth, then each method."""
-    from PIL import Image, ImageDraw
+def example_grid(pairs, result, count: int = 8, scale: int = 2, row_labels=None):
+    """Palette image grid: one row per example, columns input, ground truth, then each method. ``row_labels``: text
+    above each row (lines split on newlines: the demo's prompts); column titles above the first."""
+    from PIL import Image, ImageDraw, ImageFont
 
     names = list(result["images"])
     cell = scenes.W * scale
-    label = 12
+    font = ImageFont.load_default(size=max(12, cell // 14))
+    line = font.size + 6
     count = min(count, len(pairs))
-    grid = Image.new("RGB", ((2 + len(names)) * cell, label + count * cell), "white")
+    band = line * max(label.count("\n") + 1 for label in row_labels) + 4 if row_labels else 0  # labels above rows
+    grid = Image.new("RGB", ((2 + len(names)) * cell, line + count * (band + cell)), "white")
     draw = ImageDraw.Draw(grid)
     for column, title in enumerate(["input", "ground truth", *names]):
-        draw.text((column * cell + 2, 0), title[:16], fill="black")
+        draw.text((column * cell + 4, 4), title, fill="black", font=font)
     for row in range(count):
+        top = line + row * (band + cell)
+        if row_labels:
+            draw.multiline_text((4, top + 4), row_labels[row], fill="black", font=font, spacing=6)
         tiles = [pairs[row].source_image, pairs[row].target_image] + [result["images"][n][row] for n in names]
         for column, tile in enumerate(tiles):
             array = (tile.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
             image = Image.fromarray(array).resize((cell, cell), Image.NEAREST)
-            grid.paste(image, (column * cell, label + row * cell))
+            grid.paste(image, (column * cell, top + band))
     return grid.quantize(256, dither=Image.Dither.NONE)  # a 256-colour PNG: a quarter of the bytes for these scenes
 
 
@@ -268,7 +280,7 @@ def model_quality(pipe, count: int = 100, steps: int = 50, seed: int = 1, res: i
 
     latents = pipe.encode_images(images.to(device) * 2 - 1)
     decoded = (pipe.decode_latents(latents).float().cpu() / 2 + 0.5).clamp(0, 1)
-    inversion = pipe.invert(list(images), captions, num_inference_steps=steps)
+    inversion = pipe.invert(list(images), captions, num_inference_steps=steps, inversion_method="npi")
     ddim = pipe(inversion=dataclasses.replace(inversion, method="ddim"), guidance_scale=1.0, output_type="pt").images
 
     text_to_image = StableDiffusionPipeline(

@@ -1,0 +1,1 @@
+pipeline_negative_prompt_inversion.py
