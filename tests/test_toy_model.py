@@ -4,8 +4,10 @@
 `benchmarks/results/pie_toy_v2`.)"""
 
 import dataclasses
+import json
 import math
 
+import PIL.Image
 import pytest
 import torch
 from safetensors import safe_open
@@ -95,3 +97,18 @@ def test_a_float16_model_folder_loads_in_float32_by_default(toy_model_dir):
     pipe = NegativePromptInversionPipeline.from_pretrained(toy_model_dir)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         assert {p.dtype for p in module.parameters()} == {torch.float32}, type(module).__name__
+
+
+def test_demo_writes_a_labelled_grid_and_a_verdict_per_edit_kind(toy_model_dir, tmp_path, capsys):
+    from toy_world import demo, scenes
+
+    out = tmp_path / "demo.png"
+    demo.main(["--model", str(toy_model_dir), "--steps", "3", "--out", str(out), "--device", "cpu"])
+    verdicts = json.loads(out.with_suffix(".json").read_text())
+    assert list(verdicts) == list(scenes.EDIT_KINDS)
+    for verdict in verdicts.values():
+        assert set(verdict) == {"attribute_ok", "objects_kept", "unedited_psnr"}
+    width, height = PIL.Image.open(out).size
+    assert width == 3 * 192 and height > len(scenes.EDIT_KINDS) * 192  # three 192 px columns, rows under labels
+    printed = capsys.readouterr().out
+    assert printed.count(" -> ") >= len(scenes.EDIT_KINDS) and "wrote" in printed

@@ -37,7 +37,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo.png", help="where to write the grid image")
     parser.add_argument("--seed", type=int, default=1, help="which toy scenes (one per edit kind)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of inversion and editing")
+    parser.add_argument(
+        "--steps", type=int, default=25, help="DDIM steps of inversion and editing (the benchmarks use 50)"
+    )
     parser.add_argument("--compare", action="store_true", help="every method side by side instead of the recipe")
     parser.add_argument(
         "--methods",
@@ -47,16 +49,21 @@ def main(argv=None):
         help="with --compare: the methods",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=str(evaluate.MODEL_DIR), help="a toy-world model folder")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     print("loading the embedded toy model …", flush=True)
-    pipe = evaluate.load_pipeline(device=args.device)
+    pipe = evaluate.load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=False, leave=False)
-    pairs = evaluate.make_pairs(len(scenes.EDIT_KINDS), args.seed)
-    for pair in pairs:
-        print(f"{pair.kind:>10}: {pair.source_caption!r} -> {pair.target_caption!r}", flush=True)
-    labels = [f"{pair.kind}: {changed(pair.source_words)} -> {changed(pair.target_words)}" for pair in pairs]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pairs = evaluate.make_pairs(len(scenes.EDIT_KINDS), args.seed, res=size)
+    labels = [
+        f"{pair.kind}: {changed(pair.source_words)} -> {changed(pair.target_words)}\n"
+        f"{pair.source_caption!r}\n-> {pair.target_caption!r}"
+        for pair in pairs
+    ]
+    print("\n".join(labels), flush=True)
 
     if args.compare:
         result = evaluate.evaluate(pipe, pairs, args.methods, steps=args.steps, batch_size=len(pairs))

@@ -247,7 +247,7 @@ def example_grid(pairs, result, count: int = 8, scale: int = 2, row_labels=None)
 
     names = list(result["images"])
     cell = scenes.W * scale
-    font = ImageFont.load_default(size=max(12, cell // 14))
+    font = ImageFont.load_default(size=max(12, cell // 16))
     line = font.size + 6
     count = min(count, len(pairs))
     band = line * max(label.count("\n") + 1 for label in row_labels) + 4 if row_labels else 0  # labels above rows
