@@ -22,7 +22,7 @@ self-attention) and ``ProximalGuidance`` (ProxEdit, Han et al. 2023):
          attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"))), proximal_guidance="soft")
 
 SDXL (``text_encoder_2`` and ``tokenizer_2`` given) adds its pooled text embedding and time ids to every UNet call
-(`encode_text`, `added_conditioning`); everything else is shared with SD 1.x/2.x.
+(`encode_text`, `_added_conditioning`); everything else is shared with SD 1.x/2.x.
 
 Equations follow ``ALGORITHMS`` in the project's reference notes; each formula below names its source.
 """
@@ -1571,10 +1571,23 @@ class NegativePromptInversionPipeline(
     StableDiffusionLoraLoaderMixin,
     FromSingleFileMixin,
 ):
-    r"""Invert real images with negative-prompt, null-text or DDIM inversion, then reconstruct or edit them.
+    r"""Invert real images with Direct, negative-prompt, null-text or DDIM inversion, then reconstruct or edit them.
 
     Constructor flags are stored in the pipeline config (they survive `save_pretrained` / `from_pretrained` and can
     be passed to `from_pretrained`); `invert` and `__call__` accept per-call overrides.
+
+    The public API, beside `DiffusionPipeline`'s (`from_pretrained`, `save_pretrained`, `from_pipe`, offloading,
+    LoRA and textual-inversion loading):
+
+    - `invert` → `InversionResult` (`.save`, `load_inversion`), then `__call__` to reconstruct or edit;
+    - the editing techniques `PromptToPrompt`, `LocalBlend`, `MasaCtrl`, `ProximalGuidance`;
+    - `check_inputs` and `check_inversion` (validate without running a model), `encode_text` (embeddings for
+      ``prompt_embeds``), `encode_images` / `decode_latents` (the VAE at the pipeline's scaling);
+    - `enable_cuda_graphs` / `disable_cuda_graphs`, `enable_fp8`, `to`; `count_unet_calls` (what a call costs);
+      `attention_heat_maps` (draw ``return_attention_maps``); `is_sdxl`; diffusers' `guidance_scale`,
+      `num_timesteps`, `interrupt` and `run_safety_checker`.
+
+    Names with a leading underscore are internal and may change without notice.
 
     Args:
         vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor:
@@ -1738,7 +1751,7 @@ class NegativePromptInversionPipeline(
             mask = tokens.attention_mask.to(device)
         return text_encoder(tokens.input_ids.to(device), attention_mask=mask, **kwargs)
 
-    def null_embedding(self, empty: tuple[torch.Tensor, torch.Tensor | None]):
+    def _null_embedding(self, empty: tuple[torch.Tensor, torch.Tensor | None]):
         """The null embedding from E("") (``encode_text`` output): zeros on SDXL with ``force_zeros_for_empty_prompt``,
         the unconditional embedding SDXL was trained with for dropped captions (as diffusers' SDXL pipeline)."""
         if self.is_sdxl and self.config.force_zeros_for_empty_prompt:
@@ -1762,7 +1775,7 @@ class NegativePromptInversionPipeline(
             )
         return ids
 
-    def warn_truncated_prompts(self, prompts: list[str]) -> None:
+    def _warn_truncated_prompts(self, prompts: list[str]) -> None:
         """Name the words the text encoder never sees: it reads ``model_max_length`` tokens, BOS and EOS included."""
         limit = self.tokenizer.model_max_length - 2
         for prompt in dict.fromkeys(prompts):
@@ -1773,10 +1786,10 @@ class NegativePromptInversionPipeline(
                     f" {self.tokenizer.decode(ids[limit:])!r}."
                 )
 
-    def check_target_prompts(self, targets: list[list[str]], sources: list[str]) -> None:
+    def _check_target_prompts(self, targets: list[list[str]], sources: list[str]) -> None:
         """Warn about truncated targets; refuse a target whose change the truncation would drop entirely."""
         limit = self.tokenizer.model_max_length - 2
-        self.warn_truncated_prompts([prompt for prompts in targets for prompt in prompts])
+        self._warn_truncated_prompts([prompt for prompts in targets for prompt in prompts])
         for source, prompts in zip(sources, targets):
             for prompt in prompts:
                 if prompt != source and self._token_ids(prompt)[:limit] == self._token_ids(source)[:limit]:
@@ -1793,7 +1806,7 @@ class NegativePromptInversionPipeline(
         embeds, pooled = self.encode_text(unique, device)
         return {prompt: (embeds[k], _row(pooled, k)) for k, prompt in enumerate(unique)}
 
-    def prepare_images(self, image, height: int | None, width: int | None, resize_mode: str) -> torch.Tensor:
+    def _prepare_images(self, image, height: int | None, width: int | None, resize_mode: str) -> torch.Tensor:
         """Images → ``(batch, 3, height, width)`` in [-1, 1].
 
         Accepts PIL images, image files' paths, numpy arrays (HWC / NHWC, uint8, uint16 or float in [0, 1]) and
@@ -1848,7 +1861,7 @@ class NegativePromptInversionPipeline(
             if upcast:
                 self.vae.to(dtype=dtype)
 
-    def ddim_schedule(self, num_inference_steps: int, device):
+    def _ddim_schedule(self, num_inference_steps: int, device):
         """Timesteps (descending) and ᾱ before and after each denoising step.
 
         The step after ``timesteps[i]`` lands on ``timesteps[i + 1]`` and the last one on the scheduler's
@@ -1978,9 +1991,9 @@ class NegativePromptInversionPipeline(
             else:
                 del self._unet_call_logs[thread]
 
-    def predict_noise(self, latents, timestep, embeds, alpha, added_cond: dict | None = None) -> torch.Tensor:
+    def _predict_noise(self, latents, timestep, embeds, alpha, added_cond: dict | None = None) -> torch.Tensor:
         """ε(z, t, c) in float32, converted from v-prediction when the model predicts v. ``added_cond``: SDXL's
-        ``added_conditioning`` for the same rows."""
+        ``_added_conditioning`` for the same rows."""
         runner = self._cuda_graphs
         logs = self._unet_call_logs.get(threading.get_ident(), ())
         for log in logs:
@@ -2003,7 +2016,7 @@ class NegativePromptInversionPipeline(
             )
         return output
 
-    def added_conditioning(self, pooled: torch.Tensor | None, image_size: tuple[int, int]) -> dict | None:
+    def _added_conditioning(self, pooled: torch.Tensor | None, image_size: tuple[int, int]) -> dict | None:
         """SDXL's added conditioning of each row (Podell et al. 2023, §2.2): its pooled text embedding and the time
         ids of the inverted image, taken whole: original size = target size = ``image_size``, crop (0, 0). `None`
         for SD 1.x/2.x (``pooled`` is `None`)."""
@@ -2012,7 +2025,7 @@ class NegativePromptInversionPipeline(
         time_ids = torch.tensor(sdxl_time_ids(image_size), dtype=pooled.dtype, device=pooled.device)
         return {"text_embeds": pooled, "time_ids": time_ids.expand(len(pooled), -1)}
 
-    def model_signature(self) -> dict:
+    def _model_signature(self) -> dict:
         """Fingerprint of the models an inversion depends on, so that it is only ever edited with them.
 
         - ``config``: one digest of the UNet's, VAE's and text encoders' architecture configs (as earlier versions
@@ -2044,7 +2057,7 @@ class NegativePromptInversionPipeline(
         return models
 
     def _schedule_config(self) -> dict:
-        """What the DDIM schedule `ddim_schedule` builds depends on: the noise schedule, its timesteps and the
+        """What the DDIM schedule `_ddim_schedule` builds depends on: the noise schedule, its timesteps and the
         prediction type (any scheduler class with the same values gives the same steps)."""
         scheduler = self.scheduler
         if not isinstance(scheduler, DDIMScheduler):
@@ -2053,7 +2066,7 @@ class NegativePromptInversionPipeline(
 
     def _signature_differences(self, inversion: InversionResult) -> list[str]:
         """The models of this pipeline that differ from those that made ``inversion``, each with what differs."""
-        mine, theirs = self.model_signature(), inversion.model_signature
+        mine, theirs = self._model_signature(), inversion.model_signature
         if not theirs:
             return ["the inversion records no model signature (pipe.invert() records one)"]
         if "weights" not in theirs:
@@ -2119,7 +2132,7 @@ class NegativePromptInversionPipeline(
         problems = inversion._image_size_problems(self.vae_scale_factor)  # only a hand-made object gets here
         if problems:
             raise _invalid("inversion", problems)
-        timesteps = self.ddim_schedule(inversion.num_inference_steps, "cpu")[0]
+        timesteps = self._ddim_schedule(inversion.num_inference_steps, "cpu")[0]
         if timesteps.tolist() != inversion.timesteps.tolist():
             raise ValueError(
                 f"This inversion ran at timesteps {inversion.timesteps.tolist()}, this pipeline's scheduler gives"
@@ -2142,7 +2155,7 @@ class NegativePromptInversionPipeline(
             for parameter, flag in zip(self.unet.parameters(), flags):
                 parameter.requires_grad_(flag)
 
-    def attention_layers(self, latent_size: tuple[int, int]) -> list[AttentionLayer]:
+    def _attention_layers(self, latent_size: tuple[int, int]) -> list[AttentionLayer]:
         """The UNet's attention layers in call order (down → mid → up; self before cross within a block), with their
         map sizes for a latent of ``latent_size``."""
         levels = len(self.unet.config.down_block_types)
@@ -2170,7 +2183,7 @@ class NegativePromptInversionPipeline(
     # -------------------------------------------------------------------------------------------------------------
     # Inversion
 
-    def check_invert_inputs(self, image, source_prompt, num_inference_steps, guidance_scale, method, null_text):
+    def _check_invert_inputs(self, image, source_prompt, num_inference_steps, guidance_scale, method, null_text):
         _check_choice("inversion_method", method, INVERSION_METHODS)
         prompts = _as_prompt_list(source_prompt, "source_prompt")
         images = _as_image_list(image)
@@ -2181,7 +2194,7 @@ class NegativePromptInversionPipeline(
         _check_steps(num_inference_steps, self.scheduler.config.num_train_timesteps)
         _check_guidance(guidance_scale, method)
         _check_null_text_settings(*null_text)
-        self.warn_truncated_prompts(prompts)
+        self._warn_truncated_prompts(prompts)
         return prompts
 
     @_one_call_at_a_time
@@ -2204,7 +2217,7 @@ class NegativePromptInversionPipeline(
 
         Args:
             image (`PIL.Image.Image`, `str`, `os.PathLike`, `np.ndarray`, `torch.Tensor` or a list of them):
-                Images (or image files) to invert; see `prepare_images` for formats and the resize policy.
+                Images (or image files) to invert; see `_prepare_images` for formats and the resize policy.
             source_prompt (`str` or `list[str]`): One prompt describing each image.
             num_inference_steps (`int`, defaults to 50): DDIM steps; edits must use the same count.
             guidance_scale (`float`, defaults to 7.5): Guidance scale the edits will use; NTI optimises for it
@@ -2225,33 +2238,33 @@ class NegativePromptInversionPipeline(
         inner_steps = config.null_text_inner_steps if null_text_inner_steps is None else null_text_inner_steps
         early_stop = config.null_text_early_stop if null_text_early_stop is None else null_text_early_stop
         init = config.null_text_init if null_text_init is None else null_text_init
-        prompts = self.check_invert_inputs(
+        prompts = self._check_invert_inputs(
             image, source_prompt, num_inference_steps, guidance_scale, method, (inner_steps, early_stop, init)
         )
-        signature = self.model_signature()  # raises now, not after the inversion, for weights it cannot read
-        images = self.prepare_images(image, height, width, resize_mode)
+        signature = self._model_signature()  # raises now, not after the inversion, for weights it cannot read
+        images = self._prepare_images(image, height, width, resize_mode)
         device = self._execution_device
 
         # 2. Encode prompts and images
         prompt_embeds, pooled = self.encode_text(prompts, device)
         latents = self.encode_images(images)
         image_size = tuple(images.shape[-2:])
-        added_cond = self.added_conditioning(pooled, image_size)
+        added_cond = self._added_conditioning(pooled, image_size)
 
         # 3. DDIM inversion (w = 1, source prompt)
-        timesteps, alphas, alphas_next = self.ddim_schedule(num_inference_steps, device)
+        timesteps, alphas, alphas_next = self._ddim_schedule(num_inference_steps, device)
         null_embeds = losses = null_pooled = None
         with self._controlled_unet(_Control()):
-            trajectory = self.ddim_inversion(latents, prompt_embeds, timesteps, alphas, alphas_next, added_cond)
+            trajectory = self._ddim_inversion(latents, prompt_embeds, timesteps, alphas, alphas_next, added_cond)
 
             # 4. Null-text optimisation around the trajectory (the sequence embedding; SDXL's pooled one stays
             # that of the initialisation)
             if INVERSION_METHODS[method].optimises_null_text:
                 start, null_pooled = prompt_embeds, pooled
                 if init == "null":
-                    empty, empty_pooled = self.null_embedding(self.encode_text([""], device))
+                    empty, empty_pooled = self._null_embedding(self.encode_text([""], device))
                     start, null_pooled = empty.expand_as(prompt_embeds), _expand_rows(empty_pooled, len(prompts))
-                null_embeds, losses = self.null_text_optimization(
+                null_embeds, losses = self._null_text_optimization(
                     trajectory,
                     prompt_embeds,
                     start,
@@ -2262,7 +2275,7 @@ class NegativePromptInversionPipeline(
                     inner_steps,
                     early_stop,
                     added_cond,
-                    self.added_conditioning(null_pooled, image_size),
+                    self._added_conditioning(null_pooled, image_size),
                 )
 
         self.maybe_free_model_hooks()
@@ -2281,17 +2294,17 @@ class NegativePromptInversionPipeline(
             null_pooled_embeds=_on_cpu(null_pooled),
         )
 
-    def ddim_inversion(self, latents, prompt_embeds, timesteps, alphas, alphas_next, added_cond=None) -> torch.Tensor:
+    def _ddim_inversion(self, latents, prompt_embeds, timesteps, alphas, alphas_next, added_cond=None) -> torch.Tensor:
         """ALGORITHMS §1: run DDIM upwards with ε(z, t, E(src)) evaluated at the destination t. → (B, N+1, …)."""
         trajectory = [latents]
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i in reversed(range(len(timesteps))):
-                noise = self.predict_noise(trajectory[-1], timesteps[i], prompt_embeds, alphas[i], added_cond)
+                noise = self._predict_noise(trajectory[-1], timesteps[i], prompt_embeds, alphas[i], added_cond)
                 trajectory.append(ddim_step(trajectory[-1], noise, alphas_next[i], alphas[i]))
                 progress_bar.update()
         return torch.stack(trajectory, dim=1)
 
-    def null_text_optimization(
+    def _null_text_optimization(
         self,
         trajectory,
         prompt_embeds,
@@ -2330,13 +2343,13 @@ class NegativePromptInversionPipeline(
         with self._frozen_unet(), self.progress_bar(total=steps * inner_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 target = trajectory[:, steps - i - 1]
-                noise_cond = self.predict_noise(latents, t, prompt_embeds, alphas[i], added_cond)
+                noise_cond = self._predict_noise(latents, t, prompt_embeds, alphas[i], added_cond)
                 null = null.detach().clone().requires_grad_(True)
                 optimizer = torch.optim.Adam([null], lr=1e-2 * (1 - i / (2 * steps)))
                 active = torch.ones(batch, dtype=torch.bool, device=latents.device)
                 for j in range(inner_steps):
                     with torch.enable_grad():
-                        noise_uncond = self.predict_noise(
+                        noise_uncond = self._predict_noise(
                             latents, t, null.to(self.unet.dtype), alphas[i], null_added_cond
                         )
                         noise = classifier_free_guidance(noise_uncond, noise_cond - noise_uncond, guidance_scale)
@@ -2358,7 +2371,7 @@ class NegativePromptInversionPipeline(
                         break
                 null = null.detach()
                 nulls.append(null.clone())
-                noise_uncond = self.predict_noise(latents, t, null.to(self.unet.dtype), alphas[i], null_added_cond)
+                noise_uncond = self._predict_noise(latents, t, null.to(self.unet.dtype), alphas[i], null_added_cond)
                 noise = classifier_free_guidance(noise_uncond, noise_cond - noise_uncond, guidance_scale)
                 latents = ddim_step(latents, noise, alphas[i], alphas_next[i])
         return torch.stack(nulls, dim=1), losses
@@ -2381,7 +2394,7 @@ class NegativePromptInversionPipeline(
         _check_number("guidance_rescale", guidance_rescale, 0, 1)
         _check_choice("target_guidance", target_guidance, TARGET_GUIDANCES, allow_none=True)
         if attention_control is not None:
-            layers = self.attention_layers(tuple(inversion.latents.shape[-2:]))
+            layers = self._attention_layers(tuple(inversion.latents.shape[-2:]))
             attention_control.check(inversion.num_inference_steps, layers)
         if proximal_guidance is not None:
             proximal_guidance.check()
@@ -2533,7 +2546,7 @@ class NegativePromptInversionPipeline(
             inversion,
             attention_control,
         )
-        self.check_target_prompts([[p for p in ps if isinstance(p, str)] for ps in targets], inversion.source_prompts)
+        self._check_target_prompts([[p for p in ps if isinstance(p, str)] for ps in targets], inversion.source_prompts)
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device
@@ -2549,7 +2562,7 @@ class NegativePromptInversionPipeline(
         rows = lay_out_rows(denoised, guidance_scale)
 
         # 3. Prepare attention control (text-side mapping raises here, before any UNet work)
-        control = self.prepare_control(
+        control = self._prepare_control(
             attention_control,
             denoised,
             rows,
@@ -2560,11 +2573,11 @@ class NegativePromptInversionPipeline(
         )
 
         # 4. Encode: the embeddings of every row at every step (and SDXL's added conditioning of every row)
-        row_embeds, row_pooled = self.row_embeddings(denoised, rows, inversion, given, device)
-        added_cond = self.added_conditioning(row_pooled, inversion.image_size)
+        row_embeds, row_pooled = self._row_embeddings(denoised, rows, inversion, given, device)
+        added_cond = self._added_conditioning(row_pooled, inversion.image_size)
 
         # 5. Denoise from z_T: per step one UNet batch, guidance, a DDIM step, then the step hooks
-        timesteps, alphas, alphas_next = self.ddim_schedule(steps, device)
+        timesteps, alphas, alphas_next = self._ddim_schedule(steps, device)
         images_of = _index([branch.image for branch in denoised], device)
         trajectory = inversion.latents.to(device)[images_of]  # (branches, N + 1, …): each branch's image's z*
         latents = trajectory[:, steps].clone()
@@ -2633,10 +2646,12 @@ class NegativePromptInversionPipeline(
         """ε of every branch from one UNet batch: ``(conditional, unconditional)`` per branch. ``row_index``:
         `RowLayout.index` (the branch of each row, each branch's conditional and unconditional row)."""
         row_branch, cond_rows, uncond_rows = row_index
-        noise = self.predict_noise(latents[row_branch], timestep, embeds, alpha, added_cond)
+        noise = self._predict_noise(latents[row_branch], timestep, embeds, alpha, added_cond)
         return noise[cond_rows], noise[uncond_rows]
 
-    def row_embeddings(self, branches: list[Branch], rows: RowLayout, inversion: InversionResult, given: dict, device):
+    def _row_embeddings(
+        self, branches: list[Branch], rows: RowLayout, inversion: InversionResult, given: dict, device
+    ):
         """``(steps, rows, tokens, dim)`` text embeddings, and on SDXL ``(rows, dim)`` pooled embeddings (else
         `None`); only NTI's rows change from step to step (its pooled null is fixed). ``given``: the rows of
         ``prompt_embeds`` and ``negative_prompt_embeds`` by their `_GivenEmbedding`."""
@@ -2653,7 +2668,7 @@ class NegativePromptInversionPipeline(
         embedding = {  # (sequence, pooled) by where an embedding comes from (see InversionMethod)
             "source": lambda branch: tuple(_row(tensor, branch.image) for tensor in source),
             "negative": lambda branch: (
-                self.null_embedding(texts[""]) if branch.negative == "" else texts[branch.negative]
+                self._null_embedding(texts[""]) if branch.negative == "" else texts[branch.negative]
             ),
             "null_text": lambda branch: tuple(_row(tensor, branch.image) for tensor in null_text),
             "prompt": lambda branch: texts[branch.prompt],
@@ -2679,7 +2694,7 @@ class NegativePromptInversionPipeline(
         height, width = sizes[level]
         return height * width, (height, width)
 
-    def prepare_control(
+    def _prepare_control(
         self, attention_control, branches, rows, steps, latent_size, return_attention_maps, device
     ) -> _Control:
         """This call's processors (by layer name), attention store and per-step hooks. All text-side validation
@@ -2688,7 +2703,7 @@ class NegativePromptInversionPipeline(
         needs_maps = return_attention_maps or getattr(attention_control, "needs_attention_maps", False)
         if attention_control is None and not needs_maps:
             return control
-        layers = self.attention_layers(latent_size)
+        layers = self._attention_layers(latent_size)
         if needs_maps:
             length, size = self._map_level(layers, getattr(attention_control, "attention_map_level", None))
             control.store = AttentionStore(length, size, len(branches), self.tokenizer.model_max_length, device)
@@ -2750,7 +2765,7 @@ def _architecture_config(config) -> dict:
 
 # Weights sampled per tensor for a model signature: the cost is per tensor, not per weight.
 SIGNATURE_SAMPLES = 8
-# The scheduler config keys that decide the DDIM steps (`ddim_schedule`) and what the UNet predicts.
+# The scheduler config keys that decide the DDIM steps (`_ddim_schedule`) and what the UNet predicts.
 _SCHEDULE_KEYS = (
     "num_train_timesteps",
     "beta_start",

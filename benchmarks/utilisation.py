@@ -1,7 +1,7 @@
 """How much of the GPU a benchmark row uses, and where the rest of its time goes.
 
 Shared by ``speed.py`` and ``batch.py`` (and ``kernels.py``, which times the kernel choices the profile points at
-next). Nothing here changes the pipeline: components are timed from outside, by wrapping ``pipe.predict_noise`` (every UNet evaluation, replayed CUDA
+next). Nothing here changes the pipeline: components are timed from outside, by wrapping ``pipe._predict_noise`` (every UNet evaluation, replayed CUDA
 graphs included) and hooking the VAE's encoder and decoder and the text encoders.
 
 - **Peak**: the median rate of a large bfloat16 matrix product (8192³, random data, CUDA events), measured in the
@@ -110,7 +110,7 @@ def unet_inputs(pipe, batch: int, size: int, device: torch.device, dtype: torch.
         pooled = torch.randn(
             batch, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype, generator=generator
         )
-        inputs["added_cond_kwargs"] = pipe.added_conditioning(pooled, (size, size))
+        inputs["added_cond_kwargs"] = pipe._added_conditioning(pooled, (size, size))
     return inputs
 
 
@@ -188,7 +188,7 @@ class AttentionTimes:
 
 class ComponentTimer:
     """Times the pipeline's components during one run (see the module docstring). ``unet_via``: ``"pipeline"``
-    (wrap ``pipe.predict_noise``, which sees CUDA-graph replays) or ``"hooks"`` (forward hooks on the UNet: for
+    (wrap ``pipe._predict_noise``, which sees CUDA-graph replays) or ``"hooks"`` (forward hooks on the UNet: for
     peers that call the UNet themselves, eagerly)."""
 
     def __init__(self, pipe, device: torch.device, unet_via: str = "pipeline"):
@@ -220,7 +220,7 @@ class ComponentTimer:
         if self.unet_via == "hooks":
             self._hook(pipe.unet, "unet")
         else:
-            predict = pipe.predict_noise
+            predict = pipe._predict_noise
 
             def timed_predict(*args, **kwargs):
                 self._span("unet", True)
@@ -229,13 +229,13 @@ class ComponentTimer:
                 finally:
                     self._span("unet", False)
 
-            pipe.predict_noise = timed_predict  # an instance attribute over the method, removed on exit
+            pipe._predict_noise = timed_predict  # an instance attribute over the method, removed on exit
         return self
 
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
-        self.pipe.__dict__.pop("predict_noise", None)
+        self.pipe.__dict__.pop("_predict_noise", None)
 
     def breakdown(self, wall: float) -> dict[str, float]:
         """Seconds of UNet, VAE and text encoders in the run just timed, and the rest of its ``wall`` seconds."""

@@ -158,7 +158,7 @@ def test_malformed_reweights_name_the_argument(pipe, inversion, reweight):
 
 
 def test_reweights_in_the_documented_range_are_accepted(pipe, inversion):
-    layers = pipe.attention_layers(tuple(inversion.latents.shape[-2:]))
+    layers = pipe._attention_layers(tuple(inversion.latents.shape[-2:]))
     for factor in (-MAX_REWEIGHT, -2, 0, 0.5, 5, MAX_REWEIGHT):  # the paper's [-2, 2], the references' 5
         PromptToPrompt(reweight={"blue": factor}).check(STEPS, layers)
     PromptToPrompt(reweight=[{"blue": 2}, {}]).check(STEPS, layers)
@@ -506,7 +506,7 @@ def test_samples_match_across_casts_and_rounding_boundaries():
 
 
 def test_samples_are_a_fixed_number_per_tensor(pipe):
-    samples = base64.b64decode(pipe.model_signature()["weights"]["unet"])
+    samples = base64.b64decode(pipe._model_signature()["weights"]["unet"])
     tensors = list(pipe.unet.parameters())
     assert len(samples) == 4 * sum(min(SIGNATURE_SAMPLES, tensor.numel()) for tensor in tensors)
 
@@ -518,7 +518,7 @@ def test_files_of_the_earlier_signature_still_load(pipe, inversion, tmp_path, to
         for name in ("unet", "vae", "text_encoder")
     }
     earlier = dataclasses.replace(
-        inversion, model_signature={"config": pipe.model_signature()["config"], "probe": first}
+        inversion, model_signature={"config": pipe._model_signature()["config"], "probe": first}
     )
     path = tmp_path / "earlier.safetensors"
     earlier.save(path)

@@ -813,8 +813,8 @@ def test_one_decoder_for_the_command_line_the_batch_and_the_python_api(pipe, tmp
         batch = pie_bench.load_image(path)
         for given in (str(path), path, PIL.Image.open(path)):
             torch.testing.assert_close(
-                pipe.prepare_images(given, 32, 32, "stretch"),
-                pipe.prepare_images(batch, 32, 32, "stretch"),
+                pipe._prepare_images(given, 32, 32, "stretch"),
+                pipe._prepare_images(batch, 32, 32, "stretch"),
                 rtol=0,
                 atol=0,
             )
@@ -842,15 +842,15 @@ def test_crop_mode_crops_before_it_resizes(pipe):
         return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
     start = kib("VmRSS")
-    pixels = pipe.prepare_images(strip, 64, 64, "crop")
+    pixels = pipe._prepare_images(strip, 64, 64, "crop")
     assert (kib("VmHWM") - start) * 1024 < 200e6
     torch.testing.assert_close((pixels[0, :, 0, 0] + 1) / 2, torch.tensor([10, 200, 30]) / 255.0)
     assert (pixels == pixels[..., :1, :1]).all()
     square = torch.from_numpy(scene_image(1, size=64)).permute(2, 0, 1)[None] / 255.0
     resized = torch.nn.functional.interpolate(square, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
-    torch.testing.assert_close(pipe.prepare_images(square, 32, 32, "crop"), resized * 2 - 1, rtol=0, atol=0)
+    torch.testing.assert_close(pipe._prepare_images(square, 32, 32, "crop"), resized * 2 - 1, rtol=0, atol=0)
     wide = torch.cat([torch.zeros(1, 3, 64, 16), square, torch.zeros(1, 3, 64, 16)], dim=-1)  # 64 × 96
-    torch.testing.assert_close(pipe.prepare_images(wide, 32, 32, "crop"), resized * 2 - 1, rtol=0, atol=0)
+    torch.testing.assert_close(pipe._prepare_images(wide, 32, 32, "crop"), resized * 2 - 1, rtol=0, atol=0)
 
 
 # ================================================================================================ the toy world's score

@@ -222,3 +222,10 @@ def test_a_call_from_inside_a_callback_is_refused(pipe, inversion, second):
         pipe(inversion=inversion, prompt=TARGET, attention_control=PromptToPrompt(), callback_on_step_end=reenter)
     assert dict(pipe.unet.attn_processors) == before
     assert torch.isfinite(latents(other, inversion=inversion, prompt=TARGET)).all()  # usable
+
+
+def test_every_public_name_is_listed_in_the_class_docstring():
+    """The public API is what the class docstring lists; a new helper is private unless it is added there."""
+    public = [name for name in vars(NegativePromptInversionPipeline) if not name.startswith("_")]
+    unlisted = [name for name in public if f"`{name}`" not in NegativePromptInversionPipeline.__doc__]
+    assert unlisted == ["model_cpu_offload_seq"]  # diffusers' offloading order, an attribute every pipeline sets

@@ -181,7 +181,7 @@ def test_an_edited_word_past_the_token_limit_is_refused(pipe, argument):
 def test_16_bit_images_keep_their_values(pipe):
     grey = np.full((32, 32), 30000, dtype=np.uint16)
     for image in (PIL.Image.fromarray(grey), PIL.Image.fromarray(grey.astype(np.int32), mode="I"), grey):
-        pixels = pipe.prepare_images(image, 32, 32, "crop")
+        pixels = pipe._prepare_images(image, 32, 32, "crop")
         torch.testing.assert_close(pixels, torch.full_like(pixels, 2 * 30000 / 65535 - 1))
 
 
@@ -189,18 +189,18 @@ def test_transparent_pixels_are_composited_over_white_with_a_warning(pipe, warni
     rgba = np.zeros((32, 32, 4), dtype=np.uint8)  # black everywhere; the left half opaque, the right transparent
     rgba[:, :16, 3] = 255
     for image in (PIL.Image.fromarray(rgba, mode="RGBA"), torch.from_numpy(rgba).permute(2, 0, 1) / 255.0):
-        pixels = (pipe.prepare_images(image, 32, 32, "crop") + 1) / 2
+        pixels = (pipe._prepare_images(image, 32, 32, "crop") + 1) / 2
         assert (pixels[..., :16] == 0).all() and (pixels[..., 16:] == 1).all()
     assert sum("transparent pixels" in message for message in warnings_of()) == 2
     opaque = rgba.copy()
     opaque[..., 3] = 255
-    pipe.prepare_images(PIL.Image.fromarray(opaque, mode="RGBA"), 32, 32, "crop")
+    pipe._prepare_images(PIL.Image.fromarray(opaque, mode="RGBA"), 32, 32, "crop")
     assert sum("transparent pixels" in message for message in warnings_of()) == 2  # fully opaque: nothing to say
 
 
 def test_unsupported_integer_arrays_are_refused(pipe):
     with pytest.raises(ValueError, match="image arrays must be uint8, uint16"):
-        pipe.prepare_images(scene_image(0).astype(np.int64), 32, 32, "crop")
+        pipe._prepare_images(scene_image(0).astype(np.int64), 32, 32, "crop")
 
 
 def test_one_image_takes_its_blend_words_in_either_form(pipe, inversion):
@@ -272,7 +272,7 @@ def test_tiny_autoencoder_inverts_and_edits(pipe):
         num_decoder_blocks=(1, 1),
         latent_channels=4,
     ).eval()
-    image = pipe.prepare_images(scene_image(0), 32, 32, "crop")
+    image = pipe._prepare_images(scene_image(0), 32, 32, "crop")
     inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
     expected = pipe.vae.encode(image).latents * pipe.vae.config.scaling_factor
     torch.testing.assert_close(inversion.latents[:, 0], expected, rtol=0, atol=0)

@@ -100,11 +100,11 @@ def test_unet_reads_each_rows_pooled_embedding_and_the_image_time_ids(sdxl_pipe,
 
 
 def test_layers_masactrl_choice_and_local_blend_level_are_resolution_relative(sdxl_pipe):
-    layers = sdxl_pipe.attention_layers((SIZE // 2, SIZE // 2))
+    layers = sdxl_pipe._attention_layers((SIZE // 2, SIZE // 2))
     assert len(layers) == len(sdxl_pipe.unet.attn_processors) == 22  # 11 transformer blocks, two with depth 2
     assert {layer.level for layer in layers} == {1, 2}  # no attention at full latent resolution, as SDXL
     assert sdxl_pipe._map_level(layers) == (256, (16, 16))  # ¼ (8²) would be coarser than 16²
-    assert sdxl_pipe._map_level(sdxl_pipe.attention_layers((128, 128))) == (1024, (32, 32))  # ¼: 1024 px
+    assert sdxl_pipe._map_level(sdxl_pipe._attention_layers((128, 128))) == (1024, (32, 32))  # ¼: 1024 px
     plan = npi.EditPlan(
         [npi.Branch(0, SOURCE, SOURCE, True, "source", False), npi.Branch(0, SOURCE, TARGET, False, "empty", True)],
         npi.RowLayout((1, 2), (1, 0)),
@@ -323,7 +323,7 @@ def test_sdxl_inversions_round_trip_through_a_file(sdxl_pipe, tmp_path):
 
 def test_an_inversion_belongs_to_its_architecture(sdxl_pipe, inversion, pipe, tmp_path):
     sd_inversion = pipe.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
-    assert pipe.model_signature()["config"] != sdxl_pipe.model_signature()["config"]
+    assert pipe._model_signature()["config"] != sdxl_pipe._model_signature()["config"]
     path = tmp_path / "inversion.safetensors"
     for owner, stranger, made, made_by in (
         (pipe, sdxl_pipe, sd_inversion, "SD 1.x/2.x"),
