@@ -142,6 +142,10 @@ def read_manifest(path, images: str | None = None) -> list[Item]:
     is not an object, a missing or mistyped field, an empty file. Whether each image exists is the caller's business.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = path / "mapping_file.json"
+        hint = f"give {inside}" if inside.is_file() else "give its mapping_file.json or a JSONL / CSV manifest"
+        raise ManifestError(f"{path}: a folder, not a manifest; {hint}")
     if not path.is_file():
         raise ManifestError(f"{path}: no such file")
     try:

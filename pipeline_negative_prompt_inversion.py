@@ -2388,6 +2388,7 @@ class NegativePromptInversionPipeline(
         proximal_guidance,
         target_guidance,
         output_type,
+        callback_on_step_end,
         callback_on_step_end_tensor_inputs,
     ):
         _check_guidance(guidance_scale, inversion.method)
@@ -2399,6 +2400,11 @@ class NegativePromptInversionPipeline(
         if proximal_guidance is not None:
             proximal_guidance.check()
         _check_choice("output_type", output_type, ("pil", "np", "pt", "latent"))
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(
+                "callback_on_step_end must be a function (pipe, step, timestep, tensors) -> dict, a PipelineCallback"
+                f" or MultiPipelineCallbacks, got {type(callback_on_step_end).__name__}."
+            )
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(
@@ -2534,6 +2540,7 @@ class NegativePromptInversionPipeline(
             proximal_guidance,
             target_guidance,
             output_type,
+            callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
         targets, negatives, given = _edit_prompts(

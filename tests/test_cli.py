@@ -357,6 +357,7 @@ MISTAKES = {
     "batch out an existing file": (["batch", "{pie}", "--out", "{text}"], "is a file, not a folder"),
     "batch out under a file": (["batch", "{pie}", "--out", "{text}/o"], "is a file, not a folder"),
     "manifest missing": (["batch", "{dir}/none.jsonl", "--out", "{dir}/o"], "no such file"),
+    "manifest a folder": (["batch", "{dir}", "--out", "{dir}/o"], "a folder, not a manifest"),
     "images folder missing": (["batch", "{pie}", "--out", "{dir}/o", "--images", "{dir}/none"], "--images: no folder"),
     "manifest suffix": (["batch", "{text}", "--out", "{dir}/o"], "a manifest is a PIE-Bench mapping_file.json"),
     "evaluate a folder without a batch": (["evaluate", "{dir}"], "has no batch.json"),

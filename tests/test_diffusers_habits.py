@@ -195,6 +195,13 @@ def test_callback_mistakes_are_named(pipe, inversion, returns, error, message):
     assert dict(pipe.unet.attn_processors) == before
 
 
+@pytest.mark.parametrize("callback", [5, "print", {"latents": None}])
+def test_a_callback_that_cannot_be_called_is_named_before_any_unet_pass(pipe, inversion, callback):
+    with UNetCalls(pipe.unet) as calls, pytest.raises(TypeError, match="callback_on_step_end must be a function"):
+        pipe(inversion=inversion, prompt=TARGET, attention_control="p2p", callback_on_step_end=callback)
+    assert calls.batches == []
+
+
 def test_a_callback_may_return_changed_latents_or_nothing(pipe, inversion):
     plain = latents(pipe, inversion=inversion, prompt=TARGET)
     assert torch.equal(
