@@ -104,21 +104,12 @@ from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     _CUDAGraphUNet,
 )
 from toy_world.tokenizer import write_word_tokenizer
+from toy_world.train import SCHEDULER_CONFIG  # Stable Diffusion's noise schedule, as the toy model's
 
 
 # =================================================================================================================
 # Configs
 
-SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
 
 # SDXL's two text towers at tiny widths (CPU smoke tests)
 TINY_CLIP = dict(
@@ -143,6 +134,35 @@ CLIP_VIT_L = dict(
     projection_dim=768,
     layer_norm_eps=1e-5,
 )
+# Stable Diffusion 1.5's VAE (SDXL's has the same layout: SDXL_VAE_CHANGES)
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+# The same block layout at tiny widths (CPU smoke tests)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=256,
+    scaling_factor=0.18215,
+)
+# SDXL's VAE: SD's, retrained with another latent scale and kept in float32 under float16 pipelines
+SDXL_VAE_CHANGES = dict(scaling_factor=0.13025, force_upcast=True)
 
 MODELS = {
     # Stable Diffusion 1.5 (runwayml / stable-diffusion-v1-5 configs)
@@ -166,19 +186,7 @@ MODELS = {
             cross_attention_dim=768,
             attention_head_dim=8,
         ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            act_fn="silu",
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=512,
-            scaling_factor=0.18215,
-        ),
+        "vae": SD_VAE,
         "text": CLIP_VIT_L,
     },
     # Same block layout, tiny widths: only for smoke tests on a CPU.
@@ -195,28 +203,8 @@ MODELS = {
             cross_attention_dim=64,
             attention_head_dim=8,
         ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 64, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=256,
-            scaling_factor=0.18215,
-        ),
-        "text": dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=64,
-        ),
+        "vae": TINY_VAE,
+        "text": TINY_CLIP,
     },
     # SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 configs)
     "sdxl": {
@@ -244,20 +232,7 @@ MODELS = {
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            act_fn="silu",
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=1024,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        ),
+        "vae": dict(SD_VAE, **SDXL_VAE_CHANGES, sample_size=1024),
         "text": CLIP_VIT_L,
         # OpenCLIP ViT-bigG/14 text tower with its projection (text_encoder_2)
         "text_2": dict(
@@ -291,19 +266,7 @@ MODELS = {
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=64 + 6 * 8,
         ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 64, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=256,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        ),
+        "vae": dict(TINY_VAE, **SDXL_VAE_CHANGES),
         "text": TINY_CLIP,
         "text_2": dict(TINY_CLIP, hidden_act="gelu"),  # OpenCLIP's activation, as SDXL's second encoder
     },
@@ -360,7 +323,7 @@ def build_components(model: str, device: torch.device, dtype: torch.dtype, workd
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
         "unet": unet,
-        "scheduler": DDIMScheduler(**SCHEDULER),
+        "scheduler": DDIMScheduler(**SCHEDULER_CONFIG),
     }
     if "text_2" in configs:  # SDXL: the second tokenizer pads with "!", as SDXL's
         tokenizer_2 = CLIPTokenizer.from_pretrained(folder, pad_token="!")
@@ -572,7 +535,7 @@ def plain_cfg_loop(components: dict, prompt: str, steps: int, size: int, guidanc
             return_tensors="pt",
         )
         embeds = text_encoder(tokens.input_ids.to(device))[0].to(dtype)
-        scheduler = DDIMScheduler(**SCHEDULER)
+        scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
         scheduler.set_timesteps(steps, device=device)
         generator = torch.Generator(device).manual_seed(0)
         latents = torch.randn((1, 4, size // 8, size // 8), generator=generator, device=device, dtype=dtype)

@@ -384,7 +384,8 @@ def toy_summary(folder: Path) -> dict:
 
 
 def kernels_summary(folder: Path) -> dict:
-    return json.loads((folder / "kernels.json").read_text())
+    """kernels.py's result, with the table it rendered (kernels.md) for session.md."""
+    return {**json.loads((folder / "kernels.json").read_text()), "markdown": (folder / "kernels.md").read_text()}
 
 
 SUMMARIES = {"speed": speed_summary, "batch": batch_summary, "toy": toy_summary, "kernels": kernels_summary}
@@ -487,28 +488,7 @@ def toy_lines(results: list[dict]) -> list[str]:
 
 def kernel_lines(results: list[dict]) -> list[str]:
     kernels = next((r.get("summary") for r in results if r["name"] == "kernels" and r.get("summary")), None)
-    if not kernels:
-        return []
-    rows = kernels["attention_s_per_unet_call"]
-    names = [name for name in rows[0] if name != "batch"]
-    lines = [
-        "",
-        f"Fused attention of one UNet call, ms, per backend ({kernels['attention_calls_per_sample']} calls "
-        "per forward, each shape timed alone):",
-        "",
-        "| samples per call | " + " | ".join(names) + " |",
-        "|---:|" + "---:|" * len(names),
-    ]
-    for row in rows:
-        lines.append(f"| {row['batch']} | " + " | ".join(fmt(row[n] and row[n] * 1e3, "{:.2f}") for n in names) + " |")
-    vae = kernels["vae_decode_s"]
-    lines += [
-        "",
-        f"VAE decode of {kernels['vae_batch']} image(s): "
-        + ", ".join(f"{layout} {seconds * 1e3:.1f} ms" for layout, seconds in vae.items())
-        + ".",
-    ]
-    return lines
+    return ["", *kernels["markdown"].rstrip().splitlines()] if kernels else []
 
 
 def headline(results: list[dict], stage: str) -> dict | None:

@@ -31,6 +31,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from negative_prompt_inversion.pipeline_negative_prompt_inversion import NegativePromptInversionPipeline  # noqa: E402
 from toy_world.tokenizer import write_word_tokenizer  # noqa: E402
+from toy_world.train import SCHEDULER_CONFIG  # noqa: E402
 
 
 WORDS = (
@@ -112,16 +113,8 @@ def tiny_text_config(tokenizer: CLIPTokenizer, hidden_size: int, **config) -> CL
 
 
 def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
-    """Stable Diffusion's (and SDXL's) noise schedule with deterministic DDIM steps."""
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    """Stable Diffusion's (and SDXL's) noise schedule with deterministic DDIM steps, as the toy model's."""
+    return DDIMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type})
 
 
 def tiny_sdxl_components(tokenizer_dir: Path, seed: int = 0):
