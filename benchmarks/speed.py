@@ -149,18 +149,7 @@ SD_VAE = dict(
     scaling_factor=0.18215,
 )
 # The same block layout at tiny widths (CPU smoke tests)
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(32, 32, 64, 64),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=256,
-    scaling_factor=0.18215,
-)
+TINY_VAE = dict(SD_VAE, block_out_channels=(32, 32, 64, 64), layers_per_block=1, sample_size=256)
 # SDXL's VAE: SD's, retrained with another latent scale and kept in float32 under float16 pipelines
 SDXL_VAE_CHANGES = dict(scaling_factor=0.13025, force_upcast=True)
 
