@@ -9,6 +9,8 @@ stage wrote before it was stopped is kept (the benchmarks rewrite their JSON aft
 (SD 1.5 architecture at 512 px and SDXL's at 1024 px, random weights, bfloat16, NPI invert + P2P word swap with
 local blend, 50 + 50 steps; CUDA graphs in every compiled mode):
 
+  di_cost                speed.py's one-target P2P edit with NPI and with Direct Inversion (issue 26: ≤ 1.05×),
+                         regional compile, the same rows and graphs, one process
   regional_cold          speed.py headline, ``compile="regional"``, empty inductor cache: first call, steady state
   regional_warm          regional_cold again in a new process over the cache it left: a user's second process
   whole_cold             speed.py headline, whole-model compile (``compile=True``), its own empty cache
@@ -55,6 +57,7 @@ TARGETS = {
     "edits_per_s": 3.0,
     "sdxl_s": 3.3,
     "fp8_recon_db": 0.5,
+    "di_vs_npi": 1.05,
 }
 
 
@@ -155,9 +158,17 @@ def stages(args) -> list[Stage]:
             "speed",
         ),
         Stage(
+            "di_cost",
+            "SD 1.5 P2P edit (1 target), NPI then Direct Inversion, regional compile, empty cache",
+            200,
+            [speed("di_cost", "--modes", "regional", "--only", "P2P edit, 1 target")],
+            "di_cost",
+            "speed",
+        ),
+        Stage(
             "batch_bf16",
             f"batch {batch_size[0]}, regional, bf16",
-            150,
+            240,
             [[*python, "benchmarks.batch", "--out", str(out / "batch_bf16"), *batch]],
             "regional",
             "batch",
@@ -165,7 +176,7 @@ def stages(args) -> list[Stage]:
         Stage(
             "batch_fp8",
             f"batch {batch_size[0]}, regional, FP8",
-            150,
+            240,
             [[*python, "benchmarks.batch", "--out", str(out / "batch_fp8"), *batch, "--fp8"]],
             "regional",
             "batch",
@@ -240,6 +251,7 @@ def stages(args) -> list[Stage]:
 
 
 DEFAULT_STAGES = (
+    "di_cost",
     "regional_cold",
     "regional_warm",
     "whole_cold",
@@ -433,7 +445,7 @@ def session_markdown(meta: dict, results: list[dict]) -> str:
             continue
         for row in rows:
             label = (
-                row["name"].replace("NPI ", "").replace(" (1 target) incl. VAE", "")
+                row["name"].replace(" (1 target) incl. VAE", "")
                 if row.get("name")
                 else f"batch {row.get('batch_size')}"
             ) + f" [{row.get('mode')}]"
@@ -453,7 +465,12 @@ def session_markdown(meta: dict, results: list[dict]) -> str:
                 f"{fmt(row.get('peak_fraction'), '{:.1%}')} | {breakdown_cell(row)} | {compiled} | "
                 f"{fp8}{(row.get('error') or status)[:120]} |"
             )
-    lines += toy_lines(results) + kernel_lines(results) + ["", "Must-holds of issue 29:", ""] + must_holds(results)
+    lines += (
+        toy_lines(results)
+        + kernel_lines(results)
+        + ["", "Must-holds (issue 29; issue 26's DI cost):", ""]
+        + must_holds(results)
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -544,6 +561,14 @@ def must_holds(results: list[dict]) -> list[str]:
         lines.append(
             f"- SDXL invert + P2P ≤ {TARGETS['sdxl_s']} s ({stage}): {fmt(seconds)} s → "
             f"{check(None if seconds is None else seconds <= TARGETS['sdxl_s'])}"
+        )
+    rows = next((r["summary"]["rows"] for r in results if r["name"] == "di_cost" and r.get("summary")), [])
+    cost = {row["name"]: row.get("median_s") for row in rows}
+    npi, di = cost.get("NPI P2P edit, 1 target"), cost.get("DI P2P edit, 1 target")
+    if npi and di:
+        lines.append(
+            f"- DI+P2P edit ≤ {TARGETS['di_vs_npi']}× an NPI+P2P edit (issue 26): {di:.3f} s / {npi:.3f} s = "
+            f"{di / npi:.3f}× → {check(di / npi <= TARGETS['di_vs_npi'])}"
         )
     toy = next((r.get("summary") for r in results if r["name"] == "toy_fp8" and r.get("summary")), {})
     if "bf16" in toy and "fp8" in toy:
