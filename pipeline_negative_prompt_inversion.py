@@ -2802,9 +2802,12 @@ def _weight_samples(name: str, model: torch.nn.Module) -> str:
                     f"{name}.{parameter_name} is on the meta device, which holds no values: move the pipeline to a"
                     " device with pipe.to('cpu') or pipe.to('cuda')."
                 )
+            count, stride = min(SIGNATURE_SAMPLES, parameter.numel()), max(1, parameter.numel() // SIGNATURE_SAMPLES)
+            if _is_quantized(parameter):  # torchao's FP8 weights: sample the values they stand for, not their storage
+                picks.append(parameter.dequantize().flatten()[::stride][:count].clone())
+                continue
             flat = parameter if parameter.is_contiguous() else parameter.contiguous()  # in its logical order
-            stride = max(1, flat.numel() // SIGNATURE_SAMPLES)
-            picks.append(flat.as_strided((min(SIGNATURE_SAMPLES, flat.numel()),), (stride,)))
+            picks.append(flat.as_strided((count,), (stride,)))
         if len({pick.device for pick in picks}) > 1:  # a model spread over devices
             picks = [pick.cpu() for pick in picks]
         samples = torch.cat(picks).float().cpu() if picks else torch.zeros(0)
