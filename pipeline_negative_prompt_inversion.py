@@ -763,12 +763,22 @@ class LocalBlend:
             ¼ of the latent's side, but no coarser than 16 on the short side (the finest level when none is that
             large): on a small latent, such as the toy model's 32×32, a ¼-side cell spans a whole object and the
             mask spreads far beyond it. ``return_attention_maps`` then returns maps of this level too.
+        keep (`bool` or `list[bool]`, defaults to False): The words name what to keep, not what to edit: the target
+            is edited everywhere except where its words or its source's attend (the complement of the mask). For
+            background edits name every object: a background word attends weakly and unevenly over the
+            background, so a blend on it leaves a stain of the old background around each object, while the
+            complement of the objects' words recolours the whole background and keeps the objects. One flag per
+            image lets a batch mix object and background edits.
+        stop (`float`, defaults to 1.0): Fraction of the steps after which blending stops (1: it never stops);
+            at least ``start``. The last steps then smooth the blend's seam freely.
     """
 
     words: tuple | list
     threshold: float = 0.3
     start: float = 0.2
     map_level: int | None = None
+    keep: bool | list[bool] = False
+    stop: float = 1.0
 
     def check(self, layers: list["AttentionLayer"]) -> None:
         problem = _blend_words_problem(self.words)
@@ -780,6 +790,14 @@ class LocalBlend:
             )
         _check_number("LocalBlend.threshold", self.threshold, 0, 1)
         _check_number("LocalBlend.start", self.start, 0, 1)
+        _check_number("LocalBlend.stop", self.stop, 0, 1)
+        if self.stop < self.start:
+            raise ValueError(f"LocalBlend.stop must be at least LocalBlend.start ({self.start}), got {self.stop!r}.")
+        flags = self.keep if isinstance(self.keep, (list, tuple)) else [self.keep]
+        if not (flags and all(isinstance(flag, (bool, np.bool_)) for flag in flags)):
+            raise ValueError(
+                f"LocalBlend.keep must be True, False or a list of them (one per image), got {self.keep!r}."
+            )
         if self.map_level is not None:
             levels = sorted({layer.level for layer in layers if layer.cross})
             _check_number("LocalBlend.map_level", self.map_level, 0, max(levels), integer=True)
@@ -797,31 +815,41 @@ class LocalBlend:
                         f"LocalBlend.words: {word!r} is not a word of the {role} prompt {branch.prompt!r}."
                     )
                 weights[k, positions] = 1.0
+        keep = self.keep if isinstance(self.keep, (list, tuple)) else [self.keep] * plan.num_images
+        if len(keep) != plan.num_images:
+            raise ValueError(
+                f"LocalBlend.keep has {len(keep)} flags for {plan.num_images} images: give one per image (or one bool)."
+            )
+        keep = [bool(keep[plan.branches[k].image]) for k in plan.targets]
         return _LocalBlendStep(
             weights.to(plan.device),
             _index(plan.targets, plan.device),
             _index(plan.sources, plan.device),
             self.threshold,
             int(self.start * plan.num_steps),
+            torch.tensor(keep, device=plan.device)[:, None, None, None],
+            int(self.stop * plan.num_steps),
         )
 
 
 @dataclass
 class _LocalBlendStep:
-    """`LocalBlend` for one call: after step ``start``, ``z_tgt ← z_src + M·(z_tgt − z_src)`` with M where the blend
-    words of the target or of its source attend."""
+    """`LocalBlend` for one call: in steps ``start`` to ``stop − 1``, ``z_tgt ← z_src + M·(z_tgt − z_src)`` with M
+    where the blend words of the target or of its source attend (for a target that keeps them: where neither's do)."""
 
     weights: torch.Tensor  # (branches, tokens): 1 on each branch's blend words
     targets: torch.Tensor
     sources: torch.Tensor
     threshold: float
     start: int
+    keep: torch.Tensor  # (targets, 1, 1, 1) bool: the words mark what the target keeps
+    stop: int
 
     def __call__(self, latents: torch.Tensor, context: "StepContext") -> torch.Tensor:
-        if context.index < self.start:
+        if not self.start <= context.index < self.stop:
             return latents
         mask = local_blend_mask(context.store.average(), self.weights, tuple(latents.shape[-2:]), self.threshold)
-        mask = (mask[self.targets] | mask[self.sources]).to(latents.dtype)
+        mask = ((mask[self.targets] | mask[self.sources]) ^ self.keep).to(latents.dtype)
         blended = latents[self.sources] + mask * (latents[self.targets] - latents[self.sources])
         return latents.index_copy(0, self.targets, blended)
 

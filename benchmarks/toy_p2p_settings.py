@@ -1,6 +1,6 @@
-"""Which prompt-to-prompt settings edit the toy v2 world best? NPI + P2P with `LocalBlend` under each setting of
-local blend's map level, threshold and start, the replacement windows and the target word's re-weighting, on
-toy-world pairs of every edit kind.
+"""Which prompt-to-prompt settings edit the toy v2 world best? NPI (or Direct Inversion) + P2P with `LocalBlend`
+under each setting of local blend's map level, threshold, start, stop and words, the replacement windows and the
+target word's re-weighting, on toy-world pairs of every edit kind.
 
     python benchmarks/toy_p2p_settings.py --pairs 16 --steps 25 --out DIR                   # CPU, ~1.5 min a setting
     python benchmarks/toy_p2p_settings.py --pairs 200 --steps 50 --device cuda --out DIR    # GPU, ~15 s a setting
@@ -11,9 +11,14 @@ A setting is ``key=value`` pairs joined by commas; unnamed keys keep the referen
 as P2P's defaults; PnPInversion's benchmark runs use 2),
 ``blend`` (1; 0: no local blend), ``g`` (the guidance scale, 7.5), ``phi`` (the guidance rescale factor, 0),
 ``edit`` (``auto``: word swap for equal word counts, else refinement, the pipeline's default; ``refine``: always
-refinement, as PnPInversion's runs; ``replace``), ``prox`` (proximal guidance's quantile, soft mode; 0: none) and
-``ig`` (1: proximal guidance's inversion guidance on, as the pipeline's default; 0: off).
-``cross=0,self=0,blend=0`` amounts to NPI editing with no attention control.
+refinement, as PnPInversion's runs; ``replace``), ``prox`` (proximal guidance's quantile, soft mode; 0: none),
+``ig`` (1: proximal guidance's inversion guidance on, as the pipeline's default; 0: off), ``inv`` (``npi``: edit the
+NPI inversion as NPI; ``direct``: as Direct Inversion, the call's ``inversion_method="direct"``: source pinned to
+the trajectory, targets guided against E("")), ``keep`` (1: local blend on every object's words with the mask
+inverted, ``LocalBlend(keep=True)``: the target is edited everywhere except where the objects' words attend; 0: on
+the changed words) and ``stop`` (1.0: fraction of the steps after which local blend stops applying).
+``cross=0,self=0,blend=0`` amounts to NPI editing with no attention control. Settings hold no spaces, so a file of
+them, one a line, passes as ``--settings $(cat FILE)`` (``benchmarks/background_sweep.txt``).
 For each: unedited-region PSNR on the exact mask, attribute accuracy and objects kept (the toy judge), overall and
 per edit kind. Writes ``OUT/p2p_settings.json``, ``OUT/p2p_settings.md`` and ``OUT/p2p_settings.png`` (the first
 ``--grid`` pairs under every setting). The mask's area is ``toy_p2p_diagnosis.py``'s to measure.
@@ -49,8 +54,11 @@ REFERENCE = {
     "edit": "auto",
     "prox": 0.0,
     "ig": 1.0,
+    "inv": "npi",
+    "keep": 0.0,
+    "stop": 1.0,
 }
-WORDS = {"level": ("auto",), "edit": ("auto", "refine", "replace")}  # keys that also take these words
+WORDS = {"level": ("auto",), "edit": ("auto", "refine", "replace"), "inv": ("npi", "direct")}  # keys taking words
 DEFAULT_SETTINGS = [
     "level=2",
     "",
@@ -76,8 +84,8 @@ def parse_setting(text: str) -> dict:
             raise ValueError(f"--settings: unknown key {key!r} in {text!r}; keys: {', '.join(REFERENCE)}")
         if value in WORDS.get(key, ()):
             setting[key] = value
-        elif key == "edit":
-            raise ValueError(f"--settings: edit must be one of {WORDS['edit']}, got {value!r} in {text!r}")
+        elif key in ("edit", "inv"):
+            raise ValueError(f"--settings: {key} must be one of {WORDS[key]}, got {value!r} in {text!r}")
         else:
             setting[key] = float(value)
     return setting
@@ -86,7 +94,14 @@ def parse_setting(text: str) -> dict:
 def attention_control(setting: dict, pairs) -> PromptToPrompt:
     words = [evaluate.blend_words(e) for e in pairs]
     level = None if setting["level"] == "auto" else int(setting["level"])
-    blend = LocalBlend(words, threshold=setting["th"], start=setting["start"], map_level=level)
+    blend = LocalBlend(
+        [evaluate.object_words(e) for e in pairs] if setting["keep"] else words,
+        threshold=setting["th"],
+        start=setting["start"],
+        map_level=level,
+        keep=bool(setting["keep"]),
+        stop=setting["stop"],
+    )
     reweight = None if setting["rw"] == 1 else [dict.fromkeys(target, setting["rw"]) for _, target in words]
     edit_type = None if setting["edit"] == "auto" else setting["edit"]
     return PromptToPrompt(
@@ -142,6 +157,7 @@ def main(argv=None):
                 guidance_rescale=setting["phi"],
                 attention_control=attention_control(setting, pairs),
                 proximal_guidance=proximal_guidance(setting),
+                inversion_method=setting["inv"],
             ).images
         images = images.float().cpu()
         rows = [
@@ -184,8 +200,9 @@ def markdown(results, args) -> str:
     model = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
     pairs = len(next(iter(results.values()))["rows"])
     lines = [
-        f"`{model}`, {pairs} pairs ({', '.join(args.kinds)}), {args.steps} steps, NPI + P2P with "
-        "`LocalBlend` on the changed words; unnamed settings keep the references' values "
+        f"`{model}`, {pairs} pairs ({', '.join(args.kinds)}), {args.steps} steps, NPI inversion edited as NPI "
+        "(`inv=npi`) or Direct Inversion (`inv=direct`) + P2P with `LocalBlend` on the changed words (`keep=1`: "
+        "all but where the objects' words attend); unnamed settings keep the references' values "
         f"({', '.join(f'{k}={v}' for k, v in REFERENCE.items())}).",
         "",
         "| setting | unedited PSNR | attribute acc. | objects kept | " + " | ".join(KINDS) + " |",

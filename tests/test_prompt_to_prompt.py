@@ -12,6 +12,7 @@ from transformers import CLIPTokenizer
 
 from negative_prompt_inversion import pipeline_negative_prompt_inversion as npi
 from negative_prompt_inversion.attention_processors import npi_prompt_to_prompt as p2p
+from negative_prompt_inversion.attention_processors.npi_attention_store import AttentionStore
 from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     LocalBlend,
     NegativePromptInversionPipeline,
@@ -226,6 +227,82 @@ def test_non_square_latents_with_local_blend(pipe):
     assert out.attention_maps[0].shape[:2] == (6, 10)
 
 
+BACKGROUND = "a red cat on a black background"  # SOURCE's background edit
+
+
+def blended_target(blend, tok, source_cells, target_cells, index=5, steps=10, cells=8, latent=16):
+    """One local-blend step on planted maps: the source's and the target's "cat" attend only to the given map cells
+    (8×8, a 16×16 latent); with the source's latents 0 and the target's 1, the blended target is the blend's mask."""
+    branches = [
+        npi.Branch(0, SOURCE, SOURCE, True, "source", False),
+        npi.Branch(0, SOURCE, BACKGROUND, False, "source", True),
+    ]
+    store = AttentionStore(cells * cells, (cells, cells), rows=2, tokens=tok.model_max_length)
+    store.sums.fill_(1.0)
+    for row, (prompt, planted) in enumerate([(SOURCE, source_cells), (BACKGROUND, target_cells)]):
+        for y, x in planted:
+            store.sums[row, y * cells + x, p2p.find_word(prompt, "cat", tok)] = 1000.0
+    rows = npi.lay_out_rows(branches, 7.5)
+    plan = npi.EditPlan(branches, rows, [], steps, torch.zeros((), dtype=torch.long), store, tok, torch.device("cpu"))
+    context = npi.StepContext(torch.zeros(2, steps + 1, 4, latent, latent), store, index=index)
+    latents = torch.stack([torch.zeros(4, latent, latent), torch.ones(4, latent, latent)])
+    return blend.prepare(plan)(latents, context)[1, 0]
+
+
+def planted_mask() -> torch.Tensor:
+    """Where "cat" attends in `blended_target`'s planted maps: the source's cells (0..1, 0..1) and the target's
+    (6, 6), each 3×3-dilated (0..2, 0..2 and 5..7, 5..7), upsampled 2× to the 16² latent."""
+    mask = torch.zeros(16, 16)
+    mask[0:6, 0:6] = 1
+    mask[10:16, 10:16] = 1
+    return mask
+
+
+def test_keep_blend_edits_exactly_where_the_words_do_not_attend(tok):
+    """`LocalBlend` edits where the words of the source or of the target attend; with ``keep=True`` the same words
+    edit exactly everywhere else: the two masks sum to 1 at every latent cell."""
+    words = (["cat"], ["cat"])
+    edited = blended_target(LocalBlend(words), tok, [(0, 0), (1, 1)], [(6, 6)])
+    torch.testing.assert_close(edited, planted_mask(), rtol=0, atol=0)
+    kept = blended_target(LocalBlend(words, keep=True), tok, [(0, 0), (1, 1)], [(6, 6)])
+    torch.testing.assert_close(kept, 1 - planted_mask(), rtol=0, atol=0)
+    torch.testing.assert_close(kept + edited, torch.ones(16, 16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("index, blends", [(1, False), (2, True), (5, True), (6, False), (9, False)])
+def test_local_blend_applies_from_start_until_stop(tok, index, blends):
+    """10 steps, ``start=0.2, stop=0.6``: steps 2–5 blend; before step 2 and from step 6 on the target is left as
+    its DDIM step made it (here all ones)."""
+    blend = LocalBlend(("cat", "cat"), start=0.2, stop=0.6, keep=True)
+    edited = blended_target(blend, tok, [(0, 0), (1, 1)], [(6, 6)], index=index)
+    torch.testing.assert_close(edited, 1 - planted_mask() if blends else torch.ones(16, 16), rtol=0, atol=0)
+
+
+def test_local_blend_stopped_at_its_start_is_no_blend(pipe, inversion):
+    blend = LocalBlend(("cat", "cat"), start=0.0, stop=0.0, keep=True)
+    stopped = latents(
+        pipe, prompt=BACKGROUND, inversion=inversion, attention_control=dataclasses.replace(EDIT, local_blend=blend)
+    )
+    unblended = latents(pipe, prompt=BACKGROUND, inversion=inversion, attention_control=EDIT)
+    assert_rounding_close(stopped, unblended, ops=edit_ops(STEPS))
+
+
+def test_a_batch_mixing_object_and_background_blends_equals_single_edits(pipe):
+    """``keep`` is one flag per image: a batch of an object edit (blend on the changed word) and a background edit
+    (keep the object's words) edits each image as its own call does."""
+    sources = [SOURCE, "a blue dog on a white background"]
+    targets = ["a red dog on a white background", "a blue dog on a red background"]
+    blends = [LocalBlend(("cat", "dog")), LocalBlend((["blue", "dog"], ["blue", "dog"]), keep=True)]
+    batched = pipe.invert([scene_image(0), scene_image(1)], sources, num_inference_steps=STEPS)
+    mixed = LocalBlend([blend.words for blend in blends], keep=[blend.keep for blend in blends])
+    control = dataclasses.replace(EDIT, local_blend=mixed)
+    together = latents(pipe, prompt=targets, inversion=batched, attention_control=control)
+    for k, blend in enumerate(blends):
+        control = dataclasses.replace(EDIT, local_blend=blend)
+        alone = latents(pipe, prompt=targets[k], inversion=batched[k], attention_control=control)
+        assert_rounding_close(together[k : k + 1], alone, ops=edit_ops(STEPS))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_pipelines_run(tokenizer_dir, dtype):
     pipe = NegativePromptInversionPipeline(**tiny_components(tokenizer_dir)).to(dtype=dtype)
@@ -312,6 +389,32 @@ def test_processors_restored_after_an_exception_inside_a_step(pipe, inversion):
                 attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"), map_level=True)),
             ),
             "LocalBlend.map_level must be an integer in",
+        ),
+        (
+            dict(
+                prompt=BACKGROUND,
+                attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "cat"), keep="objects")),
+            ),
+            "LocalBlend.keep must be True, False or a list of them",
+        ),
+        (
+            dict(
+                prompt=BACKGROUND,
+                attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "cat"), keep=[True] * 2)),
+            ),
+            "LocalBlend.keep has 2 flags for 1 images",
+        ),
+        (
+            dict(
+                prompt=BACKGROUND, attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "cat"), stop=1.5))
+            ),
+            r"LocalBlend.stop must lie in \[0, 1\]",
+        ),
+        (
+            dict(
+                prompt=BACKGROUND, attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "cat"), stop=0.1))
+            ),
+            r"LocalBlend.stop must be at least LocalBlend.start \(0.2\)",
         ),
     ],
 )

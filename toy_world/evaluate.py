@@ -78,6 +78,17 @@ def blend_words(edit: scenes.Edit) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (edit.source_words, edit.target_words)
 
 
+def object_words(edit: scenes.Edit) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Local-blend words naming what to keep (`LocalBlend(keep=True)`), (source words, target words): every object's
+    pattern, colour and shape words, which a background edit leaves in both prompts (its new colour is one no
+    object has)."""
+
+    def words(scene: scenes.Scene) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(word for obj in scene.objects for word in obj.words[1:]))
+
+    return words(edit.source_scene), words(edit.target_scene)
+
+
 def compact_json(value) -> str:
     """Benchmark records as JSON with floats cut to 6 significant digits and no indentation: a 200-pair run's
     per-item records are a third of their full-precision size, and every figure a table shows survives."""
