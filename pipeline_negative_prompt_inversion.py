@@ -1540,6 +1540,13 @@ def _is_quantized(weight: torch.Tensor) -> bool:
     return type(weight) not in (torch.Tensor, torch.nn.Parameter)
 
 
+# Why CUDA graphs and FP8 are not combined (`enable_cuda_graphs`, `enable_fp8`): a wrong image must not come silently.
+_FP8_GRAPHS = (
+    "CUDA graphs over an FP8 UNet are not supported yet: on an H200, regionally compiled FP8 graphs did not reproduce"
+    " eager FP8 edits (tests/test_fast_paths.py)"
+)
+
+
 def _storage_pointers(tensor: torch.Tensor) -> tuple[int, ...]:
     """Where a tensor's data lives; for a tensor subclass (torchao's FP8 weights), where its inner tensors' do."""
     if hasattr(tensor, "__tensor_flatten__"):
@@ -1929,6 +1936,10 @@ class NegativePromptInversionPipeline(
         """
         if compile not in (False, True, "whole", "regional"):
             raise ValueError(f"compile must be False, True (or 'whole') or 'regional', got {compile!r}.")
+        if any(_is_quantized(parameter) for parameter in self.unet.parameters()):
+            raise NotImplementedError(
+                f"enable_cuda_graphs(): {_FP8_GRAPHS}. Run the FP8 UNet eagerly, or reload it in bfloat16."
+            )
         self._cuda_graphs = _CUDAGraphUNet(self.unet, compile)
 
     def enable_fp8(self) -> int:
@@ -1938,8 +1949,12 @@ class NegativePromptInversionPipeline(
         library diffusers documents): weights are stored in ``float8_e4m3fn`` with one scale per output row, and each
         activation is quantised per row on the fly, so the matrix products run on the FP8 tensor cores.
         Convolutions and attention stay in bfloat16; torchao leaves linear layers whose input or output width is
-        not a multiple of 16 as they are. Combine with `enable_cuda_graphs` (``compile="regional"`` or ``True``)
-        so that inductor fuses the activation quantisation into the surrounding kernels.
+        not a multiple of 16 as they are.
+
+        Not yet a speed-up: CUDA graphs over an FP8 UNet are refused, because on an H200 (2026-12-03) regionally
+        compiled FP8 graphs did not reproduce eager FP8 edits (``tests/test_fast_paths.py``), and eager FP8 ran the
+        toy benchmark 2.3–3.4× slower than eager bfloat16 at the same quality (within 0.1 dB;
+        ``benchmarks/results/speed_session/fp8_toy``).
 
         Irreversible on this UNet (its weights are replaced): reload the UNet to go back to bfloat16. Inductor's
         global settings are left alone (``set_inductor_config=False``).
@@ -1956,6 +1971,8 @@ class NegativePromptInversionPipeline(
                 f"enable_fp8() needs compute capability 8.9 or newer (Ada, Hopper); {torch.cuda.get_device_name(device)}"
                 f" has {capability[0]}.{capability[1]}."
             )
+        if self._cuda_graphs is not None:
+            raise NotImplementedError(f"enable_fp8(): {_FP8_GRAPHS}. Call pipe.disable_cuda_graphs() first.")
         if self.unet.dtype != torch.bfloat16:
             raise ValueError(
                 f"enable_fp8() needs a bfloat16 UNet (per-row FP8 scales are taken from bfloat16 weights); it is "

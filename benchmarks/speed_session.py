@@ -22,7 +22,8 @@ local blend, 50 + 50 steps; CUDA graphs in every compiled mode):
   kernels                kernels.py: attention backends at the UNet's shapes, VAE decoder layout
   sdxl_regional          speed.py SDXL headline, regional
   sdxl_fp8               the same with FP8
-  Only when named in ``--stages``: regional_dynamic (regional with dynamic shapes, its own empty cache).
+  Only when named in ``--stages``: regional_dynamic (regional with dynamic shapes, its own empty cache), and
+  batch_fp8 and sdxl_fp8 (``enable_cuda_graphs`` refuses an FP8 UNet for now: they record the refusal).
 
 Every speed and batch row carries its UNet TFLOP/s, the fraction of a bf16 matrix-product peak measured in the
 same process, and a breakdown (UNet, attention, VAE, text encoders, other). Writes DIR/<stage>/ (each stage's
@@ -250,6 +251,8 @@ def stages(args) -> list[Stage]:
     ]
 
 
+# batch_fp8 and sdxl_fp8 run only when named: enable_cuda_graphs() refuses an FP8 UNet (its compiled graphs did not
+# reproduce eager FP8 edits), so today they record that refusal
 DEFAULT_STAGES = (
     "di_cost",
     "regional_cold",
@@ -257,11 +260,9 @@ DEFAULT_STAGES = (
     "whole_cold",
     "batch_bf16",
     "toy_fp8",
-    "batch_fp8",
     "regional_transformer",
     "kernels",
     "sdxl_regional",
-    "sdxl_fp8",
 )
 REGIONAL_STAGES = ("regional_cold", "regional_transformer", "regional_dynamic", "regional_warm")
 

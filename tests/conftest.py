@@ -44,6 +44,27 @@ SPLIT_WORDS = {"hippopotamus": ("hippo", "potamus"), "rhinoceros": ("rhino", "ce
 # (test_pinned_outputs.py) were made with this vocabulary, so it stays until they are pinned again.
 
 
+class StoredElsewhere(torch.Tensor):
+    """A weight as a quantisation library (torchao) replaces it: a tensor subclass whose storage is not its values.
+    Like torchao's `Float8Tensor` it can be detached (to become a parameter) and dequantised, and takes no views."""
+
+    @staticmethod
+    def __new__(cls, values):
+        return torch.Tensor._make_wrapper_subclass(cls, values.shape, dtype=values.dtype, device=values.device)
+
+    def __init__(self, values):
+        self.values = values
+
+    def dequantize(self):
+        return self.values
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:
+            return cls(args[0].values.detach())
+        raise NotImplementedError(f"{func} on a quantised weight")
+
+
 def tiny_components(tokenizer_dir: Path, prediction_type: str = "epsilon", seed: int = 0, heads: int = 2):
     """Stable Diffusion 1.x's layout in miniature: cross-attention at both levels of a 16² latent. ``heads`` splits
     the 32 attention features (the weights do not depend on it): a CPU's fused attention runs two heads of 16 about

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import UNetCalls, scene_image, tiny_components
+from conftest import StoredElsewhere, UNetCalls, scene_image, tiny_components
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
@@ -505,34 +505,13 @@ def test_samples_match_across_casts_and_rounding_boundaries():
     assert not _weights_match(original, "not base64!") and not _weights_match(original, None)
 
 
-class _StoredElsewhere(torch.Tensor):
-    """A weight as a quantisation library (torchao) replaces it: a tensor subclass whose storage is not its values.
-    Like torchao's `Float8Tensor` it can be detached (to become a parameter) and dequantised, and takes no views."""
-
-    @staticmethod
-    def __new__(cls, values):
-        return torch.Tensor._make_wrapper_subclass(cls, values.shape, dtype=values.dtype, device=values.device)
-
-    def __init__(self, values):
-        self.values = values
-
-    def dequantize(self):
-        return self.values
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.detach.default:
-            return cls(args[0].values.detach())
-        raise NotImplementedError(f"{func} on a quantised weight")
-
-
 def test_quantised_weights_are_signed_by_the_values_they_stand_for():
     """enable_fp8() replaces linear weights by torchao tensors, on which no view can be taken: their samples are those
     of their dequantised values (an FP8 pipeline's inversions match it; a bfloat16 pipeline's do not)."""
     torch.manual_seed(0)
     plain = torch.nn.Linear(48, 40)
     quantised = copy.deepcopy(plain)
-    quantised.weight = torch.nn.Parameter(_StoredElsewhere(plain.weight.detach().clone()), requires_grad=False)
+    quantised.weight = torch.nn.Parameter(StoredElsewhere(plain.weight.detach().clone()), requires_grad=False)
     assert _weight_samples("model", quantised) == _weight_samples("model", plain)
 
 

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import scene_image, tiny_components
+from conftest import StoredElsewhere, scene_image, tiny_components
 
 from negative_prompt_inversion.pipeline_negative_prompt_inversion import (
     LocalBlend,
@@ -118,6 +118,18 @@ def test_regional_compilation_stays_inside_the_graph_runner(pipe, reference):
     with runner._compiled_regions():
         assert all(block._compiled_call_impl is runner.regions[block] for block in blocks)
     assert all(block._compiled_call_impl is None for block in blocks)
+
+
+def test_cuda_graphs_refuse_an_fp8_unet(tokenizer_dir):
+    """FP8 graphs did not reproduce eager FP8 edits on an H200, so graphs over quantised weights are refused up front
+    (the stand-in takes the place of enable_fp8's torchao weights, which need an FP8 GPU)."""
+    quantised = NegativePromptInversionPipeline(**tiny_components(tokenizer_dir))
+    linear = next(module for module in quantised.unet.modules() if isinstance(module, torch.nn.Linear))
+    linear.weight = torch.nn.Parameter(StoredElsewhere(linear.weight.detach().clone()), requires_grad=False)
+    for compile in (False, True, "regional"):
+        with pytest.raises(NotImplementedError, match=r"enable_cuda_graphs\(\): CUDA graphs over an FP8 UNet"):
+            quantised.enable_cuda_graphs(compile=compile)
+    assert quantised._cuda_graphs is None
 
 
 def test_fp8_needs_a_cuda_gpu(pipe):
@@ -229,14 +241,13 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @fp8
-def test_fp8_unet_stays_close_to_bfloat16_and_runs_under_regional_graphs(tokenizer_dir):
+def test_fp8_unet_stays_close_to_bfloat16_and_refuses_graphs(tokenizer_dir):
     """Every linear layer of the tiny UNet (widths multiples of 16) becomes FP8, once; its output stays within FP8's
-    rounding of bfloat16's, and graphed, regionally compiled FP8 edits match eager FP8 edits."""
+    rounding of bfloat16's; CUDA graphs over it are refused, either way round."""
     pytest.importorskip("torchao")
     reference, quantized = (
         NegativePromptInversionPipeline(**tiny_components(tokenizer_dir)).to("cuda", torch.bfloat16) for _ in range(2)
     )
-    quantized.set_progress_bar_config(disable=True)
     linear = [module for module in quantized.unet.modules() if isinstance(module, torch.nn.Linear)]
     assert quantized.enable_fp8() == len(linear)
     assert quantized.enable_fp8() == len(linear)  # nothing is quantised twice
@@ -251,11 +262,8 @@ def test_fp8_unet_stays_close_to_bfloat16_and_runs_under_regional_graphs(tokeniz
     # float8_e4m3fn keeps 3 mantissa bits: each product's operands round by up to 2^-4 relative; a wrong scale or
     # layout moves the output by O(1)
     assert relative_error(got, want) < 2**-3
-    inversion = quantized.invert(scene_image(0), SOURCE, num_inference_steps=STEPS)
-    eager = edit(quantized, inversion, CALLS[0])
-    quantized.enable_cuda_graphs(compile="regional")
-    graphed = edit(quantized, inversion, CALLS[0])
-    assert quantized._cuda_graphs.graphs
-    # the same FP8 function; fused kernels round the activation scales differently, which can flip single elements
-    # by one float8 step (2^-3 relative) but leaves the whole far closer
-    assert relative_error(graphed, eager) < 2**-5
+    with pytest.raises(NotImplementedError, match="FP8 UNet"):
+        quantized.enable_cuda_graphs(compile="regional")
+    reference.enable_cuda_graphs()
+    with pytest.raises(NotImplementedError, match="disable_cuda_graphs"):
+        reference.enable_fp8()
