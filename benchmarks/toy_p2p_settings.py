@@ -16,7 +16,9 @@ refinement, as PnPInversion's runs; ``replace``), ``prox`` (proximal guidance's 
 NPI inversion as NPI; ``direct``: as Direct Inversion, the call's ``inversion_method="direct"``: source pinned to
 the trajectory, targets guided against E("")), ``keep`` (1: local blend on every object's words with the mask
 inverted, ``LocalBlend(keep=True)``: the target is edited everywhere except where the objects' words attend; 0: on
-the changed words) and ``stop`` (1.0: fraction of the steps after which local blend stops applying).
+the changed words), ``stop`` (1.0: fraction of the steps after which local blend stops applying) and ``neg``
+(``none``; ``source``: ``negative_prompt`` = the source caption, so that Direct Inversion's targets are guided
+against E(source) as NPI's are).
 ``cross=0,self=0,blend=0`` amounts to NPI editing with no attention control. Settings hold no spaces, so a file of
 them, one a line, passes as ``--settings $(cat FILE)`` (``benchmarks/background_sweep.txt``).
 For each: unedited-region PSNR on the exact mask, attribute accuracy and objects kept (the toy judge), overall and
@@ -57,8 +59,14 @@ REFERENCE = {
     "inv": "npi",
     "keep": 0.0,
     "stop": 1.0,
+    "neg": "none",
 }
-WORDS = {"level": ("auto",), "edit": ("auto", "refine", "replace"), "inv": ("npi", "direct")}  # keys taking words
+WORDS = {
+    "level": ("auto",),
+    "edit": ("auto", "refine", "replace"),
+    "inv": ("npi", "direct"),
+    "neg": ("none", "source"),
+}  # keys taking words
 DEFAULT_SETTINGS = [
     "level=2",
     "",
@@ -84,7 +92,7 @@ def parse_setting(text: str) -> dict:
             raise ValueError(f"--settings: unknown key {key!r} in {text!r}; keys: {', '.join(REFERENCE)}")
         if value in WORDS.get(key, ()):
             setting[key] = value
-        elif key in ("edit", "inv"):
+        elif key in ("edit", "inv", "neg"):
             raise ValueError(f"--settings: {key} must be one of {WORDS[key]}, got {value!r} in {text!r}")
         else:
             setting[key] = float(value)
@@ -158,6 +166,7 @@ def main(argv=None):
                 attention_control=attention_control(setting, pairs),
                 proximal_guidance=proximal_guidance(setting),
                 inversion_method=setting["inv"],
+                negative_prompt=[e.source_caption for e in pairs] if setting["neg"] == "source" else None,
             ).images
         images = images.float().cpu()
         rows = [
