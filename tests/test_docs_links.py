@@ -74,3 +74,27 @@ def test_the_checker_finds_broken_links_and_paths(tmp_path, monkeypatch):
     )
     assert broken_links(page) == ["missing.md", "other.md#nope (no such heading)"]
     assert broken_code_paths(page) == ["benchmarks/not_there.py"]
+
+
+def test_the_methods_page_states_the_constructor_defaults_the_code_has():
+    """docs/methods.md's table of constructor flags (`name` | values | `default`, several names to a row allowed)
+    says what `__init__` defaults to: a default changed in code must change there too."""
+    import ast
+    import inspect
+
+    from negative_prompt_inversion import NegativePromptInversionPipeline
+
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(NegativePromptInversionPipeline.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    rows = re.findall(
+        r"^\| (`[a-z_]+`(?:, `[a-z_]+`)*) \|.*\| (`[^|]+`) \|$", (ROOT / "docs/methods.md").read_text(), re.M
+    )
+    documented = {}
+    for names, values in rows:
+        for name, value in zip(re.findall(r"`([a-z_]+)`", names), re.findall(r"`([^`]+)`", values)):
+            documented[name] = ast.literal_eval(value)
+    assert "inversion_method" in documented and set(documented) <= set(defaults), documented
+    assert documented == {name: defaults[name] for name in documented}
