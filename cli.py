@@ -155,7 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("inversion", help="an inversion file written by `npi-edit invert`")
     edit.add_argument("--prompt", default=None, help="the target prompt (default: reconstruct the source)")
-    edit.add_argument("--blend", nargs=2, metavar=("SRC", "TGT"), help="P2P local blend: a source and a target word")
+    blends = edit.add_mutually_exclusive_group()
+    blends.add_argument("--blend", nargs=2, metavar=("SRC", "TGT"), help="P2P local blend: a source and a target word")
+    blends.add_argument(
+        "--keep",
+        nargs="+",
+        metavar="WORD",
+        help="P2P local blend for a background edit: keep what these words of both prompts cover (the objects) and"
+        " edit the rest (LocalBlend.keeping)",
+    )
     edit.add_argument("--out", required=True, help="the edited image to write (.png, .jpg, ...)")
     add_model_options(edit, inversion=False)
     add_edit_options(edit)
@@ -233,6 +241,7 @@ def check_technique_flags(args, editing: bool) -> None:
             ("--cross-replace", args.cross_replace),
             ("--self-replace", args.self_replace),
             ("--blend", getattr(args, "blend", None)),
+            ("--keep", getattr(args, "keep", None)),
         )
         if value is not None
     ]
@@ -401,13 +410,12 @@ def resolve_defaults(args, guidance: float | None = 7.5) -> None:
         args.self_replace = 0.6 if args.self_replace is None else args.self_replace
 
 
-def edit_kwargs(args, blend_words=None) -> dict:
-    """The technique objects of the edit flags; ``blend_words`` as `LocalBlend` takes them."""
-    from .pipeline_negative_prompt_inversion import LocalBlend, MasaCtrl, PromptToPrompt
+def edit_kwargs(args, local_blend=None) -> dict:
+    """The technique objects of the edit flags, prompt-to-prompt's with ``local_blend``."""
+    from .pipeline_negative_prompt_inversion import MasaCtrl, PromptToPrompt
 
     kwargs = {}
     if args.p2p:
-        local_blend = LocalBlend(blend_words) if blend_words is not None else None
         kwargs["attention_control"] = PromptToPrompt(args.cross_replace, args.self_replace, local_blend=local_blend)
     elif args.masactrl:
         kwargs["attention_control"] = MasaCtrl()
@@ -462,7 +470,7 @@ def invert_command(args) -> None:
 
 
 def edit_command(args) -> None:
-    from .pipeline_negative_prompt_inversion import InversionResult
+    from .pipeline_negative_prompt_inversion import InversionResult, LocalBlend
 
     check_technique_flags(args, editing=args.prompt is not None)
     check_model_folder(args)
@@ -492,7 +500,13 @@ def edit_command(args) -> None:
         problem = blend_problem(pipe.tokenizer, inversion.source_prompts[0], [args.prompt], args.blend)
         if problem:
             raise UsageError(f"--blend: {problem}")
-        blend = [(args.blend[0],), (args.blend[1],)]
+        blend = LocalBlend([(args.blend[0],), (args.blend[1],)])
+    if args.keep:
+        for word in args.keep:
+            problem = blend_problem(pipe.tokenizer, inversion.source_prompts[0], [args.prompt], (word, word))
+            if problem:
+                raise UsageError(f"--keep: {problem}")
+        blend = LocalBlend.keeping(args.keep)
     image = pipe(
         prompt=args.prompt, inversion=inversion, guidance_scale=args.guidance, **edit_kwargs(args, blend)
     ).images[0]
@@ -746,6 +760,8 @@ def load_item(item, pipe, args):
 def run_group(pipe, group: list, args, out: Path, write: dict) -> list[dict]:
     """Invert and edit ``group`` ([(item, image)]) in one call each; write the outputs of the items in ``write``
     ({id: (row digest, key)}) and return their records."""
+    from .pipeline_negative_prompt_inversion import LocalBlend
+
     items = [item for item, _ in group]
     start = time.perf_counter()
     inversion = pipe.invert(
@@ -762,7 +778,12 @@ def run_group(pipe, group: list, args, out: Path, write: dict) -> list[dict]:
         blend = [((item.blend[0],), (item.blend[1],)) for item in items]  # one (source, target) pair per image
     prompt = None if args.reconstruct else [item.target_prompts for item in items]
     images = iter(
-        pipe(prompt=prompt, inversion=inversion, guidance_scale=args.guidance, **edit_kwargs(args, blend)).images
+        pipe(
+            prompt=prompt,
+            inversion=inversion,
+            guidance_scale=args.guidance,
+            **edit_kwargs(args, None if blend is None else LocalBlend(blend)),
+        ).images
     )
     timing = {
         "items_in_call": len(items),

@@ -767,8 +767,9 @@ class LocalBlend:
             is edited everywhere except where its words or its source's attend (the complement of the mask). For
             background edits name every object: a background word attends weakly and unevenly over the
             background, so a blend on it leaves a stain of the old background around each object, while the
-            complement of the objects' words recolours the whole background and keeps the objects. One flag per
-            image lets a batch mix object and background edits.
+            complement of the objects' words recolours the whole background and keeps the objects
+            (`LocalBlend.keeping` has the measured settings). One flag per image lets a batch mix object and
+            background edits.
         stop (`float`, defaults to 1.0): Fraction of the steps after which blending stops (1: it never stops);
             at least ``start``. The last steps then smooth the blend's seam freely.
     """
@@ -779,6 +780,16 @@ class LocalBlend:
     map_level: int | None = None
     keep: bool | list[bool] = False
     stop: float = 1.0
+
+    @classmethod
+    def keeping(cls, words: str | list[str] | tuple[str, ...]) -> "LocalBlend":
+        """The blend for a background edit: edit everything but what ``words`` cover (the objects, named in both
+        prompts), read at the finest maps with a low threshold so each object is kept whole, and leave the last
+        fifth of the steps unblended to heal the seams. On 100 held-out toy-world background edits (Direct
+        Inversion + P2P): 72% reached, 70% objects kept, 26.0 dB unedited, against 70%, 63%, 20.9 dB without a
+        blend (``benchmarks/results/toy_v2/di_sweep``)."""
+        words = (words,) if isinstance(words, str) else tuple(words)
+        return cls((words, words), threshold=0.05, map_level=0, keep=True, stop=0.8)
 
     def check(self, layers: list["AttentionLayer"]) -> None:
         problem = _blend_words_problem(self.words)

@@ -261,6 +261,11 @@ def test_a_blend_word_not_in_the_prompt_is_one_line(pie, model, tmp_path, capsys
     )
     assert line.startswith("npi-edit edit: error: --blend:") and "'tiger'" in line
     assert not (tmp_path / "e.png").exists()
+    background = ["edit", str(inversion), "--prompt", "a red cat on a black background", "--p2p", "--model", model]
+    line = fails(capsys, [*background, "--keep", "red", "white", "--out", str(tmp_path / "e.png"), *RUN])
+    assert line.startswith("npi-edit edit: error: --keep:") and "'white' is not in the target prompt" in line
+    cli.main([*background, "--keep", "red", "cat", "--out", str(tmp_path / "kept.png"), *RUN])
+    assert PIL.Image.open(tmp_path / "kept.png").size == (32, 32)
 
 
 # Each case: arguments (paths from `paths`), a fragment of the one-line message. None found after a model loads.
@@ -296,6 +301,14 @@ MISTAKES = {
     "blend without p2p": (
         ["edit", "{inversion}", "--prompt", "p", "--blend", "a", "b", "--out", "{dir}/e.png"],
         "--blend is a prompt-to-prompt setting",
+    ),
+    "keep without p2p": (
+        ["edit", "{inversion}", "--prompt", "p", "--keep", "a", "--out", "{dir}/e.png"],
+        "--keep is a prompt-to-prompt setting",
+    ),
+    "blend and keep": (
+        ["edit", "{inversion}", "--prompt", "p", "--p2p", "--blend", "a", "b", "--keep", "c", "--out", "{dir}/e.png"],
+        "--keep: not allowed with argument --blend",
     ),
     "p2p without a prompt": (["edit", "{inversion}", "--p2p", "--out", "{dir}/e.png"], "--p2p changes edits only"),
     "reconstruct with p2p": (

@@ -27,7 +27,7 @@ def recipe(pipe, edit) -> dict:
     cover, at the finest maps, and lets the last fifth of the steps heal the seams."""
     source_words, target_words = evaluate.blend_words(edit)
     if edit.kind == "background":
-        blend = pipe.LocalBlend(evaluate.object_words(edit), keep=True, map_level=0, threshold=0.05, stop=0.8)
+        blend = pipe.LocalBlend.keeping(evaluate.object_words(edit)[0])
     else:
         blend = pipe.LocalBlend((source_words, target_words))
     return {"attention_control": pipe.PromptToPrompt(reweight=dict.fromkeys(target_words, 2.0), local_blend=blend)}
