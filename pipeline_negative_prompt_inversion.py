@@ -762,7 +762,8 @@ class LocalBlend:
             downsamplings below the latent (2: ¼ of the latent's side, the references' 16×16 at 512 px). Default:
             ¼ of the latent's side, but no coarser than 16 on the short side (the finest level when none is that
             large): on a small latent, such as the toy model's 32×32, a ¼-side cell spans a whole object and the
-            mask spreads far beyond it. ``return_attention_maps`` then returns maps of this level too.
+            mask spreads far beyond it. ``"finest"``: the finest level that has cross-attention (the latent's own
+            on SD 1.x/2.x, half of it on SDXL). ``return_attention_maps`` then returns maps of this level too.
         keep (`bool` or `list[bool]`, defaults to False): The words name what to keep, not what to edit: the target
             is edited everywhere except where its words or its source's attend (the complement of the mask). For
             background edits name every object: a background word attends weakly and unevenly over the
@@ -777,19 +778,19 @@ class LocalBlend:
     words: tuple | list
     threshold: float = 0.3
     start: float = 0.2
-    map_level: int | None = None
+    map_level: int | str | None = None
     keep: bool | list[bool] = False
     stop: float = 1.0
 
     @classmethod
     def keeping(cls, words: str | list[str] | tuple[str, ...]) -> "LocalBlend":
         """The blend for a background edit: edit everything but what ``words`` cover (the objects, named in both
-        prompts), read at the finest maps with a low threshold so each object is kept whole, and leave the last
+        prompts), read at the finest cross-attention maps with a low threshold so each object is kept whole, and leave the last
         fifth of the steps unblended to heal the seams. On 100 held-out toy-world background edits (Direct
         Inversion + P2P): 72% reached, 70% objects kept, 26.0 dB unedited, against 70%, 63%, 20.9 dB without a
         blend (``benchmarks/results/toy_v2/di_sweep``)."""
         words = (words,) if isinstance(words, str) else tuple(words)
-        return cls((words, words), threshold=0.05, map_level=0, keep=True, stop=0.8)
+        return cls((words, words), threshold=0.05, map_level="finest", keep=True, stop=0.8)
 
     def check(self, layers: list["AttentionLayer"]) -> None:
         problem = _blend_words_problem(self.words)
@@ -809,7 +810,11 @@ class LocalBlend:
             raise ValueError(
                 f"LocalBlend.keep must be True, False or a list of them (one per image), got {self.keep!r}."
             )
-        if self.map_level is not None:
+        if isinstance(self.map_level, str) and self.map_level != "finest":
+            raise ValueError(
+                f"LocalBlend.map_level must be a level (an integer), 'finest' or None, got {self.map_level!r}."
+            )
+        if self.map_level is not None and self.map_level != "finest":
             levels = sorted({layer.level for layer in layers if layer.cross})
             _check_number("LocalBlend.map_level", self.map_level, 0, max(levels), integer=True)
             _check_choice("LocalBlend.map_level", self.map_level, levels)
@@ -2749,10 +2754,13 @@ class NegativePromptInversionPipeline(
         return torch.stack([row.expand(steps, -1, -1) if row.dim() == 2 else row for row in embeds], dim=1), pooled
 
     def _map_level(self, layers: list[AttentionLayer], level: int | None = None) -> tuple[int, tuple[int, int]]:
-        """Cross-attention map size read by local blend and visualisation: ``level`` if given, else ¼ of the
-        latent (16×16 at 512 px, as the references) but not coarser than 16 on the short side (`LocalBlend`)."""
+        """Cross-attention map size read by local blend and visualisation: ``level`` if given (``"finest"``: the
+        finest with cross-attention), else ¼ of the latent (16×16 at 512 px, as the references) but not coarser than
+        16 on the short side (`LocalBlend`)."""
         sizes = {layer.level: layer.size for layer in layers if layer.cross}
-        if level is None:
+        if level == "finest":
+            level = min(sizes)
+        elif level is None:
             level = max([lv for lv, size in sizes.items() if min(size) >= 16 and lv <= 2], default=min(sizes))
         height, width = sizes[level]
         return height * width, (height, width)

@@ -392,6 +392,13 @@ def test_processors_restored_after_an_exception_inside_a_step(pipe, inversion):
         ),
         (
             dict(
+                prompt="a red dog on a white background",
+                attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "dog"), map_level="fine")),
+            ),
+            r"LocalBlend.map_level must be a level \(an integer\), 'finest' or None, got 'fine'",
+        ),
+        (
+            dict(
                 prompt=BACKGROUND,
                 attention_control=PromptToPrompt(local_blend=LocalBlend(("cat", "cat"), keep="objects")),
             ),

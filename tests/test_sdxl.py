@@ -118,6 +118,12 @@ def test_layers_masactrl_choice_and_local_blend_level_are_resolution_relative(sd
     rules, _ = MasaCtrl().prepare(plan)
     chosen = [layer.block for layer in layers if layer.name in rules]
     assert chosen == [5, 6, 7, 8, 9, 10]  # every decoder self-attention block at the two finest attention levels
+    # LocalBlend.keeping reads the finest maps that exist: level 1 here, where level 0 has no cross-attention
+    assert sdxl_pipe._map_level(layers, "finest") == (256, (16, 16))
+    assert sdxl_pipe._map_level(sdxl_pipe._attention_layers((128, 128)), "finest") == (4096, (64, 64))
+    LocalBlend.keeping("cat").check(layers)
+    with pytest.raises(ValueError, match=r"LocalBlend.map_level must be one of \[1, 2\]"):
+        LocalBlend(("cat", "cat"), map_level=0).check(layers)
 
 
 def test_tokenizers_that_split_a_prompt_differently_are_refused(sdxl_components, tmp_path):
