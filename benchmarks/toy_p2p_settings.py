@@ -140,11 +140,17 @@ def main(argv=None):
     p.add_argument("--grid", type=int, default=8, help="pairs in OUT/p2p_settings.png (0: none)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/toy_v2"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="the pipeline's dtype (float32, as the committed sweeps; float16 on a GPU takes about half the time)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = {text or "reference": parse_setting(text) for text in args.settings}  # parse all before any work
 
-    pipe = evaluate.load_pipeline(args.model, device=args.device)
+    pipe = evaluate.load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     pairs = [e for e in evaluate.make_pairs(args.pairs, seed=args.seed, res=args.res) if e.kind in args.kinds]
     with torch.no_grad():
         inversion = pipe.invert(
@@ -209,7 +215,8 @@ def markdown(results, args) -> str:
     model = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
     pairs = len(next(iter(results.values()))["rows"])
     lines = [
-        f"`{model}`, {pairs} pairs ({', '.join(args.kinds)}), {args.steps} steps, NPI inversion edited as NPI "
+        f"`{model}`, {pairs} pairs ({', '.join(args.kinds)}), {args.steps} steps, {args.dtype}, "
+        "NPI inversion edited as NPI "
         "(`inv=npi`) or Direct Inversion (`inv=direct`) + P2P with `LocalBlend` on the changed words (`keep=1`: "
         "all but where the objects' words attend); unnamed settings keep the references' values "
         f"({', '.join(f'{k}={v}' for k, v in REFERENCE.items())}).",
