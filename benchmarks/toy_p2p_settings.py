@@ -127,6 +127,18 @@ def proximal_guidance(setting: dict) -> ProximalGuidance | bool:
     return ProximalGuidance("soft", quantile=setting["prox"], inversion_guidance=bool(setting["ig"]))
 
 
+def edit_arguments(setting: dict, pairs) -> dict:
+    """The pipeline call's editing arguments under ``setting`` (all but the prompts and the inversion)."""
+    return dict(
+        guidance_scale=setting["g"],
+        guidance_rescale=setting["phi"],
+        attention_control=attention_control(setting, pairs),
+        proximal_guidance=proximal_guidance(setting),
+        inversion_method=setting["inv"],
+        negative_prompt=[e.source_caption for e in pairs] if setting["neg"] == "source" else None,
+    )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(evaluate.MODEL_DIR))
@@ -167,12 +179,7 @@ def main(argv=None):
                 prompt=[e.target_caption for e in pairs],
                 inversion=inversion,
                 output_type="pt",
-                guidance_scale=setting["g"],
-                guidance_rescale=setting["phi"],
-                attention_control=attention_control(setting, pairs),
-                proximal_guidance=proximal_guidance(setting),
-                inversion_method=setting["inv"],
-                negative_prompt=[e.source_caption for e in pairs] if setting["neg"] == "source" else None,
+                **edit_arguments(setting, pairs),
             ).images
         images = images.float().cpu()
         rows = [

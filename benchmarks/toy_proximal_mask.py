@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.toy_p2p_settings import KINDS, attention_control, parse_setting, proximal_guidance
+from benchmarks.toy_p2p_settings import KINDS, edit_arguments, parse_setting
 from toy_world import evaluate
 
 
@@ -52,11 +52,8 @@ def main(argv=None):
             prompt=[e.target_caption for e in pairs],
             inversion=inversion,
             output_type="pt",
-            guidance_scale=setting["g"],
-            guidance_rescale=setting["phi"],
-            attention_control=attention_control(setting, pairs),
-            proximal_guidance=proximal_guidance(setting),
             return_edit_mask=True,
+            **edit_arguments(setting, pairs),
         )
     print("| kind | pairs | edited region: fraction of steps in the mask | the rest | attribute right |")
     print("|---|---:|---:|---:|---:|")
