@@ -177,25 +177,19 @@ def test_help_is_quiet_and_imports_no_heavy_module(checkout_env):
 # ================================================================================================ single images
 
 
-def test_invert_then_edit_one_image(pie, model, tmp_path, capsys):
+def invert_the_cat(pie, model, folder: Path, *options) -> Path:
+    """`npi-edit invert` of the PIE folder's cat ("a red cat on a white background") into folder/inv.safetensors."""
     image = next(pie.parent.glob("annotation_images/1_*/100000000000.png"))
-    inversion = tmp_path / "inv.safetensors"
+    inversion = folder / "inv.safetensors"
+    prompt = "a red cat on a white background"
     cli.main(
-        [
-            "invert",
-            str(image),
-            "--prompt",
-            "a red cat on a white background",
-            "--out",
-            str(inversion),
-            "--method",
-            "ddim",
-            "--model",
-            model,
-            *STEPS,
-            *RUN,
-        ]
+        ["invert", str(image), "--prompt", prompt, "--out", str(inversion), *options, "--model", model, *STEPS, *RUN]
     )
+    return inversion
+
+
+def test_invert_then_edit_one_image(pie, model, tmp_path, capsys):
+    inversion = invert_the_cat(pie, model, tmp_path, "--method", "ddim")
     assert json.loads(safe_open(inversion, "pt").metadata()["inversion"])["method"] == "ddim"
     assert "inverting (ddim)" in capsys.readouterr().err  # the progress bar
     edited = tmp_path / "edited.png"
@@ -225,22 +219,7 @@ def test_invert_then_edit_one_image(pie, model, tmp_path, capsys):
 
 def test_a_blend_word_not_in_the_prompt_is_one_line(pie, model, tmp_path, capsys):
     """Found by the pipeline's own word matching, after the model loads but before any UNet pass."""
-    image = next(pie.parent.glob("annotation_images/1_*/100000000000.png"))
-    inversion = tmp_path / "inv.safetensors"
-    cli.main(
-        [
-            "invert",
-            str(image),
-            "--prompt",
-            "a red cat on a white background",
-            "--out",
-            str(inversion),
-            "--model",
-            model,
-            *STEPS,
-            *RUN,
-        ]
-    )
+    inversion = invert_the_cat(pie, model, tmp_path)
     line = fails(
         capsys,
         [
