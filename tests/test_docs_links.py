@@ -2,10 +2,14 @@
 markdown files, and every inline-code path under one of the repository's folders (`benchmarks/...`, written from
 the repository root), so that moving or deleting a file cannot leave a README pointing at nothing."""
 
+import ast
+import inspect
 import re
 from pathlib import Path
 
 from conftest import ROOT
+
+from negative_prompt_inversion import NegativePromptInversionPipeline
 
 
 SKIPPED_DIRS = {".venv", ".git", "build", "dist", "node_modules"}
@@ -79,11 +83,6 @@ def test_the_checker_finds_broken_links_and_paths(tmp_path, monkeypatch):
 def test_the_methods_page_states_the_constructor_defaults_the_code_has():
     """docs/methods.md's table of constructor flags (`name` | values | `default`, several names to a row allowed)
     says what `__init__` defaults to: a default changed in code must change there too."""
-    import ast
-    import inspect
-
-    from negative_prompt_inversion import NegativePromptInversionPipeline
-
     defaults = {
         name: parameter.default
         for name, parameter in inspect.signature(NegativePromptInversionPipeline.__init__).parameters.items()
