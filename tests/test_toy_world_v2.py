@@ -1,6 +1,7 @@
 """Toy world v2: scenes at any resolution, the v2 model's geometry, the PIE-Bench folder format and its
 metrics, and the pipeline's prompt-to-prompt against the independent reference in ``p2p_reference.py``."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -60,6 +61,26 @@ def test_make_pairs_same_scenes_at_every_resolution():
     small, large = evaluate.make_pairs(4, seed=2, res=64), evaluate.make_pairs(4, seed=2, res=128)  # each kind
     for a, b in zip(small, large):
         assert (a.kind, a.source_caption, a.target_caption) == (b.kind, b.source_caption, b.target_caption)
+
+
+def test_objects_kept_leaves_the_edited_attribute_to_attribute_ok():
+    """An edit that changes nothing misses its target but keeps every object, whatever the kind (a colour swap that
+    missed used to count as a lost object too); an edit that repaints the edited object in a third colour, or moves
+    everything, does not."""
+    for edit in evaluate.make_pairs(8, seed=3, res=128):  # each kind twice
+        assert evaluate.objects_kept(edit.source_image, edit), edit.kind
+        assert evaluate.objects_kept(edit.target_image, edit), edit.kind
+        moved = torch.roll(edit.target_image, shifts=(40, 40), dims=(1, 2))
+        assert not evaluate.objects_kept(moved, edit), edit.kind
+        if edit.object_index is None:
+            continue
+        scenes_ = (edit.source_scene, edit.target_scene)
+        used = {o.colour for scene in scenes_ for o in scene.objects} | {edit.source_scene.background}
+        objects = list(edit.target_scene.objects)
+        third = next(c for c in scenes.COLOURS if c not in used)
+        objects[edit.object_index] = dataclasses.replace(objects[edit.object_index], colour=third)
+        repainted = scenes.render(dataclasses.replace(edit.target_scene, objects=tuple(objects)), 128)["image"]
+        assert not evaluate.objects_kept(repainted, edit), edit.kind
 
 
 def test_judge_accepts_128px_renders():

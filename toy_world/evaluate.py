@@ -118,15 +118,19 @@ def attribute_ok(image: torch.Tensor, edit: scenes.Edit) -> bool:
 
 
 def objects_kept(image: torch.Tensor, edit: scenes.Edit) -> bool:
-    """Is every object of the target scene there exactly once, at its place, in its colour and its shape? An edit
-    must neither lose, move nor duplicate objects. The shape an edit changes is `attribute_ok`'s to judge."""
-    verdict = judge_module.judge(judge_size(image), edit.target_scene)
+    """Is every object there exactly once, at its place, in its colour and its shape? An edit must neither lose,
+    move nor duplicate objects. Whether the edited object took its new colour or shape is `attribute_ok`'s to
+    judge, so here it may keep the old one: a colour swap that misses leaves its object kept, not lost."""
+    image = judge_size(image)
+    target = judge_module.judge(image, edit.target_scene).objects
+    source = target if edit.object_index is None else judge_module.judge(image, edit.source_scene).objects
+
+    def kept(verdict, any_shape: bool = False) -> bool:
+        return verdict.found and verdict.duplicates == 0 and verdict.in_place and (verdict.shape_ok or any_shape)
+
     return all(
-        v.found
-        and v.duplicates == 0
-        and v.in_place
-        and (v.shape_ok or (edit.kind == "shape" and k == edit.object_index))
-        for k, v in enumerate(verdict.objects)
+        kept(new, any_shape=edit.kind == "shape") or kept(old) if k == edit.object_index else kept(new)
+        for k, (new, old) in enumerate(zip(target, source))
     )
 
 
